@@ -1,0 +1,51 @@
+# stepwise: `make run` sets up a fresh Debian/Ubuntu machine, builds and serves
+# the demo; `make test` sets up, builds and runs every test.
+
+GO        ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+BUILD     ?= build
+VERSION   := $(shell cat VERSION)
+COMMIT    := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
+DATA      ?= $(HOME)/.local/share/stepwise
+CMAKE_ARGS ?=
+
+LIB := $(BUILD)/libstepwise.so
+BIN := $(BUILD)/stepwise
+export STEPWISE_LIB := $(abspath $(LIB))
+
+.PHONY: all deps build lib bin test vet run bench clean
+
+all: build
+
+deps:
+	@./scripts/setup.sh
+
+build: deps lib bin
+
+$(BUILD)/CMakeCache.txt: CMakeLists.txt | deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
+
+lib: $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j $(JOBS)
+
+bin:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)+$(COMMIT)" -o $(BIN) ./cmd/stepwise
+
+vet:
+	CGO_ENABLED=0 $(GO) vet ./...
+
+# The whole suite runs with CGO_ENABLED=0 (how stepwise ships); the binding's
+# own tests run again with cgo and the race detector.
+test: build vet
+	CGO_ENABLED=0 $(GO) test -count=1 ./...
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./binding/...
+
+run: build
+	$(BIN) models make-tiny $(DATA)/models
+	$(BIN) version
+
+bench: build
+	$(BIN) version
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,417 @@
+package binding
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+)
+
+// Kind is the kind of model a cache entry holds.
+type Kind int
+
+// Model kinds.
+const (
+	KindSD Kind = iota
+	KindSeg
+)
+
+func (k Kind) String() string {
+	if k == KindSeg {
+		return "seg"
+	}
+	return "sd"
+}
+
+// Key identifies a loaded model: the same file on the same device in the same
+// dtype is loaded once.
+type Key struct {
+	Kind   Kind
+	Path   string // absolute, cleaned
+	Device string // resolved, e.g. "cpu", "cuda:0"
+	DType  DType  // resolved, never DTypeAuto
+}
+
+func (k Key) String() string { return fmt.Sprintf("%s:%s@%s/%s", k.Kind, k.Path, k.Device, k.DType) }
+
+// CacheOptions configure a Cache.
+type CacheOptions struct {
+	// Budget is the memory, in bytes, that loaded models may take; idle models
+	// are evicted, least recently used first, to stay under it. 0 means 75% of
+	// the selected device's memory, or no limit when that is unknown; < 0 means
+	// no limit.
+	Budget int64
+	// TokenizerDir overrides the tokenizer folder of SD models (single files).
+	TokenizerDir string
+	Logger       *slog.Logger
+}
+
+// CacheStats counts what the cache did.
+type CacheStats struct {
+	Loads      int64 `json:"loads"`     // models read from disk
+	Hits       int64 `json:"hits"`      // requests served by a loaded model
+	Evictions  int64 `json:"evictions"` // models freed to stay under the budget
+	Loaded     int   `json:"loaded"`    // models loaded now
+	BytesInUse int64 `json:"bytes"`     // their weight bytes
+	Budget     int64 `json:"budget"`    // the budget; 0 when unlimited
+}
+
+// Cache owns loaded model handles. Models are reference counted: one in use is
+// never freed, and concurrent requests for one model load it once.
+type Cache struct {
+	lib    *Library
+	opts   CacheOptions
+	budget int64
+	log    *slog.Logger
+
+	mu      sync.Mutex
+	entries map[Key]*entry
+	tick    uint64
+	stats   CacheStats
+	closed  bool
+}
+
+type entry struct {
+	key      Key
+	ready    chan struct{} // closed when the load finished
+	err      error         // the load's error, set before ready closes
+	sd       *SDModel
+	seg      *SegModel
+	refs     int
+	lastUsed uint64
+	bytes    int64 // actual once loaded, estimated while loading
+}
+
+func (e *entry) loaded() bool {
+	select {
+	case <-e.ready:
+		return e.err == nil
+	default:
+		return false
+	}
+}
+
+func (e *entry) close() {
+	if e.sd != nil {
+		e.sd.Close()
+	}
+	if e.seg != nil {
+		e.seg.Close()
+	}
+}
+
+// NewCache makes an empty cache over lib.
+func NewCache(lib *Library, opts CacheOptions) *Cache {
+	budget := opts.Budget
+	if budget == 0 && lib.device.TotalMemory > 0 {
+		budget = lib.device.TotalMemory / 4 * 3
+	}
+	if budget < 0 {
+		budget = 0
+	}
+	lg := opts.Logger
+	if lg == nil {
+		lg = slog.Default()
+	}
+	return &Cache{lib: lib, opts: opts, budget: budget, log: lg, entries: map[Key]*entry{}}
+}
+
+// Ref is a counted reference to a loaded model; Release it when done.
+type Ref struct {
+	c    *Cache
+	e    *entry
+	once sync.Once
+}
+
+// SD is the model of a KindSD reference, else nil.
+func (r *Ref) SD() *SDModel { return r.e.sd }
+
+// Seg is the model of a KindSeg reference, else nil.
+func (r *Ref) Seg() *SegModel { return r.e.seg }
+
+// Key identifies the model.
+func (r *Ref) Key() Key { return r.e.key }
+
+// Info describes the model.
+func (r *Ref) Info() ModelInfo {
+	if r.e.sd != nil {
+		return r.e.sd.Info()
+	}
+	return r.e.seg.Info()
+}
+
+// Release gives the reference back; calling it again does nothing.
+func (r *Ref) Release() { r.once.Do(func() { r.c.release(r.e) }) }
+
+// KeyFor resolves a request into a cache key: the absolute path, the device
+// (empty: the library's) and the dtype (auto: the device's default).
+func (c *Cache) KeyFor(kind Kind, path, device string, dtype DType) (Key, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return Key{}, fmt.Errorf("model path %s: %w", path, err)
+	}
+	d := c.lib.device
+	if device != "" {
+		devices, err := c.lib.Devices()
+		if err != nil {
+			return Key{}, err
+		}
+		if d, err = SelectDevice(devices, device); err != nil {
+			return Key{}, err
+		}
+	}
+	if kind == KindSeg && dtype == DTypeAuto {
+		dtype = F32
+	}
+	return Key{Kind: kind, Path: filepath.Clean(abs), Device: d.ID, DType: dtype.Resolve(d.Kind)}, nil
+}
+
+// ErrCacheClosed is returned by Acquire after Close.
+var ErrCacheClosed = errors.New("model cache is closed")
+
+// Acquire returns a reference to the model for key, loading it if needed. A
+// request that arrives while the same model is loading waits for that load;
+// ctx bounds the wait.
+func (c *Cache) Acquire(ctx context.Context, key Key) (*Ref, error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil, ErrCacheClosed
+	}
+	if e, ok := c.entries[key]; ok {
+		e.refs++
+		c.touch(e)
+		c.mu.Unlock()
+		select {
+		case <-e.ready:
+		case <-ctx.Done():
+			c.release(e)
+			return nil, ctx.Err()
+		}
+		if e.err != nil {
+			return nil, e.err
+		}
+		c.mu.Lock()
+		c.stats.Hits++
+		c.mu.Unlock()
+		return &Ref{c: c, e: e}, nil
+	}
+	e := &entry{key: key, ready: make(chan struct{}), refs: 1, bytes: estimateBytes(key)}
+	c.touch(e)
+	c.entries[key] = e
+	victims := c.evictLocked(e)
+	c.mu.Unlock()
+	closeAll(victims)
+
+	sd, seg, err := c.load(key)
+
+	c.mu.Lock()
+	if err != nil {
+		e.err = err
+		delete(c.entries, key)
+		close(e.ready)
+		c.mu.Unlock()
+		return nil, err
+	}
+	e.sd, e.seg = sd, seg
+	if sd != nil {
+		e.bytes = sd.Info().WeightBytes
+	} else {
+		e.bytes = seg.Info().WeightBytes
+	}
+	c.stats.Loads++
+	close(e.ready)
+	victims = c.evictLocked(nil)
+	over := c.budget > 0 && c.usedLocked() > c.budget
+	c.mu.Unlock()
+	closeAll(victims)
+	if over {
+		c.log.Warn("models in use exceed the memory budget", "budget", c.budget, "model", key.String())
+	}
+	return &Ref{c: c, e: e}, nil
+}
+
+// load opens the model for k; it runs outside the cache's lock.
+func (c *Cache) load(k Key) (*SDModel, *SegModel, error) {
+	c.log.Info("loading model", "kind", k.Kind.String(), "path", k.Path, "device", k.Device, "dtype", k.DType.String())
+	switch k.Kind {
+	case KindSD:
+		m, err := c.lib.OpenSD(SDOptions{Path: k.Path, TokenizerDir: c.opts.TokenizerDir, Device: k.Device, DType: k.DType})
+		return m, nil, err
+	case KindSeg:
+		m, err := c.lib.OpenSeg(SegOptions{Path: k.Path, Device: k.Device, DType: k.DType})
+		return nil, m, err
+	}
+	return nil, nil, fmt.Errorf("load %s: unknown model kind %d", k.Path, k.Kind)
+}
+
+func (c *Cache) touch(e *entry) {
+	c.tick++
+	e.lastUsed = c.tick
+}
+
+func (c *Cache) usedLocked() int64 {
+	var n int64
+	for _, e := range c.entries {
+		n += e.bytes
+	}
+	return n
+}
+
+// evictLocked removes idle loaded models, least recently used first, until the
+// cache fits its budget; keep is never chosen. The caller closes the victims
+// outside the lock.
+func (c *Cache) evictLocked(keep *entry) []*entry {
+	if c.budget <= 0 {
+		return nil
+	}
+	used := c.usedLocked()
+	if used <= c.budget {
+		return nil
+	}
+	var idle []*entry
+	for _, e := range c.entries {
+		if e != keep && e.refs == 0 && e.loaded() {
+			idle = append(idle, e)
+		}
+	}
+	sort.Slice(idle, func(i, j int) bool { return idle[i].lastUsed < idle[j].lastUsed })
+	var victims []*entry
+	for _, e := range idle {
+		if used <= c.budget {
+			break
+		}
+		delete(c.entries, e.key)
+		used -= e.bytes
+		c.stats.Evictions++
+		victims = append(victims, e)
+		c.log.Info("evicting model", "path", e.key.Path, "bytes", e.bytes)
+	}
+	return victims
+}
+
+func closeAll(es []*entry) {
+	for _, e := range es {
+		e.close()
+	}
+}
+
+func (c *Cache) release(e *entry) {
+	c.mu.Lock()
+	e.refs--
+	c.touch(e)
+	var victims []*entry
+	if c.closed && e.refs == 0 && e.loaded() {
+		delete(c.entries, e.key)
+		victims = []*entry{e}
+	} else {
+		victims = c.evictLocked(nil)
+	}
+	c.mu.Unlock()
+	closeAll(victims)
+}
+
+// Unload frees the model for key if it is loaded and idle. It reports whether
+// a model was freed.
+func (c *Cache) Unload(key Key) (bool, error) {
+	c.mu.Lock()
+	e, ok := c.entries[key]
+	if !ok {
+		c.mu.Unlock()
+		return false, nil
+	}
+	if e.refs > 0 || !e.loaded() {
+		c.mu.Unlock()
+		return false, fmt.Errorf("unload %s: model is in use", key.Path)
+	}
+	delete(c.entries, key)
+	c.mu.Unlock()
+	e.close()
+	return true, nil
+}
+
+// LoadedModel describes one cache entry.
+type LoadedModel struct {
+	Key  Key       `json:"-"`
+	Kind string    `json:"kind"`
+	Path string    `json:"path"`
+	Info ModelInfo `json:"info"`
+	Refs int       `json:"in_use"`
+}
+
+// Loaded lists the loaded models, most recently used first.
+func (c *Cache) Loaded() []LoadedModel {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var es []*entry
+	for _, e := range c.entries {
+		if e.loaded() {
+			es = append(es, e)
+		}
+	}
+	sort.Slice(es, func(i, j int) bool { return es[i].lastUsed > es[j].lastUsed })
+	out := make([]LoadedModel, len(es))
+	for i, e := range es {
+		info := ModelInfo{}
+		if e.sd != nil {
+			info = e.sd.Info()
+		} else if e.seg != nil {
+			info = e.seg.Info()
+		}
+		out[i] = LoadedModel{Key: e.key, Kind: e.key.Kind.String(), Path: e.key.Path, Info: info, Refs: e.refs}
+	}
+	return out
+}
+
+// Stats reports the cache's counters and memory.
+func (c *Cache) Stats() CacheStats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.stats
+	s.Budget = c.budget
+	for _, e := range c.entries {
+		if e.loaded() {
+			s.Loaded++
+			s.BytesInUse += e.bytes
+		}
+	}
+	return s
+}
+
+// Close frees every idle model and refuses new requests; models in use are
+// freed when their last reference is released.
+func (c *Cache) Close() {
+	c.mu.Lock()
+	c.closed = true
+	var victims []*entry
+	for k, e := range c.entries {
+		if e.refs == 0 && e.loaded() {
+			delete(c.entries, k)
+			victims = append(victims, e)
+		}
+	}
+	c.mu.Unlock()
+	closeAll(victims)
+}
+
+// estimateBytes guesses a model's memory before loading it from the size of
+// its weight files, scaled to the target dtype (files are usually float32).
+func estimateBytes(k Key) int64 {
+	var n int64
+	_ = filepath.WalkDir(k.Path, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && filepath.Ext(p) == ".safetensors" {
+			if fi, err := d.Info(); err == nil {
+				n += fi.Size()
+			}
+		}
+		return nil
+	})
+	if k.DType == F16 || k.DType == BF16 {
+		n /= 2
+	}
+	return n
+}

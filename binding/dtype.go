@@ -1,0 +1,57 @@
+package binding
+
+import (
+	"fmt"
+	"strings"
+)
+
+// DType is the floating-point type model weights are loaded in.
+type DType int32
+
+// Data types, as in sw_dtype.
+const (
+	DTypeAuto DType = 0 // float32 on cpu, float16 on cuda and mps
+	F32       DType = 1
+	F16       DType = 2
+	BF16      DType = 3
+)
+
+func (t DType) String() string {
+	switch t {
+	case F32:
+		return "f32"
+	case F16:
+		return "f16"
+	case BF16:
+		return "bf16"
+	default:
+		return "auto"
+	}
+}
+
+// ParseDType reads "auto", "f32"/"float32"/"fp32", "f16"/"float16"/"fp16" or
+// "bf16"/"bfloat16".
+func ParseDType(s string) (DType, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", "auto":
+		return DTypeAuto, nil
+	case "f32", "fp32", "float32", "float":
+		return F32, nil
+	case "f16", "fp16", "float16", "half":
+		return F16, nil
+	case "bf16", "bfloat16":
+		return BF16, nil
+	}
+	return DTypeAuto, fmt.Errorf("unknown dtype %q (want auto, f32, f16 or bf16)", s)
+}
+
+// Resolve maps DTypeAuto to the default for a device kind.
+func (t DType) Resolve(kind DeviceKind) DType {
+	if t != DTypeAuto {
+		return t
+	}
+	if kind == CPU {
+		return F32
+	}
+	return F16
+}

@@ -1,0 +1,294 @@
+package binding
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/ebitengine/purego"
+)
+
+// LibraryName is the file name of the engine library.
+const LibraryName = "libstepwise.so"
+
+// Options configure Load.
+type Options struct {
+	// Path, when set, is the only library file tried.
+	Path string
+	// Device is "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or
+	// "mps". Empty means $STEPWISE_DEVICE, then auto.
+	Device string
+	// Threads sets libtorch's intra-op threads; 0 keeps its default.
+	Threads int
+	// Logger receives the engine's log lines; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Library is the loaded engine. It is safe for concurrent use.
+type Library struct {
+	path   string
+	handle uintptr
+	device Device
+	fn     functions
+}
+
+// functions holds every C function of the ABI, resolved once at load.
+type functions struct {
+	abiVersion     func() int32
+	version        func() string
+	torchVersion   func() string
+	buildInfo      func() string
+	setLogCallback func(cb uintptr, userData uintptr)
+	setNumThreads  func(n int32)
+	deviceCount    func() int32
+	deviceGet      func(i int32, out *cDeviceInfo, err *cError) int32
+
+	sdDefaultParams func(p *cSDModelParams)
+	sdOpen          func(p *cSDModelParams, out *uintptr, err *cError) int32
+	sdClose         func(m uintptr)
+	sdInfo          func(m uintptr, out *cModelInfo, err *cError) int32
+
+	segDefaultParams func(p *cSegModelParams)
+	segOpen          func(p *cSegModelParams, out *uintptr, err *cError) int32
+	segClose         func(m uintptr)
+	segInfo          func(m uintptr, out *cModelInfo, err *cError) int32
+
+	sdWriteRandom  func(dir string, seed uint64, err *cError) int32
+	segWriteRandom func(path string, arch *cSegArch, seed uint64, err *cError) int32
+}
+
+// symbols pairs each C name with the field it fills.
+func (f *functions) symbols() []struct {
+	name string
+	ptr  any
+} {
+	return []struct {
+		name string
+		ptr  any
+	}{
+		{"sw_version", &f.version},
+		{"sw_torch_version", &f.torchVersion},
+		{"sw_build_info", &f.buildInfo},
+		{"sw_set_log_callback", &f.setLogCallback},
+		{"sw_set_num_threads", &f.setNumThreads},
+		{"sw_device_count", &f.deviceCount},
+		{"sw_device_get", &f.deviceGet},
+		{"sw_sd_model_default_params", &f.sdDefaultParams},
+		{"sw_sd_model_open", &f.sdOpen},
+		{"sw_sd_model_close", &f.sdClose},
+		{"sw_sd_model_info", &f.sdInfo},
+		{"sw_seg_model_default_params", &f.segDefaultParams},
+		{"sw_seg_model_open", &f.segOpen},
+		{"sw_seg_model_close", &f.segClose},
+		{"sw_seg_model_info", &f.segInfo},
+		{"sw_sd_write_random_weights", &f.sdWriteRandom},
+		{"sw_seg_write_random_weights", &f.segWriteRandom},
+	}
+}
+
+// LoadError lists every place Load looked for the library and why each failed.
+type LoadError struct {
+	Tried []Attempt
+}
+
+// Attempt is one library candidate that failed to load.
+type Attempt struct {
+	Path string
+	Err  error
+}
+
+// Unwrap exposes each attempt's error, so errors.As finds an *ABIMismatchError.
+func (e *LoadError) Unwrap() []error {
+	out := make([]error, len(e.Tried))
+	for i, a := range e.Tried {
+		out[i] = a.Err
+	}
+	return out
+}
+
+func (e *LoadError) Error() string {
+	var b strings.Builder
+	b.WriteString("load " + LibraryName + ": no usable library found; tried:")
+	for _, a := range e.Tried {
+		where := a.Path
+		if !strings.ContainsRune(where, os.PathSeparator) {
+			where += " (system library path)"
+		}
+		fmt.Fprintf(&b, "\n  %s: %v", where, a.Err)
+	}
+	b.WriteString("\nbuild it with `make build`, or point STEPWISE_LIB at it")
+	return b.String()
+}
+
+// ABIMismatchError reports a library built for another ABI version.
+type ABIMismatchError struct {
+	Path    string
+	Library int32
+	Want    int32
+}
+
+func (e *ABIMismatchError) Error() string {
+	return fmt.Sprintf("%s has ABI version %d, this stepwise needs ABI version %d (rebuild the library)", e.Path, e.Library, e.Want)
+}
+
+// Candidates lists, in order, the library paths Load tries when no explicit
+// path is given: $STEPWISE_LIB, next to the executable, ./build, then the
+// system's search path.
+func Candidates() []string {
+	var out []string
+	if p := os.Getenv("STEPWISE_LIB"); p != "" {
+		out = append(out, p)
+	}
+	if exe, err := os.Executable(); err == nil {
+		out = append(out, filepath.Join(filepath.Dir(exe), LibraryName))
+	}
+	if wd, err := os.Getwd(); err == nil {
+		out = append(out, filepath.Join(wd, "build", LibraryName))
+	}
+	return append(out, LibraryName) // bare name: the dynamic loader's own search
+}
+
+var (
+	logger      atomic.Pointer[slog.Logger]
+	logCallback = sync.OnceValue(func() uintptr { return purego.NewCallback(onLog) })
+)
+
+// Load finds, opens and checks the engine library, then selects the device.
+func Load(opts Options) (*Library, error) {
+	candidates := Candidates()
+	if opts.Path != "" {
+		candidates = []string{opts.Path}
+	}
+	var tried []Attempt
+	for _, path := range candidates {
+		lib, err := open(path)
+		if err != nil {
+			tried = append(tried, Attempt{Path: path, Err: err})
+			continue
+		}
+		if err := lib.init(opts); err != nil {
+			return nil, err
+		}
+		return lib, nil
+	}
+	return nil, &LoadError{Tried: tried}
+}
+
+func open(path string) (*Library, error) {
+	if strings.ContainsRune(path, os.PathSeparator) {
+		if _, err := os.Stat(path); err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, errors.New("no such file")
+			}
+			return nil, err
+		}
+	}
+	h, err := purego.Dlopen(path, purego.RTLD_NOW|purego.RTLD_LOCAL)
+	if err != nil {
+		return nil, err
+	}
+	lib := &Library{path: path, handle: h}
+	sym, err := purego.Dlsym(h, "sw_abi_version")
+	if err != nil {
+		return nil, fmt.Errorf("not a stepwise library (no sw_abi_version): %w", err)
+	}
+	purego.RegisterFunc(&lib.fn.abiVersion, sym)
+	if v := lib.fn.abiVersion(); v != ABIVersion {
+		// Not closed: a library that ran its static constructors is left loaded.
+		return nil, &ABIMismatchError{Path: path, Library: v, Want: ABIVersion}
+	}
+	var missing []string
+	for _, s := range lib.fn.symbols() {
+		sym, err := purego.Dlsym(h, s.name)
+		if err != nil {
+			missing = append(missing, s.name)
+			continue
+		}
+		purego.RegisterFunc(s.ptr, sym)
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("missing symbols: %s", strings.Join(missing, ", "))
+	}
+	return lib, nil
+}
+
+func (l *Library) init(opts Options) error {
+	lg := opts.Logger
+	if lg == nil {
+		lg = slog.Default()
+	}
+	logger.Store(lg)
+	l.fn.setLogCallback(logCallback(), 0)
+	if opts.Threads > 0 {
+		l.fn.setNumThreads(int32(opts.Threads))
+	}
+	devices, err := l.Devices()
+	if err != nil {
+		return err
+	}
+	want := opts.Device
+	if want == "" {
+		want = os.Getenv("STEPWISE_DEVICE")
+	}
+	d, err := SelectDevice(devices, want)
+	if err != nil {
+		return err
+	}
+	l.device = d
+	lg.Debug("engine loaded", "path", l.path, "version", l.Version().Stepwise, "device", d.ID)
+	return nil
+}
+
+// onLog receives the engine's log lines on whatever thread logged them.
+func onLog(level int32, message *byte, _ uintptr) (ret int32) {
+	defer func() {
+		if recover() != nil {
+			ret = 0
+		}
+	}()
+	lg := logger.Load()
+	if lg == nil {
+		return 0
+	}
+	lvl := slog.LevelDebug
+	switch level {
+	case 1:
+		lvl = slog.LevelInfo
+	case 2:
+		lvl = slog.LevelWarn
+	case 3:
+		lvl = slog.LevelError
+	}
+	lg.Log(context.Background(), lvl, goString(message), "component", "engine")
+	return 0
+}
+
+// Path is the file the library was loaded from.
+func (l *Library) Path() string { return l.path }
+
+// Device is the device selected at load time.
+func (l *Library) Device() Device { return l.device }
+
+// VersionInfo describes the library.
+type VersionInfo struct {
+	Stepwise string `json:"stepwise"`
+	ABI      int32  `json:"abi"`
+	Torch    string `json:"torch"`
+	Build    string `json:"build"`
+}
+
+// Version reports the library's versions and build flags.
+func (l *Library) Version() VersionInfo {
+	return VersionInfo{
+		Stepwise: l.fn.version(),
+		ABI:      l.fn.abiVersion(),
+		Torch:    l.fn.torchVersion(),
+		Build:    l.fn.buildInfo(),
+	}
+}

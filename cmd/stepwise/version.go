@@ -1,0 +1,47 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+
+	"github.com/stepwise-sd/stepwise/binding"
+)
+
+func runVersion(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("version", stderr)
+	var ef engineFlags
+	ef.register(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	lib, err := ef.load(stderr)
+	if err != nil {
+		return err
+	}
+	v := lib.Version()
+	devices, err := lib.Devices()
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return json.NewEncoder(stdout).Encode(map[string]any{
+			"stepwise": version, "engine": v.Stepwise, "abi": v.ABI, "abi_expected": binding.ABIVersion,
+			"torch": v.Torch, "build": v.Build, "library": lib.Path(), "devices": devices, "device": lib.Device().ID,
+		})
+	}
+	fmt.Fprintf(stdout, "stepwise %s\n", version)
+	fmt.Fprintf(stdout, "engine   %s (ABI %d) at %s\n", v.Stepwise, v.ABI, lib.Path())
+	fmt.Fprintf(stdout, "libtorch %s\n", v.Torch)
+	fmt.Fprintf(stdout, "build    %s\n", v.Build)
+	fmt.Fprintln(stdout, "devices:")
+	for _, d := range devices {
+		mark := " "
+		if d.ID == lib.Device().ID {
+			mark = "*"
+		}
+		fmt.Fprintf(stdout, " %s %-7s %s (memory %s, free %s)\n", mark, d.ID, d.Name, formatBytes(d.TotalMemory), formatBytes(d.FreeMemory))
+	}
+	return nil
+}

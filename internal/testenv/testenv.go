@@ -1,0 +1,91 @@
+// Package testenv gives tests the real engine library, the project's tiny
+// models and the shared reference fixtures.
+package testenv
+
+import (
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/models"
+)
+
+// Root is the repository's root folder.
+func Root() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// LibPath is $STEPWISE_LIB, else build/libstepwise.so in the repository.
+func LibPath() string {
+	if p := os.Getenv("STEPWISE_LIB"); p != "" {
+		return p
+	}
+	return filepath.Join(Root(), "build", binding.LibraryName)
+}
+
+var (
+	libOnce sync.Once
+	lib     *binding.Library
+	libErr  error
+
+	tinyOnce        sync.Once
+	tinySD, tinySeg string
+	tinyErr         error
+	tinyDir         string
+)
+
+// Library loads the engine once per test binary, on the cpu.
+func Library(t testing.TB) *binding.Library {
+	t.Helper()
+	libOnce.Do(func() {
+		slog.SetLogLoggerLevel(slog.LevelWarn) // engine and cache chatter stays out of test output
+		lib, libErr = binding.Load(binding.Options{Path: LibPath(), Device: "cpu"})
+	})
+	if libErr != nil {
+		t.Fatalf("the engine library is needed (run `make build`): %v", libErr)
+	}
+	return lib
+}
+
+// Tiny makes the tiny models once per test binary and returns the SD folder
+// and the segmentation file. Callers must not modify them.
+func Tiny(t testing.TB) (sdDir, segPath string) {
+	t.Helper()
+	l := Library(t)
+	tinyOnce.Do(func() {
+		tinyDir, tinyErr = os.MkdirTemp("", "stepwise-tiny-")
+		if tinyErr == nil {
+			tinySD, tinySeg, tinyErr = models.MakeTiny(l, tinyDir)
+		}
+	})
+	if tinyErr != nil {
+		t.Fatalf("make tiny models: %v", tinyErr)
+	}
+	return tinySD, tinySeg
+}
+
+// Cleanup removes what Tiny made; call it from TestMain after m.Run.
+func Cleanup() {
+	if tinyDir != "" {
+		os.RemoveAll(tinyDir)
+	}
+}
+
+// Fixtures is ../shared/fixtures beside the repository, or $STEPWISE_FIXTURES.
+// Tests that need it skip, saying so, when it is absent.
+func Fixtures(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("STEPWISE_FIXTURES")
+	if dir == "" {
+		dir = filepath.Join(Root(), "..", "shared", "fixtures")
+	}
+	if _, err := os.Stat(dir); err != nil {
+		t.Skipf("reference fixtures not found at %s (set STEPWISE_FIXTURES): skipping parity check", dir)
+	}
+	return dir
+}

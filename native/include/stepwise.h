@@ -1,0 +1,214 @@
+/*
+ * stepwise.h — the one C header of the stepwise engine (libstepwise.so).
+ *
+ * A flat C API over the C++/libtorch engine, in the style of llama.h and
+ * stable-diffusion.h:
+ *
+ *   - opaque handles (sw_sd_model, sw_seg_model) created and freed by the library;
+ *   - parameter structs filled by sw_*_default_params(), passed by pointer;
+ *     fields are only ever added at the end, and SW_ABI_VERSION is bumped whenever
+ *     a layout or a signature changes;
+ *   - every call that can fail returns an sw_status and fills the caller-owned
+ *     sw_error passed to that same call (never a thread-local "last error": a Go
+ *     goroutine may move to another OS thread between two calls);
+ *   - no C++ exception ever crosses this boundary: out-of-memory and libtorch
+ *     errors become statuses;
+ *   - callbacks take a void* user_data and return an int32_t; non-zero asks the
+ *     engine to stop.
+ *
+ * Thread safety: functions marked [any thread] may be called concurrently.
+ * A model handle may be used by one call at a time unless stated otherwise;
+ * opening and closing different models concurrently is safe.
+ *
+ * Usage:
+ *
+ *     sw_error err;
+ *     sw_sd_model_params p;
+ *     sw_sd_model_default_params(&p);
+ *     p.path = "/models/sd15";
+ *     p.device = "cpu";
+ *     sw_sd_model *m = NULL;
+ *     if (sw_sd_model_open(&p, &m, &err) != SW_OK) fprintf(stderr, "%s\n", err.message);
+ *     ...
+ *     sw_sd_model_close(m);
+ */
+#ifndef STEPWISE_H
+#define STEPWISE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define SW_API __declspec(dllexport)
+#else
+#define SW_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped on every change of a struct layout or a function signature. */
+#define SW_ABI_VERSION 1
+
+/* ---- status and errors ------------------------------------------------- */
+
+typedef enum sw_status {
+    SW_OK = 0,
+    SW_ERR_INVALID_ARGUMENT = 1, /* a parameter is out of range or inconsistent */
+    SW_ERR_NOT_FOUND = 2,        /* a file, folder or tensor does not exist */
+    SW_ERR_IO = 3,               /* reading or writing a file failed */
+    SW_ERR_FORMAT = 4,           /* a file is malformed, truncated or lies about itself */
+    SW_ERR_UNSUPPORTED = 5,      /* a valid input this build cannot handle (dtype, device, architecture) */
+    SW_ERR_OUT_OF_MEMORY = 6,    /* host or device memory ran out */
+    SW_ERR_DEVICE = 7,           /* the device failed or is not available */
+    SW_CANCELLED = 8,            /* a callback asked the engine to stop */
+    SW_ERR_INTERNAL = 9          /* anything else; the message says what */
+} sw_status;
+
+#define SW_ERROR_MESSAGE_SIZE 2048
+
+/* Caller-owned error, filled by the call that failed. message is always
+ * NUL-terminated; on SW_OK it is the empty string. */
+typedef struct sw_error {
+    int32_t status; /* an sw_status */
+    char message[SW_ERROR_MESSAGE_SIZE];
+} sw_error;
+
+/* ---- library ------------------------------------------------------------ */
+
+/* [any thread] SW_ABI_VERSION of the library as built. */
+SW_API int32_t sw_abi_version(void);
+/* [any thread] Static strings owned by the library. */
+SW_API const char *sw_version(void);       /* stepwise version, e.g. "0.1.0" */
+SW_API const char *sw_torch_version(void); /* libtorch version, e.g. "1.13.1" */
+SW_API const char *sw_build_info(void);    /* compiler, CUDA/MPS support, CXX11 ABI, threads */
+
+typedef enum sw_log_level {
+    SW_LOG_DEBUG = 0,
+    SW_LOG_INFO = 1,
+    SW_LOG_WARN = 2,
+    SW_LOG_ERROR = 3
+} sw_log_level;
+
+/* Log callback; message is valid only during the call. The return value is
+ * ignored. It may be called from any thread that is inside a library call. */
+typedef int32_t (*sw_log_callback)(int32_t level, const char *message, void *user_data);
+
+/* [any thread] Installs the process-wide log callback (NULL: logs to stderr at
+ * WARN and above). Meant to be called once, right after loading the library. */
+SW_API void sw_set_log_callback(sw_log_callback callback, void *user_data);
+
+/* [any thread] Sets the number of threads libtorch uses for intra-op
+ * parallelism; 0 leaves libtorch's default. */
+SW_API void sw_set_num_threads(int32_t n);
+
+/* ---- devices ------------------------------------------------------------ */
+
+typedef enum sw_device_kind {
+    SW_DEVICE_CPU = 0,
+    SW_DEVICE_CUDA = 1,
+    SW_DEVICE_MPS = 2
+} sw_device_kind;
+
+typedef struct sw_device_info {
+    int32_t kind;         /* an sw_device_kind */
+    int32_t index;        /* the N of cuda:N; 0 otherwise */
+    char id[32];          /* "cpu", "cuda:0", "mps" */
+    char name[128];       /* e.g. "NVIDIA H100 80GB HBM3"; the CPU model for cpu */
+    int64_t total_memory; /* bytes; host memory for cpu; -1 when unknown */
+    int64_t free_memory;  /* bytes; -1 when unknown */
+} sw_device_info;
+
+/* [any thread] Number of devices present (cpu first, then cuda:0.., then mps). */
+SW_API int32_t sw_device_count(void);
+/* [any thread] Describes device i, 0 <= i < sw_device_count(). */
+SW_API sw_status sw_device_get(int32_t i, sw_device_info *out, sw_error *err);
+
+/* ---- data types --------------------------------------------------------- */
+
+typedef enum sw_dtype {
+    SW_DTYPE_AUTO = 0, /* float32 on cpu, float16 on cuda and mps */
+    SW_DTYPE_F32 = 1,
+    SW_DTYPE_F16 = 2,
+    SW_DTYPE_BF16 = 3
+} sw_dtype;
+
+/* ---- loaded models ------------------------------------------------------ */
+
+/* Memory and identity of a loaded model. */
+typedef struct sw_model_info {
+    int64_t param_count;  /* number of parameters */
+    int64_t weight_bytes; /* bytes of parameters and buffers on the device */
+    int32_t dtype;        /* the resolved sw_dtype (never AUTO) */
+    char device[32];      /* the device the weights live on */
+    char arch[128];       /* e.g. "sd1 unet 4ch eps", "seg-unet 3->2 convtranspose" */
+} sw_model_info;
+
+/* ---- Stable Diffusion models -------------------------------------------- */
+
+typedef struct sw_sd_model sw_sd_model;
+
+typedef struct sw_sd_model_params {
+    const char *path;          /* a diffusers folder (model_index.json) */
+    const char *tokenizer_dir; /* overrides the model's tokenizer folder; NULL: the model's */
+    const char *device;        /* "cpu", "cuda", "cuda:N", "mps"; NULL: "cpu" */
+    int32_t dtype;             /* an sw_dtype */
+} sw_sd_model_params;
+
+/* [any thread] Fills p with defaults (path NULL, device "cpu", dtype AUTO). */
+SW_API void sw_sd_model_default_params(sw_sd_model_params *p);
+
+/* [any thread] Loads every component of a Stable Diffusion model (text encoder,
+ * UNet, VAE; tokenizer and scheduler configs), checking every tensor's presence,
+ * dtype and shape against the configs. On failure *out is NULL. */
+SW_API sw_status sw_sd_model_open(const sw_sd_model_params *p, sw_sd_model **out, sw_error *err);
+/* Frees the model. NULL is allowed. Not while another call uses the model. */
+SW_API void sw_sd_model_close(sw_sd_model *m);
+/* [any thread] Fills out for an open model. */
+SW_API sw_status sw_sd_model_info(const sw_sd_model *m, sw_model_info *out, sw_error *err);
+
+/* ---- segmentation models ------------------------------------------------ */
+
+typedef struct sw_seg_model sw_seg_model;
+
+typedef struct sw_seg_model_params {
+    const char *path;   /* a .safetensors file in the Pytorch-UNet layout */
+    const char *device; /* as for sw_sd_model_params */
+    int32_t dtype;      /* an sw_dtype */
+} sw_seg_model_params;
+
+/* [any thread] Fills p with defaults (path NULL, device "cpu", dtype F32). */
+SW_API void sw_seg_model_default_params(sw_seg_model_params *p);
+/* [any thread] Loads a segmentation U-Net; channel widths and classes come from
+ * the weight shapes, bilinear vs transposed-conv upsampling from the tensors present. */
+SW_API sw_status sw_seg_model_open(const sw_seg_model_params *p, sw_seg_model **out, sw_error *err);
+/* Frees the model. NULL is allowed. Not while another call uses the model. */
+SW_API void sw_seg_model_close(sw_seg_model *m);
+/* [any thread] Fills out for an open model. */
+SW_API sw_status sw_seg_model_info(const sw_seg_model *m, sw_model_info *out, sw_error *err);
+
+/* ---- random-weight models ------------------------------------------------ */
+
+/* [any thread] Writes deterministic random weights for the diffusers folder dir,
+ * whose unet/, vae/ and text_encoder/ folders already hold config.json: one
+ * safetensors file per component, float32, drawn from a CPU generator seeded
+ * with seed. For tests, demos and benchmarks (the weights mean nothing). */
+SW_API sw_status sw_sd_write_random_weights(const char *dir, uint64_t seed, sw_error *err);
+
+typedef struct sw_seg_arch {
+    int32_t in_channels; /* 3 for RGB */
+    int32_t classes;     /* 1: sigmoid; >1: argmax */
+    int32_t base_width;  /* 64 in the original project */
+    int32_t bilinear;    /* non-zero: bilinear upsampling instead of ConvTranspose2d */
+} sw_seg_arch;
+
+/* [any thread] Writes a random-weight segmentation U-Net to path (.safetensors). */
+SW_API sw_status sw_seg_write_random_weights(const char *path, const sw_seg_arch *arch, uint64_t seed,
+                                             sw_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* STEPWISE_H */

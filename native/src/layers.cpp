@@ -1,0 +1,89 @@
+#include "layers.h"
+
+namespace sw {
+
+namespace {
+torch::Tensor empty(std::initializer_list<int64_t> shape) { return torch::empty(shape); }
+}  // namespace
+
+Conv2dImpl::Conv2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_, int64_t padding_, bool has_bias)
+    : stride(stride_), padding(padding_) {
+    weight = register_parameter("weight", empty({out, in, kernel, kernel}), false);
+    if (has_bias) bias = register_parameter("bias", empty({out}), false);
+}
+
+torch::Tensor Conv2dImpl::forward(const torch::Tensor &x) {
+    return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+}
+
+ConvTranspose2dImpl::ConvTranspose2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_) : stride(stride_) {
+    weight = register_parameter("weight", empty({in, out, kernel, kernel}), false);
+    bias = register_parameter("bias", empty({out}), false);
+}
+
+torch::Tensor ConvTranspose2dImpl::forward(const torch::Tensor &x) {
+    return at::conv_transpose2d(x, weight, bias, {stride, stride});
+}
+
+LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias) {
+    weight = register_parameter("weight", empty({out, in}), false);
+    if (has_bias) bias = register_parameter("bias", empty({out}), false);
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor &x) { return at::linear(x, weight, bias); }
+
+GroupNormImpl::GroupNormImpl(int64_t groups_, int64_t channels, double eps_) : groups(groups_), eps(eps_) {
+    weight = register_parameter("weight", empty({channels}), false);
+    bias = register_parameter("bias", empty({channels}), false);
+}
+
+torch::Tensor GroupNormImpl::forward(const torch::Tensor &x) { return at::group_norm(x, groups, weight, bias, eps); }
+
+LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_) : dim(dim_), eps(eps_) {
+    weight = register_parameter("weight", empty({dim}), false);
+    bias = register_parameter("bias", empty({dim}), false);
+}
+
+torch::Tensor LayerNormImpl::forward(const torch::Tensor &x) { return at::layer_norm(x, {dim}, weight, bias, eps); }
+
+EmbeddingImpl::EmbeddingImpl(int64_t count, int64_t dim) {
+    weight = register_parameter("weight", empty({count, dim}), false);
+}
+
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor &ids) { return at::embedding(weight, ids); }
+
+BatchNorm2dImpl::BatchNorm2dImpl(int64_t channels, double eps_) : eps(eps_) {
+    weight = register_parameter("weight", empty({channels}), false);
+    bias = register_parameter("bias", empty({channels}), false);
+    running_mean = register_buffer("running_mean", empty({channels}));
+    running_var = register_buffer("running_var", empty({channels}));
+    num_batches_tracked = register_buffer("num_batches_tracked", torch::zeros({}, torch::kInt64));
+}
+
+torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor &x) {
+    return at::batch_norm(x, weight, bias, running_mean, running_var, /*training=*/false, 0.0, eps,
+                          /*cudnn_enabled=*/true);
+}
+
+torch::Tensor attention(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
+                        const c10::optional<torch::Tensor> &mask, bool upcast) {
+    const auto b = q.size(0), nq = q.size(1), nk = k.size(1), inner = q.size(2);
+    const auto dim = inner / heads;
+    auto split = [&](const torch::Tensor &t, int64_t n) { return t.reshape({b, n, heads, dim}).transpose(1, 2); };
+    auto qh = split(q, nq), kh = split(k, nk), vh = split(v, nk);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
+    torch::Tensor out;
+    const bool half = q.scalar_type() != torch::kFloat32;
+    if (upcast && half) {
+        auto scores = at::matmul(qh.to(torch::kFloat32), kh.to(torch::kFloat32).transpose(-1, -2)) * scale;
+        if (mask) scores = scores + mask->to(torch::kFloat32);
+        out = at::matmul(at::softmax(scores, -1).to(v.scalar_type()), vh);
+    } else {
+        auto scores = at::matmul(qh * scale, kh.transpose(-1, -2));
+        if (mask) scores = scores + mask->to(scores.scalar_type());
+        out = at::matmul(at::softmax(scores, -1), vh);
+    }
+    return out.transpose(1, 2).reshape({b, nq, inner});
+}
+
+}  // namespace sw

@@ -1,0 +1,76 @@
+// Thin layers over ATen's functional ops. Parameters are registered under the
+// names the reference checkpoints use and start as torch::empty: building a
+// model costs no initialisation, the weights file fills every tensor.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+
+namespace sw {
+
+struct Conv2dImpl : torch::nn::Module {
+    Conv2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = 0, bool bias = true);
+    torch::Tensor forward(const torch::Tensor &x);
+    torch::Tensor weight, bias;
+    int64_t stride, padding;
+};
+TORCH_MODULE(Conv2d);
+
+struct ConvTranspose2dImpl : torch::nn::Module {
+    ConvTranspose2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride);
+    torch::Tensor forward(const torch::Tensor &x);
+    torch::Tensor weight, bias;
+    int64_t stride;
+};
+TORCH_MODULE(ConvTranspose2d);
+
+struct LinearImpl : torch::nn::Module {
+    LinearImpl(int64_t in, int64_t out, bool bias = true);
+    torch::Tensor forward(const torch::Tensor &x);
+    torch::Tensor weight, bias;
+};
+TORCH_MODULE(Linear);
+
+struct GroupNormImpl : torch::nn::Module {
+    GroupNormImpl(int64_t groups, int64_t channels, double eps);
+    torch::Tensor forward(const torch::Tensor &x);
+    torch::Tensor weight, bias;
+    int64_t groups;
+    double eps;
+};
+TORCH_MODULE(GroupNorm);
+
+struct LayerNormImpl : torch::nn::Module {
+    LayerNormImpl(int64_t dim, double eps);
+    torch::Tensor forward(const torch::Tensor &x);
+    torch::Tensor weight, bias;
+    int64_t dim;
+    double eps;
+};
+TORCH_MODULE(LayerNorm);
+
+struct EmbeddingImpl : torch::nn::Module {
+    EmbeddingImpl(int64_t count, int64_t dim);
+    torch::Tensor forward(const torch::Tensor &ids);
+    torch::Tensor weight;
+};
+TORCH_MODULE(Embedding);
+
+// BatchNorm2d in eval mode (running statistics), as trained segmentation
+// checkpoints are used for inference.
+struct BatchNorm2dImpl : torch::nn::Module {
+    BatchNorm2dImpl(int64_t channels, double eps = 1e-5);
+    torch::Tensor forward(const torch::Tensor &x);
+    torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked;
+    double eps;
+};
+TORCH_MODULE(BatchNorm2d);
+
+// Multi-head scaled dot-product attention over [B, N, heads*dim] tensors.
+// One place, so a fused kernel can replace it. upcast computes the scores in
+// float32 when the inputs are half precision.
+torch::Tensor attention(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
+                        const c10::optional<torch::Tensor> &mask = c10::nullopt, bool upcast = false);
+
+}  // namespace sw

@@ -1,0 +1,58 @@
+// Reading and writing the safetensors format: an 8-byte little-endian header
+// length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}},
+// then the raw little-endian tensor bytes.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace sw {
+
+struct TensorEntry {
+    std::string dtype;  // "F32", "F16", "BF16", "I64", ...
+    torch::ScalarType scalar;
+    std::vector<int64_t> shape;
+    size_t begin = 0;  // offsets into the data section
+    size_t end = 0;
+};
+
+// SafeTensorsFile memory-maps a file and validates its whole header up front:
+// every tensor's dtype, shape and offsets, and that the offsets tile the data
+// section exactly. Tensors are copied out on request; the mapping is released on
+// destruction.
+class SafeTensorsFile {
+public:
+    explicit SafeTensorsFile(const std::string &path);
+    ~SafeTensorsFile();
+    SafeTensorsFile(const SafeTensorsFile &) = delete;
+    SafeTensorsFile &operator=(const SafeTensorsFile &) = delete;
+
+    const std::string &path() const { return path_; }
+    bool has(const std::string &name) const { return entries_.count(name) != 0; }
+    const TensorEntry &entry(const std::string &name) const;
+    const std::map<std::string, TensorEntry> &entries() const { return entries_; }
+    const std::map<std::string, std::string> &metadata() const { return metadata_; }
+
+    // A tensor owning its memory, converted to dtype and moved to device.
+    torch::Tensor load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const;
+    // The tensor in its stored dtype, on the CPU, owning its memory.
+    torch::Tensor load(const std::string &name) const;
+
+private:
+    std::string path_;
+    void *map_ = nullptr;
+    size_t size_ = 0;
+    const uint8_t *data_ = nullptr;  // start of the data section
+    std::map<std::string, TensorEntry> entries_;
+    std::map<std::string, std::string> metadata_;
+};
+
+// Writes tensors (made contiguous, on the CPU, in their own dtype) and string
+// metadata to path atomically: a temporary file in the same folder, then rename.
+void write_safetensors(const std::string &path, const std::vector<std::pair<std::string, torch::Tensor>> &tensors,
+                       const std::map<std::string, std::string> &metadata = {});
+
+}  // namespace sw

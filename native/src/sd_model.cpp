@@ -1,0 +1,109 @@
+#include <memory>
+
+#include "models.h"
+#include "safetensors.h"
+#include "weights.h"
+
+namespace sw {
+
+namespace {
+
+// The weights file of one diffusers component, preferring safetensors.
+std::string component_weights(const std::string &dir, const std::string &stem) {
+    for (const auto &name : {stem + ".safetensors", stem + ".fp16.safetensors"}) {
+        const std::string p = dir + "/" + name;
+        if (path_exists(p)) return p;
+    }
+    if (path_exists(dir + "/" + stem + ".bin"))
+        fail(SW_ERR_UNSUPPORTED, dir + "/" + stem + ".bin: pickle weights are not read directly; convert the model to "
+                                                    "safetensors (stepwise models convert)");
+    fail(SW_ERR_NOT_FOUND, dir + ": no " + stem + ".safetensors");
+}
+
+Config component_config(const std::string &dir) { return Config::from_file(dir + "/config.json"); }
+
+void check_tokenizer(const std::string &dir) {
+    for (const auto &name : {"vocab.json", "merges.txt"})
+        if (!path_exists(dir + "/" + name)) fail(SW_ERR_NOT_FOUND, dir + ": tokenizer file " + name + " is missing");
+}
+
+std::string sd_family(const ClipTextConfig &clip, const UNetConfig &unet) {
+    (void)clip;
+    const bool v2 = unet.linear_projection || unet.cross_attention_dim == 1024;
+    return std::string(v2 ? "sd2" : "sd1") + (unet.in_channels == 9 ? "-inpaint" : "");
+}
+
+}  // namespace
+
+sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
+    if (p.path == nullptr || *p.path == '\0') fail(SW_ERR_INVALID_ARGUMENT, "model path is empty");
+    const std::string root = p.path;
+    if (!path_exists(root)) fail(SW_ERR_NOT_FOUND, root + ": no such file or folder");
+    if (!path_exists(root + "/model_index.json")) {
+        fail(SW_ERR_UNSUPPORTED, root + ": not a diffusers folder (no model_index.json)");
+    }
+    Config::from_file(root + "/model_index.json");  // validates the JSON
+
+    auto m = std::make_unique<sw_sd_model>();
+    m->path = root;
+    m->device = parse_device(p.device ? p.device : "cpu");
+    m->dtype = resolve_dtype(p.dtype, m->device);
+    const auto st = scalar_type(m->dtype);
+    m->tokenizer_dir = (p.tokenizer_dir && *p.tokenizer_dir) ? p.tokenizer_dir : root + "/tokenizer";
+    check_tokenizer(m->tokenizer_dir);
+    m->scheduler_config = Config::from_file(root + "/scheduler/scheduler_config.json");
+
+    const auto clip_cfg = ClipTextConfig::from(component_config(root + "/text_encoder"));
+    const auto unet_cfg = UNetConfig::from(component_config(root + "/unet"));
+    const auto vae_cfg = VAEConfig::from(component_config(root + "/vae"));
+    if (unet_cfg.cross_attention_dim != clip_cfg.hidden_size)
+        fail(SW_ERR_FORMAT, root + ": unet cross_attention_dim " + std::to_string(unet_cfg.cross_attention_dim) +
+                                " does not match the text encoder's hidden_size " + std::to_string(clip_cfg.hidden_size));
+
+    m->text_encoder = ClipTextModel(clip_cfg);
+    m->unet = UNet(unet_cfg);
+    m->vae = VAE(vae_cfg);
+    struct Part {
+        torch::nn::Module &module;
+        std::string dir, stem;
+    };
+    for (const Part &part : {Part{*m->text_encoder, root + "/text_encoder", "model"},
+                             Part{*m->unet, root + "/unet", "diffusion_pytorch_model"},
+                             Part{*m->vae, root + "/vae", "diffusion_pytorch_model"}}) {
+        SafeTensorsFile f(component_weights(part.dir, part.stem));
+        const auto stats = load_weights(part.module, f, "", st, m->device);
+        m->params += stats.params;
+        m->bytes += stats.bytes;
+    }
+    m->text_encoder->eval();
+    m->unet->eval();
+    m->vae->eval();
+    m->arch = sd_family(clip_cfg, unet_cfg) + " " + unet_cfg.describe();
+    log(SW_LOG_INFO, "opened " + root + " (" + m->arch + ", " + std::to_string(m->params) + " params, " +
+                         device_id(m->device) + " " + dtype_name(m->dtype) + ")");
+    return m.release();
+}
+
+void write_random_sd(const std::string &dir, uint64_t seed) {
+    const auto clip_cfg = ClipTextConfig::from(component_config(dir + "/text_encoder"));
+    const auto unet_cfg = UNetConfig::from(component_config(dir + "/unet"));
+    const auto vae_cfg = VAEConfig::from(component_config(dir + "/vae"));
+    // One seed per component, so changing one config leaves the others' weights alone.
+    {
+        ClipTextModel te(clip_cfg);
+        randomize(*te, seed);
+        write_safetensors(dir + "/text_encoder/model.safetensors", named_tensors(*te, ""));
+    }
+    {
+        UNet unet(unet_cfg);
+        randomize(*unet, seed + 1);
+        write_safetensors(dir + "/unet/diffusion_pytorch_model.safetensors", named_tensors(*unet, ""));
+    }
+    {
+        VAE vae(vae_cfg);
+        randomize(*vae, seed + 2);
+        write_safetensors(dir + "/vae/diffusion_pytorch_model.safetensors", named_tensors(*vae, ""));
+    }
+}
+
+}  // namespace sw

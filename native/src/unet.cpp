@@ -1,0 +1,300 @@
+#include "unet.h"
+
+#include "common.h"
+
+namespace sw {
+
+ResnetBlockImpl::ResnetBlockImpl(int64_t in, int64_t out, int64_t temb_channels, int64_t groups, double eps) {
+    norm1 = register_module("norm1", GroupNorm(groups, in, eps));
+    conv1 = register_module("conv1", Conv2d(in, out, 3, 1, 1));
+    if (temb_channels > 0) time_emb_proj = register_module("time_emb_proj", Linear(temb_channels, out));
+    norm2 = register_module("norm2", GroupNorm(groups, out, eps));
+    conv2 = register_module("conv2", Conv2d(out, out, 3, 1, 1));
+    if (in != out) conv_shortcut = register_module("conv_shortcut", Conv2d(in, out, 1));
+}
+
+torch::Tensor ResnetBlockImpl::forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &temb) {
+    auto h = conv1(at::silu(norm1(x)));
+    if (temb && time_emb_proj) h = h + time_emb_proj(at::silu(*temb)).unsqueeze(-1).unsqueeze(-1);
+    h = conv2(at::silu(norm2(h)));
+    return (conv_shortcut ? conv_shortcut(x) : x) + h;
+}
+
+Downsample2DImpl::Downsample2DImpl(int64_t channels, bool pad_asymmetric_) : pad_asymmetric(pad_asymmetric_) {
+    conv = register_module("conv", Conv2d(channels, channels, 3, 2, pad_asymmetric ? 0 : 1));
+}
+
+torch::Tensor Downsample2DImpl::forward(const torch::Tensor &x) {
+    if (pad_asymmetric) return conv(at::constant_pad_nd(x, {0, 1, 0, 1}, 0));
+    return conv(x);
+}
+
+Upsample2DImpl::Upsample2DImpl(int64_t channels) { conv = register_module("conv", Conv2d(channels, channels, 3, 1, 1)); }
+
+torch::Tensor Upsample2DImpl::forward(const torch::Tensor &x, c10::optional<std::vector<int64_t>> size) {
+    torch::Tensor h;
+    if (size) {
+        h = at::upsample_nearest2d(x, *size);
+    } else {
+        h = at::upsample_nearest2d(x, {x.size(2) * 2, x.size(3) * 2});
+    }
+    return conv(h);
+}
+
+AttentionImpl::AttentionImpl(int64_t query_dim, int64_t context_dim, int64_t heads_, int64_t head_dim, bool qkv_bias,
+                             bool upcast_)
+    : heads(heads_), upcast(upcast_) {
+    const int64_t inner = heads * head_dim;
+    to_q = register_module("to_q", Linear(query_dim, inner, qkv_bias));
+    to_k = register_module("to_k", Linear(context_dim, inner, qkv_bias));
+    to_v = register_module("to_v", Linear(context_dim, inner, qkv_bias));
+    auto out = register_module("to_out", torch::nn::ModuleList());
+    to_out = Linear(inner, query_dim);
+    out->push_back(to_out);
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &context) {
+    const auto &ctx = context ? *context : x;
+    return to_out(attention(to_q(x), to_k(ctx), to_v(ctx), heads, c10::nullopt, upcast));
+}
+
+TransformerBlockImpl::TransformerBlockImpl(int64_t dim, int64_t heads, int64_t head_dim, int64_t context_dim,
+                                           bool upcast) {
+    norm1 = register_module("norm1", LayerNorm(dim, 1e-5));
+    attn1 = register_module("attn1", Attention(dim, dim, heads, head_dim, false, upcast));
+    norm2 = register_module("norm2", LayerNorm(dim, 1e-5));
+    attn2 = register_module("attn2", Attention(dim, context_dim, heads, head_dim, false, upcast));
+    norm3 = register_module("norm3", LayerNorm(dim, 1e-5));
+    // ff.net = [GEGLU(proj), Dropout, Linear]
+    auto ff = register_module("ff", std::make_shared<torch::nn::Module>());
+    auto net = ff->register_module("net", torch::nn::ModuleList());
+    auto geglu = std::make_shared<torch::nn::Module>();
+    ff_in = Linear(dim, dim * 4 * 2);
+    geglu->register_module("proj", ff_in);
+    net->push_back(geglu);
+    net->push_back(torch::nn::Dropout(0.0));
+    ff_out = Linear(dim * 4, dim);
+    net->push_back(ff_out);
+}
+
+torch::Tensor TransformerBlockImpl::forward(const torch::Tensor &x, const torch::Tensor &context) {
+    auto h = x + attn1(norm1(x));
+    h = h + attn2(norm2(h), context);
+    auto parts = ff_in(norm3(h)).chunk(2, -1);
+    return h + ff_out(parts[0] * at::gelu(parts[1]));
+}
+
+Transformer2DImpl::Transformer2DImpl(int64_t channels, int64_t heads, int64_t layers, int64_t context_dim,
+                                     int64_t groups, bool linear_projection_, bool upcast)
+    : linear_projection(linear_projection_) {
+    norm = register_module("norm", GroupNorm(groups, channels, 1e-6));
+    if (linear_projection) {
+        proj_in = torch::nn::AnyModule(Linear(channels, channels));
+        proj_out = torch::nn::AnyModule(Linear(channels, channels));
+    } else {
+        proj_in = torch::nn::AnyModule(Conv2d(channels, channels, 1));
+        proj_out = torch::nn::AnyModule(Conv2d(channels, channels, 1));
+    }
+    register_module("proj_in", proj_in.ptr());
+    blocks = register_module("transformer_blocks", torch::nn::ModuleList());
+    for (int64_t i = 0; i < layers; i++)
+        blocks->push_back(TransformerBlock(channels, heads, channels / heads, context_dim, upcast));
+    register_module("proj_out", proj_out.ptr());
+}
+
+torch::Tensor Transformer2DImpl::forward(const torch::Tensor &x, const torch::Tensor &context) {
+    const auto b = x.size(0), c = x.size(1), hgt = x.size(2), wid = x.size(3);
+    auto h = norm(x);
+    if (!linear_projection) h = proj_in.forward(h);
+    h = h.permute({0, 2, 3, 1}).reshape({b, hgt * wid, c});
+    if (linear_projection) h = proj_in.forward(h);
+    for (const auto &blk : *blocks) h = blk->as<TransformerBlock>()->forward(h, context);
+    if (linear_projection) h = proj_out.forward(h);
+    h = h.reshape({b, hgt, wid, c}).permute({0, 3, 1, 2});
+    if (!linear_projection) h = proj_out.forward(h.contiguous());
+    return h + x;
+}
+
+UNetConfig UNetConfig::from(const Config &c) {
+    UNetConfig o;
+    o.in_channels = c.integer("in_channels", 4);
+    o.out_channels = c.integer("out_channels", 4);
+    o.sample_size = c.integer("sample_size", 64);
+    o.block_out = c.integers("block_out_channels");
+    const size_t n = o.block_out.size();
+    if (n == 0) fail(SW_ERR_FORMAT, c.source() + ": block_out_channels is empty");
+    o.layers_per_block = c.integer("layers_per_block", 2);
+    o.groups = c.integer("norm_num_groups", 32);
+    o.eps = c.number("norm_eps", 1e-5);
+    if (c.has("cross_attention_dim") && !c.json()["cross_attention_dim"].is_number_integer())
+        fail(SW_ERR_UNSUPPORTED, c.source() + ": per-block cross_attention_dim");
+    o.cross_attention_dim = c.integer("cross_attention_dim", 768);
+    // diffusers reads attention_head_dim as the number of heads when
+    // num_attention_heads is absent (true of every SD 1.x/2.x config).
+    o.heads = c.has("num_attention_heads") ? c.per_block("num_attention_heads", n, 8)
+                                           : c.per_block("attention_head_dim", n, 8);
+    o.transformer_layers = c.per_block("transformer_layers_per_block", n, 1);
+    o.flip_sin_to_cos = c.boolean("flip_sin_to_cos", true);
+    o.freq_shift = c.number("freq_shift", 0);
+    o.linear_projection = c.boolean("use_linear_projection", false);
+    o.upcast_attention = c.boolean("upcast_attention", false);
+    o.time_embed_dim = c.integer("time_embedding_dim", o.block_out[0] * 4);
+    for (const auto &key : {"addition_embed_type", "class_embed_type", "encoder_hid_dim_type"})
+        if (c.has(key)) fail(SW_ERR_UNSUPPORTED, c.source() + ": \"" + key + "\" (SDXL-style UNets) is not supported");
+    if (c.string("time_embedding_type", "positional") != "positional")
+        fail(SW_ERR_UNSUPPORTED, c.source() + ": time_embedding_type must be positional");
+    if (c.string("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn")
+        fail(SW_ERR_UNSUPPORTED, c.source() + ": mid_block_type must be UNetMidBlock2DCrossAttn");
+    if (c.boolean("only_cross_attention", false))
+        fail(SW_ERR_UNSUPPORTED, c.source() + ": only_cross_attention is not supported");
+    for (const auto &t : c.strings("down_block_types")) {
+        if (t == "CrossAttnDownBlock2D") o.down_attn.push_back(true);
+        else if (t == "DownBlock2D") o.down_attn.push_back(false);
+        else fail(SW_ERR_UNSUPPORTED, c.source() + ": down block type " + t);
+    }
+    for (const auto &t : c.strings("up_block_types")) {
+        if (t == "CrossAttnUpBlock2D") o.up_attn.push_back(true);
+        else if (t == "UpBlock2D") o.up_attn.push_back(false);
+        else fail(SW_ERR_UNSUPPORTED, c.source() + ": up block type " + t);
+    }
+    if (o.down_attn.size() != n || o.up_attn.size() != n)
+        fail(SW_ERR_FORMAT, c.source() + ": down_block_types/up_block_types must have one entry per block_out_channels");
+    for (size_t i = 0; i < n; i++) {
+        if (o.block_out[i] % o.groups != 0)
+            fail(SW_ERR_FORMAT, c.source() + ": block_out_channels must be multiples of norm_num_groups");
+        if (o.heads[i] <= 0 || o.block_out[i] % o.heads[i] != 0)
+            fail(SW_ERR_FORMAT, c.source() + ": block_out_channels must be multiples of the head count");
+    }
+    return o;
+}
+
+std::string UNetConfig::describe() const {
+    std::string s = "unet " + std::to_string(in_channels) + "ch [";
+    for (size_t i = 0; i < block_out.size(); i++) s += (i ? "," : "") + std::to_string(block_out[i]);
+    return s + "] ctx " + std::to_string(cross_attention_dim) + (linear_projection ? " linear-proj" : "");
+}
+
+UNetImpl::UNetImpl(const UNetConfig &c) : config(c) {
+    const size_t n = c.block_out.size();
+    conv_in = register_module("conv_in", Conv2d(c.in_channels, c.block_out[0], 3, 1, 1));
+    auto time_embedding = register_module("time_embedding", std::make_shared<torch::nn::Module>());
+    time_linear_1 = time_embedding->register_module("linear_1", Linear(c.block_out[0], c.time_embed_dim));
+    time_linear_2 = time_embedding->register_module("linear_2", Linear(c.time_embed_dim, c.time_embed_dim));
+
+    auto make_attn = [&](int64_t ch, size_t i) {
+        return Transformer2D(ch, c.heads[i], c.transformer_layers[i], c.cross_attention_dim, c.groups,
+                             c.linear_projection, c.upcast_attention);
+    };
+
+    down_blocks = register_module("down_blocks", torch::nn::ModuleList());
+    int64_t out_ch = c.block_out[0];
+    for (size_t i = 0; i < n; i++) {
+        const int64_t in_ch = out_ch;
+        out_ch = c.block_out[i];
+        auto blk = UNetBlock();
+        blk->resnets = blk->register_module("resnets", torch::nn::ModuleList());
+        if (c.down_attn[i]) blk->attentions = blk->register_module("attentions", torch::nn::ModuleList());
+        for (int64_t j = 0; j < c.layers_per_block; j++) {
+            blk->resnets->push_back(ResnetBlock(j == 0 ? in_ch : out_ch, out_ch, c.time_embed_dim, c.groups, c.eps));
+            if (c.down_attn[i]) blk->attentions->push_back(make_attn(out_ch, i));
+        }
+        if (i + 1 < n) {
+            auto ds = blk->register_module("downsamplers", torch::nn::ModuleList());
+            blk->down = Downsample2D(out_ch, false);
+            ds->push_back(blk->down);
+        }
+        down_blocks->push_back(blk);
+    }
+
+    const int64_t mid_ch = c.block_out[n - 1];
+    mid = register_module("mid_block", UNetBlock());
+    mid->resnets = mid->register_module("resnets", torch::nn::ModuleList());
+    mid->attentions = mid->register_module("attentions", torch::nn::ModuleList());
+    mid->resnets->push_back(ResnetBlock(mid_ch, mid_ch, c.time_embed_dim, c.groups, c.eps));
+    mid->attentions->push_back(make_attn(mid_ch, n - 1));
+    mid->resnets->push_back(ResnetBlock(mid_ch, mid_ch, c.time_embed_dim, c.groups, c.eps));
+
+    up_blocks = register_module("up_blocks", torch::nn::ModuleList());
+    std::vector<int64_t> rev(c.block_out.rbegin(), c.block_out.rend());
+    out_ch = rev[0];
+    for (size_t i = 0; i < n; i++) {
+        const int64_t prev_out = out_ch;
+        out_ch = rev[i];
+        const int64_t in_ch = rev[std::min(i + 1, n - 1)];
+        const size_t block_index = n - 1 - i;  // heads and layers of the mirrored down block
+        auto blk = UNetBlock();
+        blk->resnets = blk->register_module("resnets", torch::nn::ModuleList());
+        if (c.up_attn[i]) blk->attentions = blk->register_module("attentions", torch::nn::ModuleList());
+        const int64_t layers = c.layers_per_block + 1;
+        for (int64_t j = 0; j < layers; j++) {
+            const int64_t skip = j == layers - 1 ? in_ch : out_ch;
+            const int64_t res_in = j == 0 ? prev_out : out_ch;
+            blk->resnets->push_back(ResnetBlock(res_in + skip, out_ch, c.time_embed_dim, c.groups, c.eps));
+            if (c.up_attn[i]) blk->attentions->push_back(make_attn(out_ch, block_index));
+        }
+        if (i + 1 < n) {
+            auto us = blk->register_module("upsamplers", torch::nn::ModuleList());
+            blk->up = Upsample2D(out_ch);
+            us->push_back(blk->up);
+        }
+        up_blocks->push_back(blk);
+    }
+    conv_norm_out = register_module("conv_norm_out", GroupNorm(c.groups, c.block_out[0], c.eps));
+    conv_out = register_module("conv_out", Conv2d(c.block_out[0], c.out_channels, 3, 1, 1));
+}
+
+torch::Tensor timestep_embedding(const torch::Tensor &t, int64_t dim, bool flip_sin_to_cos, double shift) {
+    const int64_t half = dim / 2;
+    auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(t.device());
+    auto exponent = torch::arange(0, half, opts) * (-std::log(10000.0)) / (static_cast<double>(half) - shift);
+    auto emb = t.to(torch::kFloat32).unsqueeze(1) * torch::exp(exponent).unsqueeze(0);
+    auto sin = torch::sin(emb), cos = torch::cos(emb);
+    auto out = flip_sin_to_cos ? torch::cat({cos, sin}, -1) : torch::cat({sin, cos}, -1);
+    if (dim % 2 == 1) out = at::constant_pad_nd(out, {0, 1, 0, 0}, 0);
+    return out;
+}
+
+torch::Tensor UNetImpl::forward(const torch::Tensor &sample, const torch::Tensor &timesteps,
+                                const torch::Tensor &context) {
+    const auto dtype = sample.scalar_type();
+    auto t = timesteps;
+    if (t.dim() == 0) t = t.expand({sample.size(0)});
+    auto temb = timestep_embedding(t, config.block_out[0], config.flip_sin_to_cos, config.freq_shift).to(dtype);
+    temb = time_linear_2(at::silu(time_linear_1(temb)));
+
+    auto h = conv_in(sample);
+    std::vector<torch::Tensor> skips{h};
+    for (const auto &m : *down_blocks) {
+        auto blk = m->as<UNetBlock>();
+        for (size_t j = 0; j < blk->resnets->size(); j++) {
+            h = blk->resnets[j]->as<ResnetBlock>()->forward(h, temb);
+            if (blk->attentions) h = blk->attentions[j]->as<Transformer2D>()->forward(h, context);
+            skips.push_back(h);
+        }
+        if (blk->down) {
+            h = blk->down(h);
+            skips.push_back(h);
+        }
+    }
+    h = mid->resnets[0]->as<ResnetBlock>()->forward(h, temb);
+    h = mid->attentions[0]->as<Transformer2D>()->forward(h, context);
+    h = mid->resnets[1]->as<ResnetBlock>()->forward(h, temb);
+
+    for (const auto &m : *up_blocks) {
+        auto blk = m->as<UNetBlock>();
+        for (size_t j = 0; j < blk->resnets->size(); j++) {
+            h = torch::cat({h, skips.back()}, 1);
+            skips.pop_back();
+            h = blk->resnets[j]->as<ResnetBlock>()->forward(h, temb);
+            if (blk->attentions) h = blk->attentions[j]->as<Transformer2D>()->forward(h, context);
+        }
+        if (blk->up) {
+            // Odd latent sizes: upsample to the skip connection's size, as diffusers does.
+            std::vector<int64_t> size{skips.back().size(2), skips.back().size(3)};
+            h = blk->up(h, size);
+        }
+    }
+    return conv_out(at::silu(conv_norm_out(h)));
+}
+
+}  // namespace sw

@@ -1,0 +1,101 @@
+#include "weights.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "common.h"
+
+namespace sw {
+
+namespace {
+
+bool is_float(torch::ScalarType t) {
+    return t == torch::kFloat32 || t == torch::kFloat16 || t == torch::kBFloat16 || t == torch::kFloat64;
+}
+
+std::string shape_str(c10::IntArrayRef s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); i++) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + "]";
+}
+
+bool ends_with(const std::string &s, const std::string &suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Same tensor up to trailing 1x1 kernel dimensions: Linear [o, i] vs Conv [o, i, 1, 1].
+bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
+    auto strip = [](std::vector<int64_t> v) {
+        while (v.size() > 2 && v.back() == 1) v.pop_back();
+        return v;
+    };
+    return strip(want.vec()) == strip(have);
+}
+
+}  // namespace
+
+WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const std::string &prefix,
+                         torch::ScalarType dtype, const torch::Device &device) {
+    torch::NoGradGuard no_grad;
+    WeightStats stats;
+    auto fill = [&](const std::string &name, torch::Tensor &target, bool is_param) {
+        const std::string key = prefix + name;
+        if (!f.has(key)) fail(SW_ERR_NOT_FOUND, f.path() + ": missing tensor " + key);
+        const TensorEntry &e = f.entry(key);
+        const bool want_float = is_float(target.scalar_type());
+        if (want_float && !is_float(e.scalar))
+            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has dtype " + e.dtype + ", want F32, F16 or BF16");
+        if (!want_float && is_float(e.scalar))
+            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has dtype " + e.dtype + ", want an integer type");
+        std::vector<int64_t> have = e.shape;
+        if (target.sizes().vec() != have && !reshapeable(target.sizes(), have))
+            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has shape " + shape_str(have) + ", the config needs " +
+                                    shape_str(target.sizes()));
+        auto t = f.load(key, want_float ? dtype : target.scalar_type(), device).reshape(target.sizes());
+        target.set_data(t);
+        if (is_param) stats.params += t.numel();
+        stats.bytes += t.numel() * static_cast<int64_t>(t.element_size());
+    };
+    for (auto &item : m.named_parameters(true)) fill(item.key(), item.value(), true);
+    for (auto &item : m.named_buffers(true)) fill(item.key(), item.value(), false);
+    return stats;
+}
+
+void randomize(torch::nn::Module &m, uint64_t seed) {
+    torch::NoGradGuard no_grad;
+    at::Generator gen = at::detail::createCPUGenerator(seed);
+    auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+    for (auto &item : m.named_parameters(true)) {
+        auto &p = item.value();
+        const auto &name = item.key();
+        torch::Tensor v;
+        if (p.dim() >= 2) {
+            const double fan_in = static_cast<double>(p.numel() / p.size(0));
+            v = torch::randn(p.sizes(), gen, opts) / std::sqrt(fan_in);
+        } else if (ends_with(name, "weight")) {
+            v = 1.0 + 0.1 * torch::randn(p.sizes(), gen, opts);
+        } else {
+            v = 0.02 * torch::randn(p.sizes(), gen, opts);
+        }
+        p.set_data(v);
+    }
+    for (auto &item : m.named_buffers(true)) {
+        auto &b = item.value();
+        const auto &name = item.key();
+        if (ends_with(name, "running_mean")) {
+            b.set_data(0.1 * torch::randn(b.sizes(), gen, opts));
+        } else if (ends_with(name, "running_var")) {
+            b.set_data(0.5 + torch::rand(b.sizes(), gen, opts));
+        } else {
+            b.set_data(torch::zeros_like(b));
+        }
+    }
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> named_tensors(torch::nn::Module &m, const std::string &prefix) {
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    for (auto &item : m.named_parameters(true)) out.emplace_back(prefix + item.key(), item.value());
+    for (auto &item : m.named_buffers(true)) out.emplace_back(prefix + item.key(), item.value());
+    return out;
+}
+
+}  // namespace sw

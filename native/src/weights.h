@@ -1,0 +1,33 @@
+// Filling modules from safetensors files, and making random weights for them.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "safetensors.h"
+
+namespace sw {
+
+struct WeightStats {
+    int64_t params = 0;  // number of parameter elements
+    int64_t bytes = 0;   // bytes of parameters and buffers as loaded
+};
+
+// load_weights fills every parameter and buffer of m from f (names prefixed
+// with prefix), converted to dtype on device. A missing tensor, a shape that
+// differs or a non-float dtype is an error naming the file and the tensor.
+// Linear weights stored as 1x1 convolutions (and the reverse) are reshaped.
+WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const std::string &prefix,
+                         torch::ScalarType dtype, const torch::Device &device);
+
+// randomize fills m deterministically from a CPU generator seeded with seed:
+// matrices N(0, 1/fan_in), norm scales 1 + N(0, 0.1²), biases N(0, 0.02²),
+// batch-norm statistics near (0, 1).
+void randomize(torch::nn::Module &m, uint64_t seed);
+
+// named_tensors lists every parameter and buffer of m under prefix, for writing.
+std::vector<std::pair<std::string, torch::Tensor>> named_tensors(torch::nn::Module &m, const std::string &prefix);
+
+}  // namespace sw

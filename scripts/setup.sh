@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs what building and testing stepwise needs and is missing:
+# a C++ compiler, cmake, libtorch (Debian's libtorch-dev unless Torch_DIR or
+# TORCH_DIR names your own) and nlohmann-json. Go must already be installed.
+# On Debian/Ubuntu it installs with apt-get; elsewhere it says what to install.
+set -euo pipefail
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+missing=()
+need_cmd() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
+need_file() { [ -e "$1" ] || missing+=("$2"); }
+
+need_cmd cmake cmake
+need_cmd c++ g++
+need_cmd make make
+need_file /usr/include/nlohmann/json.hpp nlohmann-json3-dev
+if [ -z "${Torch_DIR:-}${TORCH_DIR:-}" ]; then
+  # Debian's libtorch-dev puts TorchConfig.cmake here.
+  if ! ls /usr/lib/*/cmake/Torch/TorchConfig.cmake >/dev/null 2>&1; then
+    missing+=(libtorch-dev)
+  fi
+fi
+
+if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
+  say "Go is not installed. Install Go 1.24 or newer from your distribution or https://go.dev/dl, then rerun."
+  exit 1
+fi
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  say "missing: ${missing[*]}"
+  say "this is not a Debian/Ubuntu system, so install them yourself:"
+  say "  - a C++17 compiler, cmake >= 3.18, make, nlohmann-json (3.x headers)"
+  say "  - libtorch 1.13 or 2.x (https://pytorch.org, 'LibTorch' C++ download; CUDA builds work),"
+  say "    then export TORCH_DIR=/path/to/libtorch"
+  exit 1
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    say "need root to install ${missing[*]}; run as root or install sudo"
+    exit 1
+  fi
+fi
+
+say "installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+# A stale package list finds nothing: refresh it first.
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+say "done"
