@@ -34,9 +34,12 @@ bin:
 vet:
 	CGO_ENABLED=0 $(GO) vet ./...
 
-# The whole suite runs with CGO_ENABLED=0 (how stepwise ships); the binding's
+# Native parity tests first (components, samplers, pipelines against
+# ../shared/fixtures), then the whole Go suite with CGO_ENABLED=0 (how stepwise
+# ships); the binding's
 # own tests run again with cgo and the race detector.
 test: build vet
+	$(BUILD)/stepwise_native_test
 	CGO_ENABLED=0 $(GO) test -count=1 ./...
 	CGO_ENABLED=1 $(GO) test -count=1 -race ./binding/...
 

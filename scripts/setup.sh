@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing stepwise needs and is missing:
 # a C++ compiler, cmake, libtorch (Debian's libtorch-dev unless Torch_DIR or
-# TORCH_DIR names your own) and nlohmann-json. Go must already be installed.
+# TORCH_DIR names your own), nlohmann-json and ICU. Go must already be installed.
 # On Debian/Ubuntu it installs with apt-get; elsewhere it says what to install.
 set -euo pipefail
 
@@ -15,6 +15,7 @@ need_cmd cmake cmake
 need_cmd c++ g++
 need_cmd make make
 need_file /usr/include/nlohmann/json.hpp nlohmann-json3-dev
+need_file /usr/include/unicode/normalizer2.h libicu-dev
 if [ -z "${Torch_DIR:-}${TORCH_DIR:-}" ]; then
   # Debian's libtorch-dev puts TorchConfig.cmake here.
   if ! ls /usr/lib/*/cmake/Torch/TorchConfig.cmake >/dev/null 2>&1; then
@@ -34,7 +35,7 @@ fi
 if ! command -v apt-get >/dev/null 2>&1; then
   say "missing: ${missing[*]}"
   say "this is not a Debian/Ubuntu system, so install them yourself:"
-  say "  - a C++17 compiler, cmake >= 3.18, make, nlohmann-json (3.x headers)"
+  say "  - a C++17 compiler, cmake >= 3.18, make, nlohmann-json (3.x headers), ICU (libicu)"
   say "  - libtorch 1.13 or 2.x (https://pytorch.org, 'LibTorch' C++ download; CUDA builds work),"
   say "    then export TORCH_DIR=/path/to/libtorch"
   exit 1

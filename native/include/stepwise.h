@@ -168,6 +168,99 @@ SW_API void sw_sd_model_close(sw_sd_model *m);
 /* [any thread] Fills out for an open model. */
 SW_API sw_status sw_sd_model_info(const sw_sd_model *m, sw_model_info *out, sw_error *err);
 
+/* ---- images --------------------------------------------------------------- */
+
+/* A plain 8-bit image: channels 3 (RGB) or 1 (gray); row y starts at
+ * data + y * stride. Images passed in are borrowed for the call; images the
+ * library returns are freed with the result that holds them. */
+typedef struct sw_image {
+    int32_t width;
+    int32_t height;
+    int32_t channels;
+    int32_t stride;
+    uint8_t *data;
+} sw_image;
+
+/* ---- generation ----------------------------------------------------------- */
+
+typedef enum sw_sampler {
+    SW_SAMPLER_DDIM = 0,
+    SW_SAMPLER_EULER = 1,
+    SW_SAMPLER_EULER_A = 2,
+    SW_SAMPLER_DPMPP_2M = 3,
+    SW_SAMPLER_DPMPP_2M_KARRAS = 4,
+    SW_SAMPLER_PNDM = 5
+} sw_sampler;
+
+typedef enum sw_preview {
+    SW_PREVIEW_NONE = 0,
+    SW_PREVIEW_LATENT2RGB = 1, /* a linear 4->3 projection of the predicted clean latents, every step */
+    SW_PREVIEW_VAE = 2         /* a VAE decode of the predicted clean latents, every preview_every steps */
+} sw_preview;
+
+/* What the step callback receives after each denoising step. */
+typedef struct sw_step_info {
+    int32_t step;            /* 1-based */
+    int32_t steps;           /* steps this run takes (img2img: after strength) */
+    double timestep;         /* the model timestep of this step */
+    double sigma;            /* its noise level */
+    double elapsed_seconds;  /* since the first step began */
+    int32_t preview_count;   /* images in previews: the batch size, or 0 */
+    const sw_image *previews; /* RGB8 at the output size; valid only during the callback */
+} sw_step_info;
+
+/* Called on the generating thread after every step; non-zero cancels: the
+ * call returns SW_CANCELLED before the next step starts. */
+typedef int32_t (*sw_step_callback)(const sw_step_info *info, void *user_data);
+
+typedef struct sw_generate_params {
+    const char *prompt;
+    const char *negative_prompt; /* NULL: "" */
+    int32_t width;               /* multiples of 8 */
+    int32_t height;
+    int32_t steps;               /* 1..1000 */
+    int32_t batch_size;          /* 1..64 */
+    float cfg_scale;             /* <= 1 disables classifier-free guidance */
+    int32_t sampler;             /* an sw_sampler */
+    uint64_t seed;
+    const sw_image *init_image;  /* img2img / inpaint: RGB8, width x height; NULL for txt2img */
+    float strength;              /* img2img / inpaint: (0, 1] */
+    const sw_image *mask;        /* inpaint: gray8, width x height, white (>= 128) = repaint */
+    int32_t clip_skip;           /* 0: the last text-encoder layer */
+    int32_t preview;             /* an sw_preview */
+    int32_t preview_every;       /* for SW_PREVIEW_VAE */
+    sw_step_callback callback;   /* may be NULL */
+    void *user_data;
+} sw_generate_params;
+
+typedef struct sw_generate_result {
+    int32_t count;         /* images (the batch size) */
+    sw_image *images;      /* RGB8, width x height */
+    int32_t latent_shape[4]; /* [B, 4, H/8, W/8] */
+    float *latents;        /* final latents, before division by the VAE scaling factor */
+    float *pixels;         /* [B, H, W, 3] in 0..1, before 8-bit quantisation */
+    int32_t tokens;        /* BPE tokens of the prompt */
+    int32_t truncated;     /* non-zero when the prompt was cut to fit */
+    double seconds_text;
+    double seconds_denoise;
+    double seconds_decode;
+} sw_generate_result;
+
+/* [any thread] Defaults: 512x512, 20 steps, batch 1, cfg 7.5, Euler, strength 1, preview none. */
+SW_API void sw_generate_default_params(sw_generate_params *p);
+
+/* Runs txt2img, img2img (init_image) or inpaint (init_image + mask). The same
+ * inputs give the reference pipeline's image: noise is drawn from a CPU
+ * generator seeded with seed, in the reference's order. One call per model at
+ * a time. On success *out holds the result, freed with sw_generate_result_free. */
+SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_generate_result **out, sw_error *err);
+SW_API void sw_generate_result_free(sw_generate_result *r);
+
+/* Tokenizes text with the model's tokenizer: BPE ids without BOS/EOS,
+ * untruncated. Writes at most capacity ids and sets *count to the full number. */
+SW_API sw_status sw_sd_tokenize(sw_sd_model *m, const char *text, int64_t *ids, int32_t capacity, int32_t *count,
+                                sw_error *err);
+
 /* ---- segmentation models ------------------------------------------------ */
 
 typedef struct sw_seg_model sw_seg_model;

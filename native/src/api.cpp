@@ -3,6 +3,7 @@
 #include <cstring>
 #include <memory>
 
+#include "generate.h"
 #include "models.h"
 
 #ifndef SW_VERSION_STRING
@@ -196,6 +197,144 @@ SW_API sw_status sw_seg_write_random_weights(const char *path, const sw_seg_arch
         if (path == nullptr || *path == '\0' || arch == nullptr)
             sw::fail(SW_ERR_INVALID_ARGUMENT, "path or arch is NULL");
         sw::write_random_seg(path, *arch, seed);
+    });
+}
+
+}  // extern "C"
+
+// ---- generation -------------------------------------------------------------
+
+namespace {
+
+void check_image(const sw_image *img, int32_t channels, const char *what) {
+    if (img->data == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, std::string(what) + ": no pixel data");
+    if (img->width <= 0 || img->height <= 0) sw::fail(SW_ERR_INVALID_ARGUMENT, std::string(what) + ": empty image");
+    if (img->channels != channels)
+        sw::fail(SW_ERR_INVALID_ARGUMENT, std::string(what) + ": want " + std::to_string(channels) + " channels, got " +
+                                              std::to_string(img->channels));
+    if (img->stride < img->width * img->channels) sw::fail(SW_ERR_INVALID_ARGUMENT, std::string(what) + ": stride too small");
+}
+
+// u8 [H, W, C] with a stride -> float32 [1, C, H, W] in 0..1.
+torch::Tensor image_tensor(const sw_image *img) {
+    auto t = torch::from_blob(img->data, {img->height, img->width, img->channels},
+                              {img->stride, img->channels, 1}, torch::kUInt8);
+    return t.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
+}
+
+// The result handed out is the base of a holder that owns the tensors behind it.
+struct ResultHolder : sw_generate_result {
+    ResultHolder() : sw_generate_result{} {}
+    std::vector<sw_image> images;
+    torch::Tensor image_data, latents, pixels;
+};
+
+}  // namespace
+
+extern "C" {
+
+SW_API void sw_generate_default_params(sw_generate_params *p) {
+    if (p == nullptr) return;
+    std::memset(p, 0, sizeof *p);
+    p->width = 512;
+    p->height = 512;
+    p->steps = 20;
+    p->batch_size = 1;
+    p->cfg_scale = 7.5f;
+    p->sampler = SW_SAMPLER_EULER;
+    p->strength = 1.0f;
+    p->preview = SW_PREVIEW_NONE;
+    p->preview_every = 1;
+}
+
+SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_generate_result **out, sw_error *err) {
+    if (out != nullptr) *out = nullptr;
+    return guarded(err, [&] {
+        if (m == nullptr || p == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "model, params or out is NULL");
+        sw::CallGuard guard;
+        sw::GenerateRequest r;
+        r.prompt = p->prompt ? p->prompt : "";
+        r.negative_prompt = p->negative_prompt ? p->negative_prompt : "";
+        r.width = p->width;
+        r.height = p->height;
+        r.steps = p->steps;
+        r.batch = p->batch_size;
+        r.cfg_scale = p->cfg_scale;
+        r.sampler = sw::parse_sampler(p->sampler);
+        r.seed = p->seed;
+        r.strength = p->strength;
+        r.clip_skip = p->clip_skip;
+        r.preview = p->preview;
+        r.preview_every = p->preview_every;
+        if (p->init_image) {
+            check_image(p->init_image, 3, "init image");
+            r.init_image = image_tensor(p->init_image) * 2.0 - 1.0;
+        }
+        if (p->mask) {
+            check_image(p->mask, 1, "mask");
+            r.mask = image_tensor(p->mask);
+        }
+        sw::StepHook hook;
+        if (p->callback) {
+            hook = [&](const sw::StepEvent &ev) {
+                sw_step_info info{};
+                info.step = static_cast<int32_t>(ev.step);
+                info.steps = static_cast<int32_t>(ev.steps);
+                info.timestep = ev.timestep;
+                info.sigma = ev.sigma;
+                info.elapsed_seconds = ev.elapsed;
+                std::vector<sw_image> previews;
+                if (ev.preview.defined()) {
+                    const auto b = ev.preview.size(0), h = ev.preview.size(1), w = ev.preview.size(2);
+                    for (int64_t i = 0; i < b; i++) {
+                        previews.push_back({static_cast<int32_t>(w), static_cast<int32_t>(h), 3, static_cast<int32_t>(w * 3),
+                                            ev.preview[i].data_ptr<uint8_t>()});
+                    }
+                    info.preview_count = static_cast<int32_t>(b);
+                    info.previews = previews.data();
+                }
+                return p->callback(&info, p->user_data) != 0;
+            };
+        }
+        auto res = sw::generate(*m, r, hook);
+        auto holder = std::make_unique<ResultHolder>();
+        holder->image_data = res.images;
+        holder->latents = res.latents;
+        holder->pixels = res.pixels;
+        const auto b = res.images.size(0), h = res.images.size(1), w = res.images.size(2);
+        for (int64_t i = 0; i < b; i++)
+            holder->images.push_back({static_cast<int32_t>(w), static_cast<int32_t>(h), 3, static_cast<int32_t>(w * 3),
+                                      holder->image_data[i].data_ptr<uint8_t>()});
+        sw_generate_result &o = *holder;
+        o.count = static_cast<int32_t>(b);
+        o.images = holder->images.data();
+        for (int i = 0; i < 4; i++) o.latent_shape[i] = static_cast<int32_t>(res.latents.size(i));
+        o.latents = holder->latents.data_ptr<float>();
+        o.pixels = holder->pixels.data_ptr<float>();
+        o.tokens = static_cast<int32_t>(res.tokens);
+        o.truncated = res.truncated ? 1 : 0;
+        o.seconds_text = res.seconds_text;
+        o.seconds_denoise = res.seconds_denoise;
+        o.seconds_decode = res.seconds_decode;
+        *out = holder.release();
+    });
+}
+
+SW_API void sw_generate_result_free(sw_generate_result *r) {
+    if (r == nullptr) return;
+    try {
+        delete static_cast<ResultHolder *>(r);
+    } catch (...) {
+    }
+}
+
+SW_API sw_status sw_sd_tokenize(sw_sd_model *m, const char *text, int64_t *ids, int32_t capacity, int32_t *count,
+                                sw_error *err) {
+    return guarded(err, [&] {
+        if (m == nullptr || text == nullptr || count == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "model, text or count is NULL");
+        auto v = m->tokenizer->encode(text);
+        *count = static_cast<int32_t>(v.size());
+        for (int32_t i = 0; i < capacity && i < *count && ids != nullptr; i++) ids[i] = v[static_cast<size_t>(i)];
     });
 }
 

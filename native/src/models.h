@@ -1,12 +1,14 @@
 // The objects behind the opaque handles of stepwise.h.
 #pragma once
 
+#include <memory>
 #include <mutex>
 #include <string>
 
 #include "clip.h"
 #include "common.h"
 #include "segunet.h"
+#include "tokenizer.h"
 #include "unet.h"
 #include "vae.h"
 
@@ -19,6 +21,7 @@ struct sw_sd_model {
     sw::UNet unet{nullptr};
     sw::VAE vae{nullptr};
     sw::Config scheduler_config;
+    std::unique_ptr<sw::Tokenizer> tokenizer;
     int64_t params = 0;
     int64_t bytes = 0;
     std::string arch;

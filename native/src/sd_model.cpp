@@ -2,6 +2,7 @@
 
 #include "models.h"
 #include "safetensors.h"
+#include "sampler.h"
 #include "weights.h"
 
 namespace sw {
@@ -22,9 +23,10 @@ std::string component_weights(const std::string &dir, const std::string &stem) {
 
 Config component_config(const std::string &dir) { return Config::from_file(dir + "/config.json"); }
 
-void check_tokenizer(const std::string &dir) {
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string &dir) {
     for (const auto &name : {"vocab.json", "merges.txt"})
         if (!path_exists(dir + "/" + name)) fail(SW_ERR_NOT_FOUND, dir + ": tokenizer file " + name + " is missing");
+    return std::make_unique<Tokenizer>(dir);
 }
 
 std::string sd_family(const ClipTextConfig &clip, const UNetConfig &unet) {
@@ -50,12 +52,16 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     m->dtype = resolve_dtype(p.dtype, m->device);
     const auto st = scalar_type(m->dtype);
     m->tokenizer_dir = (p.tokenizer_dir && *p.tokenizer_dir) ? p.tokenizer_dir : root + "/tokenizer";
-    check_tokenizer(m->tokenizer_dir);
+    m->tokenizer = load_tokenizer(m->tokenizer_dir);
     m->scheduler_config = Config::from_file(root + "/scheduler/scheduler_config.json");
 
     const auto clip_cfg = ClipTextConfig::from(component_config(root + "/text_encoder"));
     const auto unet_cfg = UNetConfig::from(component_config(root + "/unet"));
     const auto vae_cfg = VAEConfig::from(component_config(root + "/vae"));
+    if (static_cast<int64_t>(m->tokenizer->vocab_size()) > clip_cfg.vocab_size)
+        fail(SW_ERR_FORMAT, m->tokenizer_dir + ": the tokenizer has " + std::to_string(m->tokenizer->vocab_size()) +
+                                " tokens, the text encoder only " + std::to_string(clip_cfg.vocab_size));
+    NoiseSchedule::from(m->scheduler_config);  // validates it now, not at the first generation
     if (unet_cfg.cross_attention_dim != clip_cfg.hidden_size)
         fail(SW_ERR_FORMAT, root + ": unet cross_attention_dim " + std::to_string(unet_cfg.cross_attention_dim) +
                                 " does not match the text encoder's hidden_size " + std::to_string(clip_cfg.hidden_size));

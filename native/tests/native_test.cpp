@@ -1,0 +1,267 @@
+// Native parity tests: the engine's components, samplers and pipelines against
+// the reference outputs in ../shared/fixtures (see the READMEs there). Prints
+// one line per check and a closing "N passed, N failed" line.
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "generate.h"
+#include "models.h"
+#include "safetensors.h"
+#include "sampler.h"
+#include "tokenizer.h"
+
+namespace {
+
+int passed = 0, failed = 0;
+std::string fixtures;
+
+void report(bool ok, const std::string &name, const std::string &detail) {
+    (ok ? passed : failed)++;
+    std::printf("%s %s%s%s\n", ok ? "ok  " : "FAIL", name.c_str(), detail.empty() ? "" : ": ", detail.c_str());
+}
+
+// Max |a - b| against tol * max(1, peak |b|), the README's criterion.
+void close(const std::string &name, const torch::Tensor &got, const torch::Tensor &want, double tol) {
+    auto g = got.detach().to(torch::kCPU, torch::kFloat64), w = want.to(torch::kFloat64);
+    if (g.sizes() != w.sizes()) {
+        std::ostringstream ss;
+        ss << "shape " << g.sizes() << " != " << w.sizes();
+        report(false, name, ss.str());
+        return;
+    }
+    const double diff = (g - w).abs().max().item<double>();
+    const double peak = w.abs().max().item<double>();
+    const double limit = tol * std::max(1.0, peak);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "max|d| %.3g (limit %.3g, peak %.3g)", diff, limit, peak);
+    report(diff <= limit, name, buf);
+}
+
+void run(const std::string &name, const std::function<void()> &f) {
+    try {
+        f();
+    } catch (const std::exception &e) {
+        report(false, name, std::string("exception: ") + e.what());
+    }
+}
+
+std::string sd(const std::string &rel) { return fixtures + "/sd/" + rel; }
+
+sw_sd_model *open_model(const std::string &dir) {
+    sw_sd_model_params p{};
+    p.path = dir.c_str();
+    p.device = "cpu";
+    p.dtype = SW_DTYPE_F32;
+    return sw::open_sd_model(p);
+}
+
+void test_tokenizer() {
+    sw::Tokenizer tok(sd("tiny-sd15/tokenizer"));
+    auto prompts = nlohmann::json::parse(sw::read_text_file(sd("tiny-sd15/golden/prompts.json")));
+    sw::SafeTensorsFile g(sd("tiny-sd15/golden/tokenizer.safetensors"));
+    auto ids = g.load("input_ids");
+    for (size_t i = 0; i < prompts["prompts"].size(); i++) {
+        const std::string text = prompts["prompts"][i].get<std::string>();
+        auto got = tok.encode_padded(text, 77);
+        auto want = ids[static_cast<int64_t>(i)];
+        bool ok = true;
+        for (int64_t k = 0; k < 77; k++) ok = ok && got[static_cast<size_t>(k)] == want[k].item<int64_t>();
+        auto tokens = tok.tokens(text);
+        auto want_tokens = prompts["tokens"][i].get<std::vector<std::string>>();
+        report(ok && tokens == want_tokens, "tokenizer prompt " + std::to_string(i),
+               ok ? (tokens == want_tokens ? "" : "token strings differ") : "ids differ");
+    }
+}
+
+void test_text_encoder(sw_sd_model *m) {
+    sw::SafeTensorsFile g(sd("tiny-sd15/golden/text_encoder.safetensors"));
+    auto ids = g.load("input_ids");
+    close("text encoder last_hidden_state", m->text_encoder->forward(ids), g.load("last_hidden_state"), 1e-4);
+    close("text encoder clip_skip_1", m->text_encoder->forward(ids, 1), g.load("clip_skip_1"), 1e-4);
+}
+
+void test_unet(sw_sd_model *m, const std::string &golden, const std::string &label) {
+    sw::SafeTensorsFile g(golden);
+    auto x = g.load("sample"), ctx = g.load("encoder_hidden_states");
+    auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+    for (auto [name, t] : std::vector<std::pair<std::string, double>>{
+             {"out_t999", 999}, {"out_t500", 500}, {"out_t1", 1}, {"out_t713p4567", 713.4567}}) {
+        if (!g.has(name)) continue;
+        close(label + " " + name, m->unet->forward(x, torch::full({2}, static_cast<float>(t), opts), ctx), g.load(name), 1e-4);
+    }
+    close(label + " out_tvec_999_1", m->unet->forward(x, torch::tensor({999.0f, 1.0f}), ctx), g.load("out_tvec_999_1"), 1e-4);
+    close(label + " out_nonsquare_t250",
+          m->unet->forward(g.load("sample_nonsquare"), torch::full({1}, 250.0f, opts), ctx.slice(0, 1, 2)),
+          g.load("out_nonsquare_t250"), 1e-4);
+}
+
+void test_vae(sw_sd_model *m) {
+    sw::SafeTensorsFile g(sd("tiny-sd15/golden/vae.safetensors"));
+    auto [mean, logvar] = m->vae->encode(g.load("enc_input"));
+    close("vae enc_mean", mean, g.load("enc_mean"), 1e-4);
+    close("vae enc_logvar", logvar, g.load("enc_logvar"), 1e-4);
+    close("vae dec_output", m->vae->decode(g.load("dec_input")), g.load("dec_output"), 1e-4);
+}
+
+void test_samplers(sw_sd_model *m) {
+    sw::SafeTensorsFile g(sd("tiny-sd15/golden/schedulers.safetensors"));
+    const auto sched = sw::NoiseSchedule::from(m->scheduler_config);
+    {
+        auto want = g.load("alphas_cumprod");
+        auto got = torch::tensor(std::vector<double>(sched.alphas_cumprod)).to(torch::kFloat32);
+        close("alphas_cumprod", got, want, 1e-7);
+    }
+    const std::vector<std::pair<std::string, sw::SamplerKind>> kinds = {
+        {"ddim", sw::SamplerKind::DDIM},          {"pndm", sw::SamplerKind::PNDM},
+        {"euler", sw::SamplerKind::Euler},        {"euler_a", sw::SamplerKind::EulerAncestral},
+        {"dpmpp_2m", sw::SamplerKind::DPMPP2M},   {"dpmpp_2m_karras", sw::SamplerKind::DPMPP2MKarras}};
+    for (const auto &[name, kind] : kinds) {
+        for (int n : {4, 10}) {
+            const std::string p = name + "/n" + std::to_string(n) + "/";
+            run(p, [&] {
+                auto s = sw::make_sampler(kind, sched, n);
+                auto ts = g.load(p + "timesteps").to(torch::kFloat64);
+                auto got_ts = torch::tensor(s->timesteps()).to(torch::kFloat64);
+                close(p + "timesteps", got_ts, ts, 1e-6);
+                if (g.has(p + "sigmas")) {
+                    std::vector<double> sig;
+                    for (size_t i = 0; i <= s->size() && i < static_cast<size_t>(g.entry(p + "sigmas").shape[0]); i++)
+                        sig.push_back(i < s->size() ? s->sigma(i) : 0.0);
+                    auto want = g.load(p + "sigmas").slice(0, 0, static_cast<int64_t>(s->size()));
+                    close(p + "sigmas", torch::tensor(std::vector<double>(sig.begin(), sig.begin() + s->size())), want, 1e-5);
+                }
+                close(p + "init_noise_sigma", torch::tensor(s->init_noise_sigma()), g.load(p + "init_noise_sigma"), 1e-6);
+                auto x = g.load(p + "x_T");
+                auto outs = g.load(p + "model_outputs"), prevs = g.load(p + "prev_samples"), ins = g.load(p + "scaled_inputs");
+                at::Generator g2 = at::detail::createCPUGenerator(45);
+                double worst_in = 0, worst_prev = 0;
+                torch::Tensor last_x0;
+                bool ok_x0 = true;
+                for (size_t i = 0; i < s->size(); i++) {
+                    auto idx = static_cast<int64_t>(i);
+                    worst_in = std::max(worst_in, (s->scale_model_input(x, i) - ins[idx]).abs().max().item<double>());
+                    auto r = s->step(outs[idx], i, x, g2);
+                    worst_prev = std::max(worst_prev, (r.prev_sample - prevs[idx]).abs().max().item<double>() /
+                                                          std::max(1.0, prevs[idx].abs().max().item<double>()));
+                    if (g.has(p + "pred_original_samples")) {
+                        auto w = g.load(p + "pred_original_samples")[idx];
+                        ok_x0 = ok_x0 && (r.pred_original - w).abs().max().item<double>() <= 1e-5 * std::max(1.0, w.abs().max().item<double>());
+                    }
+                    x = prevs[idx];  // follow the reference so one error does not compound
+                }
+                report(worst_in <= 1e-5 && worst_prev <= 1e-5 && ok_x0, p + "trace",
+                       "scaled_inputs " + std::to_string(worst_in) + ", prev_samples rel " + std::to_string(worst_prev) +
+                           (ok_x0 ? "" : ", pred_original differs"));
+                // add_noise at the first and the middle timestep.
+                auto x0 = torch::randn({1, 4, 8, 8}, at::detail::createCPUGenerator(46));
+                auto noise = torch::randn({1, 4, 8, 8}, at::detail::createCPUGenerator(47));
+                for (size_t k : {size_t(0), size_t(n / 2)}) {
+                    const std::string key = p + "add_noise_t" + std::to_string(k);
+                    if (g.has(key)) close(key, s->add_noise(x0, noise, k), g.load(key), 1e-5);
+                }
+            });
+        }
+    }
+}
+
+// Runs a pipeline golden through sw::generate, checking every step's latents
+// and the final image.
+void test_pipeline(sw_sd_model *m, const std::string &file, const std::string &label, sw::GenerateRequest r) {
+    sw::SafeTensorsFile g(file);
+    auto steps = g.load("latents_steps");
+    double worst = 0;
+    int64_t seen = 0;
+    auto hook = [&](const sw::StepEvent &ev) {
+        auto w = steps[ev.step - 1];
+        worst = std::max(worst, (ev.latents - w).abs().max().item<double>() / std::max(1.0, w.abs().max().item<double>()));
+        seen++;
+        return false;
+    };
+    auto out = sw::generate(*m, r, hook);
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%lld steps, worst relative latent error %.3g", static_cast<long long>(seen), worst);
+    report(seen == steps.size(0) && worst <= 1e-3, label + " latents per step", buf);
+    close(label + " image", out.pixels, g.load("image"), 1e-3);
+}
+
+}  // namespace
+
+int main() {
+    const char *env = std::getenv("STEPWISE_FIXTURES");
+    fixtures = env ? env : SW_DEFAULT_FIXTURES;
+    if (!sw::path_exists(fixtures + "/sd/README.md")) {
+        std::printf("native parity tests skipped: reference fixtures not found at %s (set STEPWISE_FIXTURES)\n",
+                    fixtures.c_str());
+        return 0;
+    }
+    torch::set_num_threads(1);
+    c10::InferenceMode guard;
+    run("tokenizer", test_tokenizer);
+    sw_sd_model *m = nullptr;
+    run("open tiny-sd15", [&] { m = open_model(sd("tiny-sd15")); });
+    if (m) {
+        run("text encoder", [&] { test_text_encoder(m); });
+        run("unet", [&] { test_unet(m, sd("tiny-sd15/golden/unet.safetensors"), "unet"); });
+        run("vae", [&] { test_vae(m); });
+        run("samplers", [&] { test_samplers(m); });
+        const std::string prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
+        for (auto [name, kind] : std::vector<std::pair<std::string, sw::SamplerKind>>{
+                 {"ddim", sw::SamplerKind::DDIM}, {"euler", sw::SamplerKind::Euler},
+                 {"euler_a", sw::SamplerKind::EulerAncestral}, {"dpmpp_2m_karras", sw::SamplerKind::DPMPP2MKarras},
+                 {"pndm", sw::SamplerKind::PNDM}}) {
+            run("txt2img " + name, [&] {
+                sw::GenerateRequest r;
+                r.prompt = prompt;
+                r.negative_prompt = "blurry, low quality, watermark";
+                r.width = r.height = 64;
+                r.steps = 4;
+                r.cfg_scale = 7.5;
+                r.seed = 1234;
+                r.sampler = kind;
+                test_pipeline(m, sd("tiny-sd15/golden/txt2img_" + name + ".safetensors"), "txt2img " + name, r);
+            });
+        }
+        run("img2img ddim", [&] {
+            sw::SafeTensorsFile g(sd("tiny-sd15/golden/img2img_ddim.safetensors"));
+            sw::GenerateRequest r;
+            r.prompt = "a watercolor painting of a sunny garden";
+            r.negative_prompt = "dark, gloomy";
+            r.width = r.height = 64;
+            r.steps = 5;
+            r.strength = 0.6;
+            r.seed = 99;
+            r.sampler = sw::SamplerKind::DDIM;
+            r.init_image = g.load("init_image");
+            test_pipeline(m, sd("tiny-sd15/golden/img2img_ddim.safetensors"), "img2img ddim", r);
+        });
+        delete m;
+    }
+    sw_sd_model *inp = nullptr;
+    run("open tiny-inpaint", [&] { inp = open_model(sd("tiny-inpaint")); });
+    if (inp) {
+        run("inpaint unet", [&] { test_unet(inp, sd("tiny-inpaint/golden/unet.safetensors"), "inpaint unet"); });
+        run("inpaint ddim", [&] {
+            sw::SafeTensorsFile g(sd("tiny-inpaint/golden/inpaint_ddim.safetensors"));
+            sw::GenerateRequest r;
+            r.prompt = "a red brick wall with a wooden door";
+            r.negative_prompt = "blurry, low quality";
+            r.width = r.height = 64;
+            r.steps = 5;
+            r.seed = 502;
+            r.sampler = sw::SamplerKind::DDIM;
+            r.init_image = g.load("init_image");
+            r.mask = g.load("mask");
+            test_pipeline(inp, sd("tiny-inpaint/golden/inpaint_ddim.safetensors"), "inpaint ddim", r);
+        });
+        delete inp;
+    }
+    std::printf("native: %d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
