@@ -59,6 +59,11 @@ type functions struct {
 	segClose         func(m uintptr)
 	segInfo          func(m uintptr, out *cModelInfo, err *cError) int32
 
+	genDefaultParams func(p *cGenerateParams)
+	generate         func(m uintptr, p *cGenerateParams, out **cGenerateResult, err *cError) int32
+	genResultFree    func(r *cGenerateResult)
+	tokenize         func(m uintptr, text string, ids *int64, capacity int32, count *int32, err *cError) int32
+
 	sdWriteRandom  func(dir string, seed uint64, err *cError) int32
 	segWriteRandom func(path string, arch *cSegArch, seed uint64, err *cError) int32
 }
@@ -87,6 +92,10 @@ func (f *functions) symbols() []struct {
 		{"sw_seg_model_open", &f.segOpen},
 		{"sw_seg_model_close", &f.segClose},
 		{"sw_seg_model_info", &f.segInfo},
+		{"sw_generate_default_params", &f.genDefaultParams},
+		{"sw_sd_generate", &f.generate},
+		{"sw_generate_result_free", &f.genResultFree},
+		{"sw_sd_tokenize", &f.tokenize},
 		{"sw_sd_write_random_weights", &f.sdWriteRandom},
 		{"sw_seg_write_random_weights", &f.segWriteRandom},
 	}
@@ -225,6 +234,7 @@ func (l *Library) init(opts Options) error {
 	}
 	logger.Store(lg)
 	l.fn.setLogCallback(logCallback(), 0)
+	stepCallback() // every trampoline exists before the first call needs it
 	if opts.Threads > 0 {
 		l.fn.setNumThreads(int32(opts.Threads))
 	}
