@@ -2,7 +2,12 @@ module github.com/stepwise-sd/stepwise
 
 go 1.26.8
 
-require github.com/ebitengine/purego v0.11.3
+require (
+	github.com/disintegration/imaging v1.6.2
+	github.com/ebitengine/purego v0.11.3
+)
+
+require golang.org/x/image v0.0.0-20191009234506-e7c1f5e7dbb8 // indirect
 
 require (
 	github.com/stretchr/testify v1.12.1

@@ -279,3 +279,35 @@ func TestBrokenSDFoldersGiveClearErrors(t *testing.T) {
 	assert.ErrorIs(t, err, binding.ErrInvalidArgument)
 	assert.Contains(t, err.Error(), "unknown dtype 42")
 }
+
+func TestSingleFileCheckpoint(t *testing.T) {
+	lib := testenv.Library(t)
+	fx := testenv.Fixtures(t)
+	file := filepath.Join(fx, "sd/tiny-sd15.safetensors")
+	tok := filepath.Join(fx, "sd/tiny-sd15/tokenizer")
+
+	m, err := lib.OpenSD(binding.SDOptions{Path: file, TokenizerDir: tok})
+	require.NoError(t, err)
+	defer m.Close()
+	assert.Contains(t, m.Info().Arch, "single file")
+	folder, err := lib.OpenSD(binding.SDOptions{Path: filepath.Join(fx, "sd/tiny-sd15")})
+	require.NoError(t, err)
+	defer folder.Close()
+	assert.Equal(t, folder.Info().Params, m.Info().Params)
+
+	_, err = lib.OpenSD(binding.SDOptions{Path: file})
+	assert.ErrorIs(t, err, binding.ErrInvalidArgument)
+	assert.ErrorContains(t, err, "--tokenizer")
+
+	// A segmentation U-Net is not a Stable Diffusion checkpoint.
+	_, segPath := testenv.Tiny(t)
+	_, err = lib.OpenSD(binding.SDOptions{Path: segPath, TokenizerDir: tok})
+	assert.ErrorIs(t, err, binding.ErrUnsupported)
+	assert.ErrorContains(t, err, "not a Stable Diffusion 1.x/2.x checkpoint")
+
+	ckpt := filepath.Join(t.TempDir(), "model.ckpt")
+	require.NoError(t, os.WriteFile(ckpt, []byte("PK"), 0o644))
+	_, err = lib.OpenSD(binding.SDOptions{Path: ckpt, TokenizerDir: tok})
+	assert.ErrorIs(t, err, binding.ErrUnsupported)
+	assert.ErrorContains(t, err, "convert it to .safetensors")
+}

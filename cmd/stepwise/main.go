@@ -24,8 +24,9 @@ type command struct {
 }
 
 var commands = map[string]command{
-	"version": {"print versions of stepwise, the engine ABI, libtorch and the devices", runVersion},
-	"models":  {"list models, or make the tiny demo models (models ls|make-tiny)", runModels},
+	"generate": {"txt2img, img2img (--init) or inpaint (--init --mask) with a Stable Diffusion model", runGenerate},
+	"version":  {"print versions of stepwise, the engine ABI, libtorch and the devices", runVersion},
+	"models":   {"list models, or make the tiny demo models (models ls|make-tiny)", runModels},
 }
 
 // errUsage marks an error already explained by a usage message.

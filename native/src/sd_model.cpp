@@ -1,5 +1,8 @@
+#include <sys/stat.h>
+
 #include <memory>
 
+#include "checkpoint.h"
 #include "models.h"
 #include "safetensors.h"
 #include "sampler.h"
@@ -41,23 +44,53 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     if (p.path == nullptr || *p.path == '\0') fail(SW_ERR_INVALID_ARGUMENT, "model path is empty");
     const std::string root = p.path;
     if (!path_exists(root)) fail(SW_ERR_NOT_FOUND, root + ": no such file or folder");
-    if (!path_exists(root + "/model_index.json")) {
-        fail(SW_ERR_UNSUPPORTED, root + ": not a diffusers folder (no model_index.json)");
-    }
-    Config::from_file(root + "/model_index.json");  // validates the JSON
+    struct stat st_buf;
+    const bool is_file = ::stat(root.c_str(), &st_buf) == 0 && S_ISREG(st_buf.st_mode);
 
     auto m = std::make_unique<sw_sd_model>();
     m->path = root;
     m->device = parse_device(p.device ? p.device : "cpu");
     m->dtype = resolve_dtype(p.dtype, m->device);
     const auto st = scalar_type(m->dtype);
-    m->tokenizer_dir = (p.tokenizer_dir && *p.tokenizer_dir) ? p.tokenizer_dir : root + "/tokenizer";
-    m->tokenizer = load_tokenizer(m->tokenizer_dir);
-    m->scheduler_config = Config::from_file(root + "/scheduler/scheduler_config.json");
+    const std::string tokenizer_arg = (p.tokenizer_dir && *p.tokenizer_dir) ? p.tokenizer_dir : "";
 
-    const auto clip_cfg = ClipTextConfig::from(component_config(root + "/text_encoder"));
-    const auto unet_cfg = UNetConfig::from(component_config(root + "/unet"));
-    const auto vae_cfg = VAEConfig::from(component_config(root + "/vae"));
+    if (is_file) {
+        const auto dot = root.find_last_of('.');
+        const std::string ext = dot == std::string::npos ? "" : root.substr(dot);
+        if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin")
+            fail(SW_ERR_UNSUPPORTED, root + ": pickle checkpoints are not read directly; convert it to .safetensors "
+                                            "(stepwise models convert)");
+        m->tokenizer_dir = tokenizer_arg;
+        m->tokenizer = tokenizer_arg.empty() ? nullptr : load_tokenizer(tokenizer_arg);
+        open_single_file(*m, root, tokenizer_arg);
+    } else {
+        if (!path_exists(root + "/model_index.json"))
+            fail(SW_ERR_UNSUPPORTED, root + ": not a diffusers folder (no model_index.json)");
+        Config::from_file(root + "/model_index.json");  // validates the JSON
+        m->tokenizer_dir = tokenizer_arg.empty() ? root + "/tokenizer" : tokenizer_arg;
+        m->tokenizer = load_tokenizer(m->tokenizer_dir);
+        m->scheduler_config = Config::from_file(root + "/scheduler/scheduler_config.json");
+        const auto clip_cfg = ClipTextConfig::from(component_config(root + "/text_encoder"));
+        const auto unet_cfg = UNetConfig::from(component_config(root + "/unet"));
+        const auto vae_cfg = VAEConfig::from(component_config(root + "/vae"));
+        m->text_encoder = ClipTextModel(clip_cfg);
+        m->unet = UNet(unet_cfg);
+        m->vae = VAE(vae_cfg);
+        struct Part {
+            torch::nn::Module &module;
+            std::string dir, stem;
+        };
+        for (const Part &part : {Part{*m->text_encoder, root + "/text_encoder", "model"},
+                                 Part{*m->unet, root + "/unet", "diffusion_pytorch_model"},
+                                 Part{*m->vae, root + "/vae", "diffusion_pytorch_model"}}) {
+            SafeTensorsFile f(component_weights(part.dir, part.stem));
+            const auto stats = load_weights(part.module, f, "", st, m->device);
+            m->params += stats.params;
+            m->bytes += stats.bytes;
+        }
+    }
+    const auto &clip_cfg = m->text_encoder->config;
+    const auto &unet_cfg = m->unet->config;
     if (static_cast<int64_t>(m->tokenizer->vocab_size()) > clip_cfg.vocab_size)
         fail(SW_ERR_FORMAT, m->tokenizer_dir + ": the tokenizer has " + std::to_string(m->tokenizer->vocab_size()) +
                                 " tokens, the text encoder only " + std::to_string(clip_cfg.vocab_size));
@@ -65,26 +98,12 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     if (unet_cfg.cross_attention_dim != clip_cfg.hidden_size)
         fail(SW_ERR_FORMAT, root + ": unet cross_attention_dim " + std::to_string(unet_cfg.cross_attention_dim) +
                                 " does not match the text encoder's hidden_size " + std::to_string(clip_cfg.hidden_size));
-
-    m->text_encoder = ClipTextModel(clip_cfg);
-    m->unet = UNet(unet_cfg);
-    m->vae = VAE(vae_cfg);
-    struct Part {
-        torch::nn::Module &module;
-        std::string dir, stem;
-    };
-    for (const Part &part : {Part{*m->text_encoder, root + "/text_encoder", "model"},
-                             Part{*m->unet, root + "/unet", "diffusion_pytorch_model"},
-                             Part{*m->vae, root + "/vae", "diffusion_pytorch_model"}}) {
-        SafeTensorsFile f(component_weights(part.dir, part.stem));
-        const auto stats = load_weights(part.module, f, "", st, m->device);
-        m->params += stats.params;
-        m->bytes += stats.bytes;
-    }
+    if (m->vae->config.latent_channels != 4 || unet_cfg.out_channels != 4)
+        fail(SW_ERR_UNSUPPORTED, root + ": only 4-channel latents are supported");
     m->text_encoder->eval();
     m->unet->eval();
     m->vae->eval();
-    m->arch = sd_family(clip_cfg, unet_cfg) + " " + unet_cfg.describe();
+    m->arch = sd_family(clip_cfg, unet_cfg) + " " + unet_cfg.describe() + (is_file ? " (single file)" : "");
     log(SW_LOG_INFO, "opened " + root + " (" + m->arch + ", " + std::to_string(m->params) + " params, " +
                          device_id(m->device) + " " + dtype_name(m->dtype) + ")");
     return m.release();

@@ -35,11 +35,18 @@ bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
 
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const std::string &prefix,
                          torch::ScalarType dtype, const torch::Device &device) {
+    return load_weights(m, f, [&](const std::string &name) { return Source{prefix + name}; }, dtype, device);
+}
+
+WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const Resolver &resolve,
+                         torch::ScalarType dtype, const torch::Device &device) {
     torch::NoGradGuard no_grad;
     WeightStats stats;
     auto fill = [&](const std::string &name, torch::Tensor &target, bool is_param) {
-        const std::string key = prefix + name;
-        if (!f.has(key)) fail(SW_ERR_NOT_FOUND, f.path() + ": missing tensor " + key);
+        const Source src = resolve(name);
+        const std::string &key = src.key;
+        if (key.empty() || !f.has(key))
+            fail(SW_ERR_NOT_FOUND, f.path() + ": missing tensor " + (key.empty() ? name : key));
         const TensorEntry &e = f.entry(key);
         const bool want_float = is_float(target.scalar_type());
         if (want_float && !is_float(e.scalar))
@@ -47,10 +54,22 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const s
         if (!want_float && is_float(e.scalar))
             fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has dtype " + e.dtype + ", want an integer type");
         std::vector<int64_t> have = e.shape;
+        if (src.parts > 1) {
+            if (have.empty() || have[0] % src.parts != 0)
+                fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " cannot be split in " + std::to_string(src.parts));
+            have[0] /= src.parts;
+        }
         if (target.sizes().vec() != have && !reshapeable(target.sizes(), have))
             fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has shape " + shape_str(have) + ", the config needs " +
                                     shape_str(target.sizes()));
-        auto t = f.load(key, want_float ? dtype : target.scalar_type(), device).reshape(target.sizes());
+        torch::Tensor t;
+        if (src.parts > 1) {
+            t = f.load(key).chunk(src.parts, 0)[static_cast<size_t>(src.part)].to(device, want_float ? dtype : target.scalar_type(),
+                                                                                 false, true);
+        } else {
+            t = f.load(key, want_float ? dtype : target.scalar_type(), device);
+        }
+        t = t.reshape(target.sizes()).contiguous();
         target.set_data(t);
         if (is_param) stats.params += t.numel();
         stats.bytes += t.numel() * static_cast<int64_t>(t.element_size());

@@ -3,6 +3,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,18 @@ struct WeightStats {
 // differs or a non-float dtype is an error naming the file and the tensor.
 // Linear weights stored as 1x1 convolutions (and the reverse) are reshaped.
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const std::string &prefix,
+                         torch::ScalarType dtype, const torch::Device &device);
+
+// Where a module's tensor lives in a file whose layout differs: the key, and
+// optionally one of `parts` equal chunks along dimension 0 (a fused q/k/v).
+struct Source {
+    std::string key;
+    int part = 0, parts = 1;
+};
+using Resolver = std::function<Source(const std::string &name)>;
+
+// load_weights with a resolver mapping each module name to its source.
+WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const Resolver &resolve,
                          torch::ScalarType dtype, const torch::Device &device);
 
 // randomize fills m deterministically from a CPU generator seeded with seed:

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -243,6 +244,29 @@ int main() {
         });
         delete m;
     }
+    run("single-file checkpoint", [&] {
+        sw_sd_model_params p{};
+        const std::string file = sd("tiny-sd15.safetensors"), tok = sd("tiny-sd15/tokenizer");
+        p.path = file.c_str();
+        p.tokenizer_dir = tok.c_str();
+        p.device = "cpu";
+        p.dtype = SW_DTYPE_F32;
+        std::unique_ptr<sw_sd_model> single(sw::open_sd_model(p));
+        std::unique_ptr<sw_sd_model> folder(open_model(sd("tiny-sd15")));
+        report(single->params == folder->params, "single-file parameter count",
+               std::to_string(single->params) + " vs " + std::to_string(folder->params));
+        sw::GenerateRequest r;
+        r.prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
+        r.negative_prompt = "blurry, low quality, watermark";
+        r.width = r.height = 64;
+        r.steps = 4;
+        r.seed = 1234;
+        r.sampler = sw::SamplerKind::DPMPP2MKarras;
+        auto a = sw::generate(*single, r, nullptr), b = sw::generate(*folder, r, nullptr);
+        close("single-file txt2img equals folder", a.pixels, b.pixels, 1e-6);
+        close("single-file txt2img matches golden", a.pixels,
+              sw::SafeTensorsFile(sd("tiny-sd15/golden/txt2img_dpmpp_2m_karras.safetensors")).load("image"), 1e-3);
+    });
     sw_sd_model *inp = nullptr;
     run("open tiny-inpaint", [&] { inp = open_model(sd("tiny-inpaint")); });
     if (inp) {

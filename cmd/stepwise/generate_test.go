@@ -1,0 +1,79 @@
+package main
+
+import (
+	"image/png"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/stepwise-sd/stepwise/internal/safetensors"
+	"github.com/stepwise-sd/stepwise/internal/testenv"
+)
+
+func TestGenerateWritesImagesAndLatents(t *testing.T) {
+	sdDir, _ := testenv.Tiny(t)
+	dir := t.TempDir()
+	out := filepath.Join(dir, "cat.png")
+	lat := filepath.Join(dir, "cat.safetensors")
+	prev := filepath.Join(dir, "previews")
+	code, stdout, stderr := runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a cat",
+		"--width", "64", "--height", "48", "--steps", "3", "--seed", "5", "--batch-size", "2", "--sampler", "Euler a",
+		"--preview", "latent2rgb", "--preview-dir", prev, "--out", out, "--save-latents", lat)
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "seed 5, euler_a, 3 steps")
+	for _, name := range []string{"cat-0.png", "cat-1.png"} {
+		f, err := os.Open(filepath.Join(dir, name))
+		require.NoError(t, err)
+		img, err := png.Decode(f)
+		f.Close()
+		require.NoError(t, err)
+		assert.Equal(t, 64, img.Bounds().Dx())
+		assert.Equal(t, 48, img.Bounds().Dy())
+	}
+	previews, _ := filepath.Glob(filepath.Join(prev, "step-*.png"))
+	assert.Len(t, previews, 6, "3 steps x 2 images")
+	f, err := safetensors.Read(lat)
+	require.NoError(t, err)
+	assert.Equal(t, []int64{2, 4, 6, 8}, f.Tensors["latents"].Shape)
+	assert.Equal(t, []int64{2, 48, 64, 3}, f.Tensors["image"].Shape)
+	assert.Equal(t, "F32", f.Tensors["image"].DType)
+
+	// img2img from the image just made, and inpaint with a mask.
+	mask := filepath.Join(dir, "mask.png")
+	require.NoError(t, os.WriteFile(mask, whitePNG(t, 64, 48), 0o644))
+	code, _, stderr = runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a dog",
+		"--init", filepath.Join(dir, "cat-0.png"), "--strength", "0.5", "--steps", "4", "--out", filepath.Join(dir, "dog.png"))
+	require.Equal(t, 0, code, stderr)
+	code, _, stderr = runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a dog",
+		"--init", filepath.Join(dir, "cat-0.png"), "--mask", mask, "--steps", "2", "--out", filepath.Join(dir, "dog2.png"))
+	require.Equal(t, 0, code, stderr)
+}
+
+func TestGenerateBadInput(t *testing.T) {
+	sdDir, _ := testenv.Tiny(t)
+	dir := t.TempDir()
+	notImage := filepath.Join(dir, "x.png")
+	require.NoError(t, os.WriteFile(notImage, []byte("hello"), 0o644))
+	base := []string{"generate", "--lib", testenv.LibPath(), "--model", sdDir, "--out", filepath.Join(dir, "o.png")}
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"generate", "--prompt", "x"}, "missing --model"},
+		{append(base, "--prompt", "x", "--sampler", "nope"), `unknown sampler "nope"`},
+		{append(base, "--prompt", "x", "--width", "100", "--height", "64", "--steps", "1"), "multiples of 8"},
+		{append(base, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "0"), "steps must be between"},
+		{append(base, "--prompt", "x", "--dtype", "int8"), `unknown dtype "int8"`},
+		{append(base, "--prompt", "x", "--init", notImage), "not a PNG or JPEG"},
+		{append(base, "--prompt", "x", "--mask", notImage), "--mask needs --init"},
+		{append(base[:4], "/nonexistent/model", "--out", "o.png", "--prompt", "x"), "no such file"},
+	}
+	for _, tt := range tests {
+		code, _, stderr := runCLI(tt.args...)
+		assert.Equal(t, 1, code, "%v", tt.args)
+		assert.Contains(t, stderr, tt.want, "%v", tt.args)
+	}
+}
