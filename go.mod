@@ -5,6 +5,7 @@ go 1.26.8
 require (
 	github.com/disintegration/imaging v1.6.2
 	github.com/ebitengine/purego v0.11.3
+	github.com/nlpodyssey/gopickle v0.2.0
 )
 
 require golang.org/x/image v0.0.0-20191009234506-e7c1f5e7dbb8 // indirect

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,7 +26,8 @@ type Options struct {
 	// Device is "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or
 	// "mps". Empty means $STEPWISE_DEVICE, then auto.
 	Device string
-	// Threads sets libtorch's intra-op threads; 0 keeps its default.
+	// Threads sets libtorch's intra-op threads; 0 means $STEPWISE_THREADS, else
+	// every CPU the process may use (libtorch's OpenMP default can be 1).
 	Threads int
 	// Logger receives the engine's log lines; nil means slog.Default().
 	Logger *slog.Logger
@@ -64,6 +67,10 @@ type functions struct {
 	genResultFree    func(r *cGenerateResult)
 	tokenize         func(m uintptr, text string, ids *int64, capacity int32, count *int32, err *cError) int32
 
+	segDefaultSegParams func(p *cSegmentParams)
+	segment             func(m uintptr, p *cSegmentParams, out **cSegmentResult, err *cError) int32
+	segResultFree       func(r *cSegmentResult)
+
 	sdWriteRandom  func(dir string, seed uint64, err *cError) int32
 	segWriteRandom func(path string, arch *cSegArch, seed uint64, err *cError) int32
 }
@@ -96,6 +103,9 @@ func (f *functions) symbols() []struct {
 		{"sw_sd_generate", &f.generate},
 		{"sw_generate_result_free", &f.genResultFree},
 		{"sw_sd_tokenize", &f.tokenize},
+		{"sw_segment_default_params", &f.segDefaultSegParams},
+		{"sw_seg_segment", &f.segment},
+		{"sw_segment_result_free", &f.segResultFree},
 		{"sw_sd_write_random_weights", &f.sdWriteRandom},
 		{"sw_seg_write_random_weights", &f.segWriteRandom},
 	}
@@ -235,9 +245,15 @@ func (l *Library) init(opts Options) error {
 	logger.Store(lg)
 	l.fn.setLogCallback(logCallback(), 0)
 	stepCallback() // every trampoline exists before the first call needs it
-	if opts.Threads > 0 {
-		l.fn.setNumThreads(int32(opts.Threads))
+	threads := opts.Threads
+	if threads <= 0 {
+		if n, err := strconv.Atoi(os.Getenv("STEPWISE_THREADS")); err == nil && n > 0 {
+			threads = n
+		} else {
+			threads = runtime.NumCPU()
+		}
 	}
+	l.fn.setNumThreads(int32(threads))
 	devices, err := l.Devices()
 	if err != nil {
 		return err

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing stepwise needs and is missing:
 # a C++ compiler, cmake, libtorch (Debian's libtorch-dev unless Torch_DIR or
-# TORCH_DIR names your own), nlohmann-json and ICU. Go must already be installed.
+# TORCH_DIR names your own, with OpenBLAS for its matrix products),
+# nlohmann-json and ICU. Go must already be installed.
 # On Debian/Ubuntu it installs with apt-get; elsewhere it says what to install.
 set -euo pipefail
 
@@ -20,6 +21,11 @@ if [ -z "${Torch_DIR:-}${TORCH_DIR:-}" ]; then
   # Debian's libtorch-dev puts TorchConfig.cmake here.
   if ! ls /usr/lib/*/cmake/Torch/TorchConfig.cmake >/dev/null 2>&1; then
     missing+=(libtorch-dev)
+  fi
+  # Debian's libtorch calls whatever libblas.so.3 points at; without OpenBLAS
+  # that is the single-threaded reference BLAS, several times slower.
+  if ! ls /usr/lib/*/openblas-pthread/libblas.so.3 >/dev/null 2>&1; then
+    missing+=(libopenblas0-pthread)
   fi
 fi
 

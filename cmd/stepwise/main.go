@@ -24,6 +24,7 @@ type command struct {
 }
 
 var commands = map[string]command{
+	"bench":    {"time text encoding, denoising steps and VAE decoding per size and dtype", runBench},
 	"generate": {"txt2img, img2img (--init) or inpaint (--init --mask) with a Stable Diffusion model", runGenerate},
 	"version":  {"print versions of stepwise, the engine ABI, libtorch and the devices", runVersion},
 	"models":   {"list models, or make the tiny demo models (models ls|make-tiny)", runModels},
@@ -86,7 +87,7 @@ type engineFlags struct {
 func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.lib, "lib", "", "path to libstepwise.so (default: $STEPWISE_LIB, next to the binary, ./build, system paths)")
 	fs.StringVar(&f.device, "device", "", "device: auto, cpu, cuda, cuda:N, mps (default: $STEPWISE_DEVICE, then auto)")
-	fs.IntVar(&f.threads, "threads", 0, "CPU threads for the engine (0: libtorch's default)")
+	fs.IntVar(&f.threads, "threads", 0, "CPU threads for the engine (0: $STEPWISE_THREADS, else every CPU)")
 	fs.BoolVar(&f.verbose, "v", false, "verbose logs")
 }
 

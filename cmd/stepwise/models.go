@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/stepwise-sd/stepwise/binding"
@@ -14,7 +15,7 @@ import (
 
 func runModels(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: stepwise models ls [DIR] | make-tiny DIR")
+		fmt.Fprintln(stderr, modelsUsage)
 		return errUsage
 	}
 	switch args[0] {
@@ -22,9 +23,34 @@ func runModels(args []string, stdout, stderr io.Writer) error {
 		return runModelsLs(args[1:], stdout, stderr)
 	case "make-tiny":
 		return runModelsMakeTiny(args[1:], stdout, stderr)
+	case "convert":
+		return runModelsConvert(args[1:], stdout, stderr)
 	}
-	fmt.Fprintf(stderr, "stepwise models: unknown subcommand %q\nusage: stepwise models ls [DIR] | make-tiny DIR\n", args[0])
+	fmt.Fprintf(stderr, "stepwise models: unknown subcommand %q\n%s\n", args[0], modelsUsage)
 	return errUsage
+}
+
+const modelsUsage = "usage: stepwise models ls [DIR] | make-tiny DIR | convert FILE.pth|.ckpt [OUT.safetensors]"
+
+func runModelsConvert(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("models convert", stderr)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() < 1 || fs.NArg() > 2 {
+		fmt.Fprintln(stderr, "usage: stepwise models convert FILE.pth|.ckpt [OUT.safetensors]")
+		return errUsage
+	}
+	src := fs.Arg(0)
+	dst := strings.TrimSuffix(src, filepath.Ext(src)) + ".safetensors"
+	if fs.NArg() == 2 {
+		dst = fs.Arg(1)
+	}
+	if err := models.ConvertPickle(src, dst); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "%s\n", dst)
+	return nil
 }
 
 // defaultModelsDir is $STEPWISE_MODELS, else ~/.local/share/stepwise/models.

@@ -281,6 +281,30 @@ SW_API void sw_seg_model_close(sw_seg_model *m);
 /* [any thread] Fills out for an open model. */
 SW_API sw_status sw_seg_model_info(const sw_seg_model *m, sw_model_info *out, sw_error *err);
 
+typedef struct sw_segment_params {
+    const sw_image *image;           /* RGB8: the network's input (already at its working size) */
+    int32_t out_width;               /* logits are resized (bilinear) to this size before the */
+    int32_t out_height;              /* decision; 0: the input's size */
+    float threshold;                 /* one-class models: sigmoid(logit) > threshold is subject (0.5) */
+    const int32_t *subject_classes;  /* multi-class models: classes that are subject; NULL: every class but 0 */
+    int32_t subject_class_count;
+    int32_t want_logits;             /* non-zero: fill result.logits */
+} sw_segment_params;
+
+typedef struct sw_segment_result {
+    sw_image mask;   /* gray8 at the output size: 255 subject, 0 not */
+    sw_image labels; /* gray8: the class of each pixel (argmax; 0/1 for one-class models) */
+    int32_t classes;
+    float *logits;   /* [1, classes, out_height, out_width] when want_logits, else NULL */
+    double seconds;
+} sw_segment_result;
+
+/* [any thread] Defaults: threshold 0.5, every class but 0 is subject, output at the input size. */
+SW_API void sw_segment_default_params(sw_segment_params *p);
+/* Runs the segmentation U-Net on one image. One call per model at a time. */
+SW_API sw_status sw_seg_segment(sw_seg_model *m, const sw_segment_params *p, sw_segment_result **out, sw_error *err);
+SW_API void sw_segment_result_free(sw_segment_result *r);
+
 /* ---- random-weight models ------------------------------------------------ */
 
 /* [any thread] Writes deterministic random weights for the diffusers folder dir,

@@ -3,7 +3,10 @@
 #include <cstring>
 #include <memory>
 
+#include <chrono>
+
 #include "generate.h"
+#include "segment.h"
 #include "models.h"
 
 #ifndef SW_VERSION_STRING
@@ -336,6 +339,70 @@ SW_API sw_status sw_sd_tokenize(sw_sd_model *m, const char *text, int64_t *ids, 
         *count = static_cast<int32_t>(v.size());
         for (int32_t i = 0; i < capacity && i < *count && ids != nullptr; i++) ids[i] = v[static_cast<size_t>(i)];
     });
+}
+
+}  // extern "C"
+
+// ---- segmentation -----------------------------------------------------------
+
+namespace {
+
+struct SegmentHolder : sw_segment_result {
+    SegmentHolder() : sw_segment_result{} {}
+    torch::Tensor mask_data, label_data, logit_data;
+};
+
+}  // namespace
+
+extern "C" {
+
+SW_API void sw_segment_default_params(sw_segment_params *p) {
+    if (p == nullptr) return;
+    std::memset(p, 0, sizeof *p);
+    p->threshold = 0.5f;
+}
+
+SW_API sw_status sw_seg_segment(sw_seg_model *m, const sw_segment_params *p, sw_segment_result **out, sw_error *err) {
+    if (out != nullptr) *out = nullptr;
+    return guarded(err, [&] {
+        if (m == nullptr || p == nullptr || out == nullptr || p->image == nullptr)
+            sw::fail(SW_ERR_INVALID_ARGUMENT, "model, params, image or out is NULL");
+        sw::CallGuard guard;
+        check_image(p->image, 3, "image");
+        if (p->out_width < 0 || p->out_height < 0 || p->out_width > 16384 || p->out_height > 16384)
+            sw::fail(SW_ERR_INVALID_ARGUMENT, "output size out of range");
+        if (p->subject_class_count < 0 || (p->subject_class_count > 0 && p->subject_classes == nullptr))
+            sw::fail(SW_ERR_INVALID_ARGUMENT, "subject classes: count without a list");
+        sw::SegmentRequest r;
+        r.input = image_tensor(p->image);
+        r.out_width = p->out_width;
+        r.out_height = p->out_height;
+        r.threshold = p->threshold;
+        for (int32_t i = 0; i < p->subject_class_count; i++) r.subject.push_back(p->subject_classes[i]);
+        const auto t0 = std::chrono::steady_clock::now();
+        auto res = sw::segment(*m, r);
+        auto holder = std::make_unique<SegmentHolder>();
+        holder->mask_data = res.mask;
+        holder->label_data = res.labels;
+        const auto h = static_cast<int32_t>(res.mask.size(0)), w = static_cast<int32_t>(res.mask.size(1));
+        holder->mask = {w, h, 1, w, holder->mask_data.data_ptr<uint8_t>()};
+        holder->labels = {w, h, 1, w, holder->label_data.data_ptr<uint8_t>()};
+        holder->classes = static_cast<int32_t>(m->net->arch.classes);
+        if (p->want_logits) {
+            holder->logit_data = res.logits;
+            holder->logits = holder->logit_data.data_ptr<float>();
+        }
+        holder->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        *out = holder.release();
+    });
+}
+
+SW_API void sw_segment_result_free(sw_segment_result *r) {
+    if (r == nullptr) return;
+    try {
+        delete static_cast<SegmentHolder *>(r);
+    } catch (...) {
+    }
 }
 
 }  // extern "C"

@@ -42,6 +42,7 @@ bool path_exists(const std::string &path);
 // Per-call libtorch state: it is per thread, and the Go caller may arrive on any
 // OS thread, so every exported entry point that runs tensors makes one of these.
 struct CallGuard {
+    CallGuard() { at::init_num_threads(); }  // OpenMP's thread count is per OS thread
     c10::InferenceMode inference{true};
 };
 

@@ -41,6 +41,7 @@ std::string sd_family(const ClipTextConfig &clip, const UNetConfig &unet) {
 }  // namespace
 
 sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
+    CallGuard guard;
     if (p.path == nullptr || *p.path == '\0') fail(SW_ERR_INVALID_ARGUMENT, "model path is empty");
     const std::string root = p.path;
     if (!path_exists(root)) fail(SW_ERR_NOT_FOUND, root + ": no such file or folder");

@@ -7,11 +7,17 @@
 namespace sw {
 
 sw_seg_model *open_seg_model(const sw_seg_model_params &p) {
+    CallGuard guard;
     if (p.path == nullptr || *p.path == '\0') fail(SW_ERR_INVALID_ARGUMENT, "model path is empty");
     auto m = std::make_unique<sw_seg_model>();
     m->path = p.path;
     m->device = parse_device(p.device ? p.device : "cpu");
     m->dtype = resolve_dtype(p.dtype == SW_DTYPE_AUTO ? SW_DTYPE_F32 : p.dtype, m->device);
+    const auto dot = m->path.find_last_of('.');
+    const std::string ext = dot == std::string::npos ? "" : m->path.substr(dot);
+    if (ext == ".pth" || ext == ".pt" || ext == ".ckpt")
+        fail(SW_ERR_UNSUPPORTED, m->path + ": pickle checkpoints are not read by the engine; convert it to .safetensors "
+                                           "(stepwise models convert)");
     SafeTensorsFile f(m->path);
     const SegArch arch = SegArch::from_file(f);
     m->net = SegUNet(arch);

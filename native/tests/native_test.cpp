@@ -16,6 +16,7 @@
 #include "models.h"
 #include "safetensors.h"
 #include "sampler.h"
+#include "segment.h"
 #include "tokenizer.h"
 
 namespace {
@@ -192,6 +193,37 @@ void test_pipeline(sw_sd_model *m, const std::string &file, const std::string &l
     close(label + " image", out.pixels, g.load("image"), 1e-3);
 }
 
+void test_segmentation() {
+    auto cases_of = [](const std::string &dir) {
+        return nlohmann::json::parse(sw::read_text_file(dir + "/cases.json"))["cases"].size();
+    };
+    for (const std::string name : {"seg-unet-w8", "seg-unet-w8-bilinear"}) {
+        const std::string dir = fixtures + "/seg/" + name;
+        sw_seg_model_params p{};
+        const std::string path = dir + "/model.safetensors";
+        p.path = path.c_str();
+        p.device = "cpu";
+        p.dtype = SW_DTYPE_F32;
+        std::unique_ptr<sw_seg_model> m(sw::open_seg_model(p));
+        sw::SafeTensorsFile g(dir + "/golden.safetensors");
+        for (size_t i = 0; i < cases_of(dir); i++) {
+            const std::string c = "case" + std::to_string(i) + ".";
+            auto input = g.load(c + "input");
+            close(name + " " + c + "logits", m->net->forward(input), g.load(c + "logits"), 1e-4);
+            auto full = g.load(c + "logits_full");
+            sw::SegmentRequest r;
+            r.input = input;
+            r.out_height = full.size(2);
+            r.out_width = full.size(3);
+            auto out = sw::segment(*m, r);
+            close(name + " " + c + "logits_full", out.logits, full, 1e-4);
+            auto want = g.load(c + "mask")[0].to(torch::kUInt8);
+            const double agree = (out.labels == want).to(torch::kFloat64).mean().item<double>();
+            report(agree >= 0.999, name + " " + c + "mask", std::to_string(agree * 100) + "% of pixels agree");
+        }
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -286,6 +318,7 @@ int main() {
         });
         delete inp;
     }
+    run("segmentation", test_segmentation);
     std::printf("native: %d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
