@@ -36,8 +36,7 @@ vet:
 
 # Native parity tests first (components, samplers, pipelines against
 # ../shared/fixtures), then the whole Go suite with CGO_ENABLED=0 (how stepwise
-# ships); the binding's
-# own tests run again with cgo and the race detector.
+# ships); the binding's own tests run again with cgo and the race detector.
 test: build vet
 	$(BUILD)/stepwise_native_test
 	CGO_ENABLED=0 $(GO) test -count=1 ./...
@@ -48,7 +47,7 @@ run: build
 	$(BIN) version
 
 bench: build
-	$(BIN) version
+	$(BIN) bench --sizes 256,512 --dtypes f32,bf16
 
 clean:
 	rm -rf $(BUILD)

@@ -87,6 +87,17 @@ func Resize(img image.Image, w, h int) *image.NRGBA {
 	return imaging.Resize(img, w, h, imaging.Lanczos)
 }
 
+// ResizeBicubic scales img to exactly w x h with a Catmull-Rom (bicubic)
+// filter, close to PIL's BICUBIC that segmentation models are trained with.
+func ResizeBicubic(img image.Image, w, h int) *image.NRGBA {
+	if img.Bounds().Dx() == w && img.Bounds().Dy() == h {
+		return toNRGBA(img)
+	}
+	return imaging.Resize(img, w, h, imaging.CatmullRom)
+}
+
+// toNRGBA returns img as an NRGBA starting at (0, 0); a new image unless img
+// already is one.
 func toNRGBA(img image.Image) *image.NRGBA {
 	if n, ok := img.(*image.NRGBA); ok && n.Rect.Min == (image.Point{}) {
 		return n

@@ -30,7 +30,7 @@ if [ -z "${Torch_DIR:-}${TORCH_DIR:-}" ]; then
 fi
 
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
-  say "Go is not installed. Install Go 1.24 or newer from your distribution or https://go.dev/dl, then rerun."
+  say "Go is not installed. Install Go 1.26 or newer from your distribution or https://go.dev/dl, then rerun."
   exit 1
 fi
 

@@ -49,9 +49,9 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
 	var missing []string
-	for name, v := range map[string]string{"--model": *model, "--prompt": *prompt, "--out": *out} {
-		if v == "" {
-			missing = append(missing, name)
+	for _, f := range []struct{ name, value string }{{"--model", *model}, {"--prompt", *prompt}, {"--out", *out}} {
+		if f.value == "" {
+			missing = append(missing, f.name)
 		}
 	}
 	if len(missing) > 0 {

@@ -24,6 +24,8 @@ type command struct {
 }
 
 var commands = map[string]command{
+	"edit":     {"keep the subject of a photo and repaint the rest from a prompt; writes a run folder", runEdit},
+	"segment":  {"find the subject of an image with a segmentation U-Net; writes its mask", runSegment},
 	"bench":    {"time text encoding, denoising steps and VAE decoding per size and dtype", runBench},
 	"generate": {"txt2img, img2img (--init) or inpaint (--init --mask) with a Stable Diffusion model", runGenerate},
 	"version":  {"print versions of stepwise, the engine ABI, libtorch and the devices", runVersion},
@@ -82,6 +84,7 @@ type engineFlags struct {
 	device  string
 	threads int
 	verbose bool
+	log     *slog.Logger // set by load
 }
 
 func (f *engineFlags) register(fs *flag.FlagSet) {
@@ -97,6 +100,7 @@ func (f *engineFlags) load(stderr io.Writer) (*binding.Library, error) {
 		level = slog.LevelDebug
 	}
 	lg := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	f.log = lg
 	return binding.Load(binding.Options{Path: f.lib, Device: f.device, Threads: f.threads, Logger: lg})
 }
 

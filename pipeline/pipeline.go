@@ -1,0 +1,360 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"image"
+	"math"
+	"time"
+
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/models"
+)
+
+// Engine runs the pipelines: it acquires models from the cache, writes run
+// directories, and is the only place that knows the order of the steps.
+type Engine struct {
+	Cache *binding.Cache
+	Runs  *Runs
+	// ConvertDir holds safetensors conversions of pickle checkpoints.
+	ConvertDir string
+	// MaxPixels bounds decoded inputs (0: DefaultMaxPixels).
+	MaxPixels int
+	// Version is recorded in params.json.
+	Version string
+}
+
+// ModelRef names a model and how to load it.
+type ModelRef struct {
+	Path   string
+	Device string        // empty: the library's device
+	DType  binding.DType // auto: the device's default
+}
+
+func (e *Engine) acquire(ctx context.Context, kind binding.Kind, m ModelRef) (*binding.Ref, error) {
+	path, err := models.Resolve(m.Path, e.ConvertDir)
+	if err != nil {
+		return nil, err
+	}
+	key, err := e.Cache.KeyFor(kind, path, m.Device, m.DType)
+	if err != nil {
+		return nil, err
+	}
+	return e.Cache.Acquire(ctx, key)
+}
+
+// SegmentOptions say how to find the subject.
+type SegmentOptions struct {
+	Model ModelRef
+	// Scale resizes the image for the network (the segmentation project's
+	// --scale; 0: 0.5). The mask comes back at the image's full size.
+	Scale float64
+	// Classes are the subject's classes; empty: every class but 0.
+	Classes []int
+	// Threshold decides one-class models (0: 0.5).
+	Threshold float32
+}
+
+// MinSegmentSide is the smallest side the segmentation U-Net accepts after
+// scaling (four 2x poolings).
+const MinSegmentSide = 16
+
+// SegmentResult is a subject mask at the image's size.
+type SegmentResult struct {
+	Mask    *Mask // 255 subject
+	Logits  binding.Tensor
+	Classes int
+	Elapsed time.Duration
+	Model   binding.ModelInfo
+}
+
+// Segment finds the subject of img.
+func (e *Engine) Segment(ctx context.Context, img image.Image, o SegmentOptions, logits bool) (*SegmentResult, error) {
+	ref, err := e.acquire(ctx, binding.KindSeg, o.Model)
+	if err != nil {
+		return nil, err
+	}
+	defer ref.Release()
+	return segmentWith(ref.Seg(), img, o, logits)
+}
+
+func segmentWith(m *binding.SegModel, img image.Image, o SegmentOptions, logits bool) (*SegmentResult, error) {
+	scale := o.Scale
+	if scale <= 0 {
+		scale = 0.5
+	}
+	if scale > 4 {
+		return nil, fmt.Errorf("segmentation scale %g is out of range (0, 4]", scale)
+	}
+	b := img.Bounds()
+	w, h := int(scale*float64(b.Dx())), int(scale*float64(b.Dy()))
+	if w < MinSegmentSide || h < MinSegmentSide {
+		return nil, fmt.Errorf("%w: %dx%d at scale %g is %dx%d; the segmentation model needs at least %dx%d",
+			ErrBadImage, b.Dx(), b.Dy(), scale, w, h, MinSegmentSide, MinSegmentSide)
+	}
+	res, err := m.Segment(binding.SegmentRequest{
+		Image: RGB(ResizeBicubic(img, w, h)), OutWidth: b.Dx(), OutHeight: b.Dy(),
+		Threshold: o.Threshold, Subject: o.Classes, Logits: logits,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &SegmentResult{
+		Mask:   &Mask{Width: res.Mask.Width, Height: res.Mask.Height, Pix: res.Mask.Pix},
+		Logits: res.Logits, Classes: res.Classes, Elapsed: res.Elapsed, Model: m.Info(),
+	}, nil
+}
+
+// WorkingSize scales w x h so the long side is long (kept aspect), each side
+// rounded to a multiple of 8 and at least 8.
+func WorkingSize(w, h, long int) (int, int) {
+	s := float64(long) / math.Max(float64(w), float64(h))
+	round8 := func(v float64) int {
+		n := int(math.Round(v/8)) * 8
+		if n < 8 {
+			n = 8
+		}
+		return n
+	}
+	return round8(float64(w) * s), round8(float64(h) * s)
+}
+
+// EditOptions describe one edit.
+type EditOptions struct {
+	SD      ModelRef
+	Segment SegmentOptions
+	Prompt  string
+	// NegativePrompt, Steps (0: 20), CFGScale (0: 7.5), Seed, Sampler as for
+	// generation.
+	NegativePrompt string
+	Steps          int
+	CFGScale       float32
+	Seed           uint64
+	Sampler        binding.Sampler
+	// WorkingSize is the long side the inpainting runs at (0: 512).
+	WorkingSize int
+	// RepaintSubject repaints the subject instead of the background.
+	RepaintSubject bool
+	// Grow dilates (> 0) or erodes (< 0) the repaint region, in pixels.
+	Grow int
+	// MaskBlur feathers the repaint region's edge, in pixels (sigma), inward only.
+	MaskBlur     float64
+	Preview      binding.Preview
+	PreviewEvery int
+	OnStep       func(binding.Step)
+	// OnRun, when set, learns the run's ID as soon as it exists.
+	OnRun func(id string)
+}
+
+// EditResult is a finished edit.
+type EditResult struct {
+	RunID      string
+	Dir        string
+	Input      image.Image
+	Mask       *Mask // the subject in the input
+	Edited     image.Image
+	EditedMask *Mask   // the subject in the edited image
+	IoU        float64 // of Mask and EditedMask: how well the subject survived
+	Params     EditParams
+}
+
+// EditParams is params.json of an edit run: enough to reproduce it.
+type EditParams struct {
+	Kind           string             `json:"kind"`
+	Stepwise       string             `json:"stepwise"`
+	Prompt         string             `json:"prompt"`
+	NegativePrompt string             `json:"negative_prompt"`
+	Seed           uint64             `json:"seed"`
+	Sampler        string             `json:"sampler"`
+	Steps          int                `json:"steps"`
+	CFGScale       float32            `json:"cfg_scale"`
+	Repaint        string             `json:"repaint"`
+	Grow           int                `json:"grow"`
+	MaskBlur       float64            `json:"mask_blur"`
+	InputSize      [2]int             `json:"input_size"`
+	WorkingSize    [2]int             `json:"working_size"`
+	SegScale       float64            `json:"segment_scale"`
+	SegClasses     []int              `json:"segment_classes,omitempty"`
+	SDModel        ModelIdentity      `json:"sd_model"`
+	SegModel       ModelIdentity      `json:"seg_model"`
+	SubjectCover   float64            `json:"subject_fraction"`
+	IoU            float64            `json:"subject_iou"`
+	Timings        map[string]float64 `json:"seconds"`
+	Created        string             `json:"created"`
+}
+
+// ModelIdentity records which model ran.
+type ModelIdentity struct {
+	Path   string `json:"path"`
+	Arch   string `json:"arch"`
+	Params int64  `json:"params"`
+	Device string `json:"device"`
+	DType  string `json:"dtype"`
+}
+
+func identity(path string, info binding.ModelInfo) ModelIdentity {
+	return ModelIdentity{Path: path, Arch: info.Arch, Params: info.Params, Device: info.Device, DType: info.DType.String()}
+}
+
+// ErrNoSubject is returned when the segmentation finds nothing to keep (or,
+// when repainting the subject, nothing to repaint).
+var ErrNoSubject = errors.New("the segmentation found no subject")
+
+// Edit keeps the subject of input and repaints the rest from the prompt:
+// segment → mask → invert → inpaint at working size → paste the untouched
+// pixels back at full resolution → segment the result → IoU. It writes a run
+// directory (input.png, mask.png, edited.png, edited_mask.png, params.json)
+// that appears whole or not at all.
+func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditResult, error) {
+	t0 := time.Now()
+	img, err := DecodeImage(input, e.MaxPixels)
+	if err != nil {
+		return nil, err
+	}
+	if o.Prompt == "" {
+		return nil, errors.New("edit: the prompt is empty")
+	}
+	src := toNRGBA(img)
+	opaque(src)
+	b := src.Rect
+	seg, err := e.acquire(ctx, binding.KindSeg, o.Segment.Model)
+	if err != nil {
+		return nil, err
+	}
+	defer seg.Release()
+	sd, err := e.acquire(ctx, binding.KindSD, o.SD)
+	if err != nil {
+		return nil, err
+	}
+	defer sd.Release()
+
+	timings := map[string]float64{}
+	subject, err := segmentWith(seg.Seg(), src, o.Segment, false)
+	if err != nil {
+		return nil, err
+	}
+	timings["segment"] = subject.Elapsed.Seconds()
+	repaint := subject.Mask.Clone()
+	if !o.RepaintSubject {
+		repaint.Invert()
+	}
+	repaint.Grow(o.Grow)
+	if cover := repaint.Covers(); cover == 0 || cover == 1 {
+		what := "nothing to repaint"
+		if cover == 1 {
+			what = "everything to repaint"
+		}
+		return nil, fmt.Errorf("%w: %s (subject covers %.1f%% of the image)", ErrNoSubject, what, 100*subject.Mask.Covers())
+	}
+
+	long := o.WorkingSize
+	if long <= 0 {
+		long = 512
+	}
+	ww, wh := WorkingSize(b.Dx(), b.Dy(), long)
+	steps, cfg := o.Steps, o.CFGScale
+	if steps == 0 {
+		steps = 20
+	}
+	if cfg == 0 {
+		cfg = 7.5
+	}
+	run, err := e.Runs.Begin()
+	if err != nil {
+		return nil, err
+	}
+	defer run.Abort() // no-op once committed
+	if o.OnRun != nil {
+		o.OnRun(run.ID)
+	}
+	workMask := repaint.Resize(ww, wh)
+	workMask.Threshold(128)
+	t := time.Now()
+	gen, err := sd.SD().Generate(ctx, binding.GenerateRequest{
+		Prompt: o.Prompt, NegativePrompt: o.NegativePrompt, Width: ww, Height: wh, Steps: steps, BatchSize: 1,
+		CFGScale: cfg, Sampler: o.Sampler, Seed: o.Seed, Strength: 1,
+		Init: RGB(Resize(src, ww, wh)), Mask: &binding.Image{Width: ww, Height: wh, Channels: 1, Pix: workMask.Pix},
+		Preview: o.Preview, PreviewEvery: o.PreviewEvery, OnStep: o.OnStep,
+	})
+	if err != nil {
+		return nil, err
+	}
+	timings["inpaint"] = time.Since(t).Seconds()
+
+	// Paste back: only the repaint region changes; its edge is feathered inward.
+	alpha := repaint.Clone()
+	alpha.Feather(o.MaskBlur)
+	for i, v := range repaint.Pix {
+		alpha.Pix[i] = min(alpha.Pix[i], v)
+	}
+	generated := Resize(ToImage(gen.Images[0]), b.Dx(), b.Dy())
+	edited := composite(src, generated, alpha)
+
+	after, err := segmentWith(seg.Seg(), edited, o.Segment, false)
+	if err != nil {
+		return nil, err
+	}
+	timings["resegment"] = after.Elapsed.Seconds()
+	iou, err := IoU(subject.Mask, after.Mask)
+	if err != nil {
+		return nil, err
+	}
+	params := EditParams{
+		Kind: "edit", Stepwise: e.Version, Prompt: o.Prompt, NegativePrompt: o.NegativePrompt, Seed: o.Seed,
+		Sampler: o.Sampler.String(), Steps: steps, CFGScale: cfg, Repaint: "background", Grow: o.Grow,
+		MaskBlur: o.MaskBlur, InputSize: [2]int{b.Dx(), b.Dy()}, WorkingSize: [2]int{ww, wh},
+		SegScale: o.Segment.Scale, SegClasses: o.Segment.Classes,
+		SDModel: identity(o.SD.Path, sd.Info()), SegModel: identity(o.Segment.Model.Path, seg.Info()),
+		SubjectCover: subject.Mask.Covers(), IoU: iou, Timings: timings,
+		Created: time.Now().UTC().Format(time.RFC3339),
+	}
+	if o.RepaintSubject {
+		params.Repaint = "subject"
+	}
+	if params.SegScale == 0 {
+		params.SegScale = 0.5
+	}
+	timings["total"] = time.Since(t0).Seconds()
+	for _, f := range []struct {
+		name string
+		img  image.Image
+	}{{"input.png", src}, {"mask.png", subject.Mask.Image()}, {"edited.png", edited}, {"edited_mask.png", after.Mask.Image()}} {
+		if err := run.WritePNG(f.name, f.img); err != nil {
+			return nil, err
+		}
+	}
+	if err := run.WriteJSON("params.json", params); err != nil {
+		return nil, err
+	}
+	dir, err := run.Commit()
+	if err != nil {
+		return nil, err
+	}
+	return &EditResult{RunID: run.ID, Dir: dir, Input: src, Mask: subject.Mask, Edited: edited,
+		EditedMask: after.Mask, IoU: iou, Params: params}, nil
+}
+
+// opaque drops any alpha: the engine works on RGB.
+func opaque(img *image.NRGBA) {
+	for i := 3; i < len(img.Pix); i += 4 {
+		img.Pix[i] = 255
+	}
+}
+
+// composite is base where alpha is 0, over where alpha is 255, blended between.
+func composite(base, over *image.NRGBA, alpha *Mask) *image.NRGBA {
+	out := image.NewNRGBA(base.Rect)
+	copy(out.Pix, base.Pix)
+	for i, a := range alpha.Pix {
+		if a == 0 {
+			continue
+		}
+		for c := 0; c < 3; c++ {
+			p := 4*i + c
+			v := (int(base.Pix[p])*(255-int(a)) + int(over.Pix[p])*int(a) + 127) / 255
+			out.Pix[p] = byte(v)
+		}
+	}
+	return out
+}
