@@ -5,6 +5,7 @@ go 1.26.8
 require (
 	github.com/disintegration/imaging v1.6.2
 	github.com/ebitengine/purego v0.11.3
+	github.com/gorilla/websocket v1.5.3
 	github.com/nlpodyssey/gopickle v0.2.0
 )
 

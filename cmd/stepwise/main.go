@@ -25,6 +25,7 @@ type command struct {
 
 var commands = map[string]command{
 	"edit":     {"keep the subject of a photo and repaint the rest from a prompt; writes a run folder", runEdit},
+	"serve":    {"serve the HTTP + websocket API and the page (127.0.0.1:7860)", runServe},
 	"segment":  {"find the subject of an image with a segmentation U-Net; writes its mask", runSegment},
 	"bench":    {"time text encoding, denoising steps and VAE decoding per size and dtype", runBench},
 	"generate": {"txt2img, img2img (--init) or inpaint (--init --mask) with a Stable Diffusion model", runGenerate},

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/pipeline"
+	"github.com/stepwise-sd/stepwise/server"
+)
+
+func runServe(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("serve", stderr)
+	var ef engineFlags
+	ef.register(fs)
+	addr := fs.String("addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
+	data := fs.String("data", defaultDataDir(), "data folder: runs/, cache/ and the demo models")
+	model := fs.String("model", "", "Stable Diffusion model (default: the tiny demo model)")
+	segModel := fs.String("seg-model", "", "segmentation U-Net (default: the tiny demo model)")
+	dtypeName := fs.String("dtype", "auto", "weights dtype: auto, f32, f16, bf16")
+	token := fs.String("token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
+	origins := fs.String("allow-origin", "", "comma-separated origins whose pages may use the API (the server's own always may)")
+	concurrency := fs.Int("concurrency", 1, "jobs running at once on the device")
+	maxQueue := fs.Int("max-queue", 64, "jobs waiting at most")
+	maxSteps := fs.Int("max-steps", 150, "steps a job may ask for")
+	maxSide := fs.Int("max-size", 2048, "width or height a job may ask for")
+	retention := fs.Duration("retention", pipeline.DefaultRetention, "how long run folders are kept")
+	cancelOnShutdown := fs.Bool("cancel-on-shutdown", false, "cancel running jobs on shutdown instead of letting them finish")
+	grace := fs.Duration("shutdown-grace", 2*time.Minute, "how long shutdown waits for running jobs")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	dtype, err := binding.ParseDType(*dtypeName)
+	if err != nil {
+		return err
+	}
+	lib, err := ef.load(stderr)
+	if err != nil {
+		return err
+	}
+	lg := ef.log
+	if *model == "" || *segModel == "" {
+		sd, seg, err := demoModels(lib, *data, stderr)
+		if err != nil {
+			return err
+		}
+		if *model == "" {
+			*model = sd
+			lg.Warn("no --model given: serving the tiny random-weight demo model (its images are noise)", "model", sd)
+		}
+		if *segModel == "" {
+			*segModel = seg
+		}
+	}
+	runs, err := pipeline.OpenRuns(filepath.Join(*data, "runs"), pipeline.RunsOptions{Retention: *retention, Logger: lg})
+	if err != nil {
+		return err
+	}
+	engine := &pipeline.Engine{Cache: binding.NewCache(lib, binding.CacheOptions{Logger: lg}), Runs: runs,
+		ConvertDir: filepath.Join(*data, "cache"), Version: version}
+	defer engine.Cache.Close()
+	var allowed []string
+	for _, o := range strings.Split(*origins, ",") {
+		if o = strings.TrimSpace(o); o != "" {
+			allowed = append(allowed, o)
+		}
+	}
+	srv := server.New(server.Config{
+		Model: *model, SegModel: *segModel, DType: dtype, Token: *token, AllowedOrigins: allowed,
+		Concurrency: *concurrency, MaxQueue: *maxQueue, MaxSteps: *maxSteps, MaxSide: *maxSide,
+		CancelOnShutdown: *cancelOnShutdown, Logger: lg,
+	}, engine)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	runs.StartJanitor(ctx, time.Hour)
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		return err
+	}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
+	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (device %s, model %s)\n", version, ln.Addr(), lib.Device().ID, *model)
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	fmt.Fprintln(stdout, "shutting down: no new jobs; waiting for running ones")
+	sctx, cancel := context.WithTimeout(context.Background(), *grace)
+	defer cancel()
+	jobErr := srv.Shutdown(sctx)
+	hctx, hcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer hcancel()
+	if err := hs.Shutdown(hctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	return jobErr
+}

@@ -1,0 +1,244 @@
+package server
+
+import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/pipeline"
+)
+
+// The AUTOMATIC1111 web UI API subset existing clients use, with its field
+// names and response shapes.
+func (s *Server) a1111Routes(mux *http.ServeMux) {
+	mux.HandleFunc("POST /sdapi/v1/txt2img", s.a1111Generate("txt2img"))
+	mux.HandleFunc("POST /sdapi/v1/img2img", s.a1111Generate("img2img"))
+	mux.HandleFunc("GET /sdapi/v1/progress", s.a1111Progress)
+	mux.HandleFunc("POST /sdapi/v1/interrupt", s.a1111Interrupt)
+	mux.HandleFunc("GET /sdapi/v1/sd-models", s.a1111Models)
+	mux.HandleFunc("GET /sdapi/v1/samplers", s.a1111Samplers)
+}
+
+// a1111Request is the part of StableDiffusionProcessingTxt2Img/Img2Img stepwise honours.
+type a1111Request struct {
+	Prompt            string   `json:"prompt"`
+	NegativePrompt    string   `json:"negative_prompt"`
+	Width             int      `json:"width"`
+	Height            int      `json:"height"`
+	Steps             int      `json:"steps"`
+	CFGScale          float32  `json:"cfg_scale"`
+	Seed              *int64   `json:"seed"`
+	SamplerName       string   `json:"sampler_name"`
+	SamplerIndex      string   `json:"sampler_index"`
+	BatchSize         int      `json:"batch_size"`
+	DenoisingStrength *float32 `json:"denoising_strength"`
+	MaskBlur          *float64 `json:"mask_blur"`
+	InitImages        []string `json:"init_images"`
+	Mask              string   `json:"mask"`
+	InpaintingInvert  int      `json:"inpainting_mask_invert"`
+}
+
+func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		kind := endpoint
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			writeError(w, statusOf(err), err.Error())
+			return
+		}
+		var req a1111Request
+		if err := json.Unmarshal(body, &req); err != nil {
+			writeA1111Error(w, http.StatusUnprocessableEntity, "invalid JSON: "+err.Error())
+			return
+		}
+		p := DefaultParams()
+		p.Prompt, p.NegativePrompt, p.Width, p.Height = req.Prompt, req.NegativePrompt, req.Width, req.Height
+		p.Steps, p.CFGScale, p.SamplerName, p.BatchSize = req.Steps, req.CFGScale, req.SamplerName, req.BatchSize
+		if p.BatchSize == 0 {
+			p.BatchSize = 1
+		}
+		// A1111's defaults where the request leaves a field out.
+		if p.Width == 0 && kind == "txt2img" {
+			p.Width = 512
+		}
+		if p.Height == 0 && kind == "txt2img" {
+			p.Height = 512
+		}
+		if p.Steps == 0 {
+			p.Steps = 50
+		}
+		if p.CFGScale == 0 {
+			p.CFGScale = 7
+		}
+		if p.SamplerName == "" {
+			p.SamplerName = req.SamplerIndex
+		}
+		if p.SamplerName == "" {
+			p.SamplerName = "Euler a"
+		}
+		if req.Seed != nil {
+			p.Seed = *req.Seed
+		}
+		if kind == "img2img" {
+			if len(req.InitImages) == 0 {
+				writeA1111Error(w, http.StatusUnprocessableEntity, "init_images is empty")
+				return
+			}
+			p.Image = req.InitImages[0]
+			p.DenoisingStrength = 0.75
+			if req.DenoisingStrength != nil {
+				p.DenoisingStrength = *req.DenoisingStrength
+			}
+			p.MaskBlur = 4
+			if req.MaskBlur != nil {
+				p.MaskBlur = *req.MaskBlur
+			}
+			if req.Mask != "" {
+				kind = "inpaint"
+				p.Mask = req.Mask
+				if req.InpaintingInvert != 0 {
+					inv, err := invertMaskB64(p.Mask)
+					if err != nil {
+						writeA1111Error(w, http.StatusUnprocessableEntity, err.Error())
+						return
+					}
+					p.Mask = inv
+				}
+			}
+		}
+		j, err := s.Submit(kind, p, "sdapi")
+		if err != nil {
+			writeA1111Error(w, statusOf(err), err.Error())
+			return
+		}
+		if !s.wait(r.Context(), j) {
+			return
+		}
+		v := j.View()
+		if v.State != StateCompleted {
+			writeA1111Error(w, http.StatusInternalServerError, v.State+": "+v.Error)
+			return
+		}
+		j.mu.Lock()
+		imgs := j.images
+		j.mu.Unlock()
+		out := make([]string, 0, len(imgs))
+		for _, img := range imgs {
+			out = append(out, pngBase64(img))
+		}
+		seed := v.Parameters.Seed
+		if sd, ok := v.Result["seed"].(uint64); ok {
+			seed = int64(sd)
+		}
+		params := map[string]any{}
+		json.Unmarshal(body, &params)
+		params["seed"] = seed
+		info, _ := json.Marshal(map[string]any{
+			"prompt": p.Prompt, "negative_prompt": p.NegativePrompt, "seed": seed, "all_seeds": []int64{seed},
+			"width": v.Result["width"], "height": v.Result["height"], "sampler_name": p.SamplerName, "steps": p.Steps,
+			"cfg_scale": p.CFGScale, "batch_size": p.BatchSize, "denoising_strength": p.DenoisingStrength,
+			"sd_model_name": filepath.Base(s.cfg.Model), "job_id": j.ID, "run_id": v.RunID,
+		})
+		writeJSON(w, http.StatusOK, map[string]any{"images": out, "parameters": params, "info": string(info)})
+	}
+}
+
+func writeA1111Error(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, map[string]any{"error": http.StatusText(status), "detail": msg, "body": "", "errors": msg})
+}
+
+// a1111Progress reports the running A1111-API job (or any running job), as
+// A1111's polling clients expect.
+func (s *Server) a1111Progress(w http.ResponseWriter, r *http.Request) {
+	skipImage := r.URL.Query().Get("skip_current_image") == "true"
+	var cur *Job
+	pending := 0
+	for _, j := range s.Jobs() {
+		switch j.State() {
+		case StateRunning:
+			if cur == nil || j.Source == "sdapi" {
+				cur = j
+			}
+		case StateQueued:
+			pending++
+		}
+	}
+	state := map[string]any{
+		"skipped": false, "interrupted": false, "job": "", "job_count": pending, "job_timestamp": "0",
+		"job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+	}
+	resp := map[string]any{"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": nil, "textinfo": nil}
+	if cur != nil {
+		v := cur.View()
+		state["job"] = cur.ID
+		state["job_count"] = pending + 1
+		state["job_timestamp"] = v.Created.Format("20060102150405")
+		state["sampling_step"] = v.Step
+		state["sampling_steps"] = v.Steps
+		resp["progress"] = v.Progress
+		if v.ETA != nil {
+			resp["eta_relative"] = *v.ETA
+		}
+		resp["textinfo"] = fmt.Sprintf("step %d/%d", v.Step, v.Steps)
+		if !skipImage {
+			cur.mu.Lock()
+			jpeg := cur.preview
+			cur.mu.Unlock()
+			if jpeg != nil {
+				resp["current_image"] = base64.StdEncoding.EncodeToString(jpeg)
+			}
+		}
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// a1111Interrupt cancels the running jobs submitted through the A1111 API.
+func (s *Server) a1111Interrupt(w http.ResponseWriter, r *http.Request) {
+	for _, j := range s.Jobs() {
+		if j.Source == "sdapi" && j.State() == StateRunning {
+			s.Cancel(j)
+		}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{})
+}
+
+func (s *Server) a1111Models(w http.ResponseWriter, r *http.Request) {
+	name := strings.TrimSuffix(filepath.Base(s.cfg.Model), filepath.Ext(s.cfg.Model))
+	sum := sha256.Sum256([]byte(s.cfg.Model))
+	h := hex.EncodeToString(sum[:])
+	writeJSON(w, http.StatusOK, []map[string]any{{
+		"title": name + " [" + h[:10] + "]", "model_name": name, "hash": h[:8], "sha256": h,
+		"filename": s.cfg.Model, "config": nil,
+	}})
+}
+
+func (s *Server) a1111Samplers(w http.ResponseWriter, r *http.Request) {
+	out := make([]map[string]any, 0, len(binding.Samplers))
+	for _, si := range binding.Samplers {
+		aliases := append([]string{si.Name}, si.Aliases...)
+		out = append(out, map[string]any{"name": si.Display, "aliases": aliases, "options": map[string]string{}})
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// invertMaskB64 swaps a mask's inside and outside (inpainting_mask_invert).
+func invertMaskB64(b64 string) (string, error) {
+	data, err := decodeB64("mask", b64)
+	if err != nil {
+		return "", err
+	}
+	decoded, err := pipeline.DecodeImage(data, 0)
+	if err != nil {
+		return "", err
+	}
+	img := pipeline.MaskFromImage(decoded, 0)
+	img.Invert()
+	return pngBase64(img.Image()), nil
+}

@@ -1,0 +1,448 @@
+package server
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"image"
+	"io"
+	"mime"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/models"
+	"github.com/stepwise-sd/stepwise/pipeline"
+)
+
+// Handler returns the server's HTTP handler.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", s.handlePage)
+	mux.HandleFunc("GET /healthz", s.handleHealth)
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		s.writeMetrics(w)
+	})
+	mux.HandleFunc("POST /v1/jobs", s.handleSubmit)
+	mux.HandleFunc("GET /v1/jobs", s.handleList)
+	mux.HandleFunc("GET /v1/jobs/{id}", s.handleGet)
+	mux.HandleFunc("POST /v1/jobs/{id}/cancel", s.handleCancel)
+	mux.HandleFunc("GET /v1/jobs/{id}/events", s.handleEvents)
+	mux.HandleFunc("GET /v1/events", s.handleEvents)
+	mux.HandleFunc("GET /v1/runs/{run}/{file}", s.handleRunFile)
+	mux.HandleFunc("POST /v1/segment", s.handleSync("segment"))
+	mux.HandleFunc("POST /v1/edit", s.handleSync("edit"))
+	mux.HandleFunc("GET /v1/models", s.handleModels)
+	mux.HandleFunc("POST /v1/models/load", s.handleModelLoad)
+	mux.HandleFunc("POST /v1/models/unload", s.handleModelUnload)
+	s.a1111Routes(mux)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "no such endpoint: "+r.Method+" "+r.URL.Path)
+	})
+	return s.guard(mux)
+}
+
+// guard applies the local server's safety rules to every request: size
+// limit, origin, token.
+func (s *Server) guard(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
+		if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
+			writeError(w, http.StatusForbidden, "origin "+origin+" is not allowed")
+			return
+		}
+		public := r.URL.Path == "/" || r.URL.Path == "/healthz"
+		if s.cfg.Token != "" && !public && !s.tokenOK(r) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="stepwise"`)
+			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (s *Server) tokenOK(r *http.Request) bool {
+	got := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if got == "" || got == r.Header.Get("Authorization") {
+		got = r.URL.Query().Get("token")
+	}
+	return subtle.ConstantTimeCompare([]byte(got), []byte(s.cfg.Token)) == 1
+}
+
+// originAllowed accepts the server's own origin and the configured ones.
+func (s *Server) originAllowed(origin, host string) bool {
+	u, err := url.Parse(origin)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(u.Host, host) {
+		return true
+	}
+	for _, o := range s.cfg.AllowedOrigins {
+		if o == "*" || strings.EqualFold(strings.TrimSuffix(o, "/"), origin) {
+			return true
+		}
+	}
+	return false
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, map[string]any{"error": msg, "status": status})
+}
+
+// statusOf maps an error to an HTTP status.
+func statusOf(err error) int {
+	var ae *apiError
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &ae):
+		return ae.status
+	case errors.As(err, &mbe):
+		return http.StatusRequestEntityTooLarge
+	case errors.Is(err, ErrQueueFull):
+		return http.StatusTooManyRequests
+	case errors.Is(err, ErrShuttingDown):
+		return http.StatusServiceUnavailable
+	case errors.Is(err, pipeline.ErrBadImage), errors.Is(err, pipeline.ErrNoSubject),
+		errors.Is(err, binding.ErrInvalidArgument):
+		return http.StatusBadRequest
+	}
+	return http.StatusInternalServerError
+}
+
+func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "queue": s.queue.length(), "running": s.metrics.running.Load()})
+}
+
+// readJob parses a job request: JSON ({"kind": ..., params}) or multipart
+// (form fields and "image" / "mask" files).
+func readJob(r *http.Request) (string, JobParams, error) {
+	p := DefaultParams()
+	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if ct == "multipart/form-data" {
+		if err := r.ParseMultipartForm(8 << 20); err != nil {
+			return "", p, badRequest("bad multipart form: %v", err)
+		}
+		form := map[string]any{}
+		for k, v := range r.MultipartForm.Value {
+			if len(v) == 0 {
+				continue
+			}
+			if n, err := strconv.ParseFloat(v[0], 64); err == nil && k != "prompt" && k != "negative_prompt" {
+				form[k] = n
+			} else if v[0] == "true" || v[0] == "false" {
+				form[k] = v[0] == "true"
+			} else {
+				form[k] = v[0]
+			}
+		}
+		for _, name := range []string{"image", "mask"} {
+			if fh := r.MultipartForm.File[name]; len(fh) > 0 {
+				f, err := fh[0].Open()
+				if err != nil {
+					return "", p, badRequest("read %s: %v", name, err)
+				}
+				b, err := io.ReadAll(f)
+				f.Close()
+				if err != nil {
+					return "", p, err
+				}
+				form[name] = base64.StdEncoding.EncodeToString(b)
+			}
+		}
+		b, _ := json.Marshal(form)
+		if err := json.Unmarshal(b, &p); err != nil {
+			return "", p, badRequest("bad form field: %v", err)
+		}
+		kind, _ := form["kind"].(string)
+		return kind, p, nil
+	}
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return "", p, err
+	}
+	var head struct {
+		Kind string `json:"kind"`
+	}
+	if err := json.Unmarshal(body, &head); err != nil {
+		return "", p, badRequest("invalid JSON: %v", err)
+	}
+	dec := json.NewDecoder(strings.NewReader(string(body)))
+	if err := dec.Decode(&p); err != nil {
+		return "", p, badRequest("invalid parameters: %v", err)
+	}
+	return head.Kind, p, nil
+}
+
+func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
+	kind, p, err := readJob(r)
+	if err != nil {
+		writeError(w, statusOf(err), err.Error())
+		return
+	}
+	j, err := s.Submit(kind, p, "v1")
+	if err != nil {
+		writeError(w, statusOf(err), err.Error())
+		return
+	}
+	w.Header().Set("Location", "/v1/jobs/"+j.ID)
+	writeJSON(w, http.StatusAccepted, j.View())
+}
+
+func (s *Server) handleList(w http.ResponseWriter, r *http.Request) {
+	jobs := s.Jobs()
+	out := make([]JobView, 0, len(jobs))
+	for _, j := range jobs {
+		out = append(out, j.View())
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"jobs": out})
+}
+
+func (s *Server) jobOr404(w http.ResponseWriter, r *http.Request) *Job {
+	j := s.Job(r.PathValue("id"))
+	if j == nil {
+		writeError(w, http.StatusNotFound, "no job "+r.PathValue("id"))
+	}
+	return j
+}
+
+func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
+	if j := s.jobOr404(w, r); j != nil {
+		writeJSON(w, http.StatusOK, j.View())
+	}
+}
+
+func (s *Server) handleCancel(w http.ResponseWriter, r *http.Request) {
+	j := s.jobOr404(w, r)
+	if j == nil {
+		return
+	}
+	if !s.Cancel(j) {
+		writeError(w, http.StatusConflict, "job "+j.ID+" is "+j.State()+"; only queued or running jobs can be cancelled")
+		return
+	}
+	writeJSON(w, http.StatusAccepted, j.View())
+}
+
+func (s *Server) handleRunFile(w http.ResponseWriter, r *http.Request) {
+	path, err := s.engine.Runs.Path(r.PathValue("run"), r.PathValue("file"))
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		writeError(w, http.StatusNotFound, "no such run file")
+		return
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil || st.IsDir() {
+		writeError(w, http.StatusNotFound, "no such run file")
+		return
+	}
+	http.ServeContent(w, r, st.Name(), st.ModTime(), f)
+}
+
+func (s *Server) upgrader() *websocket.Upgrader {
+	return &websocket.Upgrader{
+		ReadBufferSize: 1024, WriteBufferSize: 64 << 10,
+		CheckOrigin: func(r *http.Request) bool {
+			o := r.Header.Get("Origin")
+			return o == "" || s.originAllowed(o, r.Host)
+		},
+	}
+}
+
+// latestFrame keeps a job's newest preview frame for late joiners.
+func (s *Server) latestFrame(j *Job, frame []byte) {
+	j.mu.Lock()
+	j.previewFrame = frame
+	j.mu.Unlock()
+}
+
+// stateEvent is the event that describes a job as it is now.
+func (s *Server) stateEvent(j *Job) Event {
+	v := j.View()
+	typ := v.State
+	if typ == StateRunning {
+		typ = "progress"
+		if v.Step == 0 {
+			typ = "started"
+		}
+	}
+	return Event{Type: typ, JobID: j.ID, Kind: j.Kind, State: v.State, Position: v.Position, Step: v.Step, Steps: v.Steps,
+		Progress: v.Progress, Elapsed: v.Elapsed, ETA: v.ETA, Files: v.Files, Result: v.Result, Error: v.Error}
+}
+
+func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	var jobs []*Job
+	if id != "" {
+		j := s.jobOr404(w, r)
+		if j == nil {
+			return
+		}
+		jobs = []*Job{j}
+	} else {
+		for _, j := range s.Jobs() {
+			if st := j.State(); st == StateQueued || st == StateRunning {
+				jobs = append(jobs, j)
+			}
+		}
+	}
+	conn, err := s.upgrader().Upgrade(w, r, nil)
+	if err != nil {
+		return // the upgrader wrote the error
+	}
+	sub := newSubscriber(conn, id)
+	var initial []frame
+	for _, j := range jobs {
+		initial = append(initial, textFrame(s.stateEvent(j)))
+		j.mu.Lock()
+		pf := j.previewFrame
+		j.mu.Unlock()
+		if pf != nil {
+			initial = append(initial, binaryFrame(pf))
+		}
+	}
+	s.hub.serve(sub, initial)
+}
+
+// handleSync runs a segment or edit job and answers when it is done, with the
+// images as base64 PNGs (the original API's style).
+func (s *Server) handleSync(kind string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		_, p, err := readJob(r)
+		if err != nil {
+			writeError(w, statusOf(err), err.Error())
+			return
+		}
+		j, err := s.Submit(kind, p, "v1")
+		if err != nil {
+			writeError(w, statusOf(err), err.Error())
+			return
+		}
+		if !s.wait(r.Context(), j) {
+			return
+		}
+		v := j.View()
+		if v.State != StateCompleted {
+			status := http.StatusInternalServerError
+			if strings.Contains(v.Error, "bad image") || strings.Contains(v.Error, "no subject") || strings.Contains(v.Error, "needs at least") {
+				status = http.StatusBadRequest
+			}
+			writeJSON(w, status, map[string]any{"error": v.Error, "status": status, "job": v})
+			return
+		}
+		j.mu.Lock()
+		imgs := j.images
+		j.mu.Unlock()
+		names := map[string][]string{"segment": {"mask"}, "edit": {"edited", "mask", "edited_mask"}}[kind]
+		out := map[string]any{"job": v}
+		for i, name := range names {
+			if i < len(imgs) {
+				out[name] = pngBase64(imgs[i])
+			}
+		}
+		if iou, ok := v.Result["subject_iou"]; ok {
+			out["subject_iou"] = iou
+		}
+		writeJSON(w, http.StatusOK, out)
+	}
+}
+
+// wait blocks until j finishes; if the client goes away first the job is
+// cancelled and wait reports false.
+func (s *Server) wait(ctx context.Context, j *Job) bool {
+	select {
+	case <-j.Done():
+		return true
+	case <-ctx.Done():
+		s.Cancel(j)
+		return false
+	}
+}
+
+func pngBase64(img image.Image) string {
+	b, err := pipeline.EncodePNG(img)
+	if err != nil {
+		return ""
+	}
+	return base64.StdEncoding.EncodeToString(b)
+}
+
+func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{
+		"configured": map[string]string{"sd": s.cfg.Model, "seg": s.cfg.SegModel},
+		"loaded":     s.engine.Cache.Loaded(),
+		"memory":     s.engine.Cache.Stats(),
+	})
+}
+
+func (s *Server) modelKey(r *http.Request) (binding.Key, error) {
+	var req struct {
+		Kind string `json:"kind"` // "sd" or "seg"
+	}
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		return binding.Key{}, badRequest("invalid JSON: %v", err)
+	}
+	switch req.Kind {
+	case "sd":
+		return s.engine.Cache.KeyFor(binding.KindSD, s.cfg.Model, "", s.cfg.DType)
+	case "seg":
+		if s.cfg.SegModel == "" {
+			return binding.Key{}, badRequest("no segmentation model is configured")
+		}
+		path, err := models.Resolve(s.cfg.SegModel, s.engine.ConvertDir)
+		if err != nil {
+			return binding.Key{}, err
+		}
+		return s.engine.Cache.KeyFor(binding.KindSeg, path, "", binding.DTypeAuto)
+	}
+	return binding.Key{}, badRequest(`kind must be "sd" or "seg"`)
+}
+
+func (s *Server) handleModelLoad(w http.ResponseWriter, r *http.Request) {
+	key, err := s.modelKey(r)
+	if err != nil {
+		writeError(w, statusOf(err), err.Error())
+		return
+	}
+	ref, err := s.engine.Cache.Acquire(r.Context(), key)
+	if err != nil {
+		writeError(w, statusOf(err), err.Error())
+		return
+	}
+	info := ref.Info()
+	ref.Release()
+	writeJSON(w, http.StatusOK, map[string]any{"loaded": key.Path, "info": info, "memory": s.engine.Cache.Stats()})
+}
+
+func (s *Server) handleModelUnload(w http.ResponseWriter, r *http.Request) {
+	key, err := s.modelKey(r)
+	if err != nil {
+		writeError(w, statusOf(err), err.Error())
+		return
+	}
+	freed, err := s.engine.Cache.Unload(key)
+	if err != nil {
+		writeError(w, http.StatusConflict, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"unloaded": freed, "memory": s.engine.Cache.Stats()})
+}

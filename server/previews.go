@@ -1,0 +1,66 @@
+package server
+
+import (
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/pipeline"
+)
+
+// previewEncoder turns a job's raw previews into frames on its own goroutine,
+// so the engine's step callback only hands a step over and returns. When the
+// encoder falls behind, older steps are skipped.
+type previewEncoder struct {
+	s    *Server
+	j    *Job
+	in   chan binding.Step
+	done chan struct{}
+}
+
+const previewJPEGQuality = 85
+
+func newPreviewEncoder(s *Server, j *Job) *previewEncoder {
+	e := &previewEncoder{s: s, j: j, in: make(chan binding.Step, 1), done: make(chan struct{})}
+	go e.loop()
+	return e
+}
+
+// offer never blocks: it replaces a step the encoder has not taken yet.
+func (e *previewEncoder) offer(st binding.Step) {
+	for {
+		select {
+		case e.in <- st:
+			return
+		default:
+		}
+		select {
+		case <-e.in:
+		default:
+		}
+	}
+}
+
+func (e *previewEncoder) loop() {
+	defer close(e.done)
+	for st := range e.in {
+		for i, p := range st.Previews {
+			data, err := pipeline.EncodeJPEG(pipeline.ToImage(p), previewJPEGQuality)
+			if err != nil {
+				continue
+			}
+			frame := previewFrame(PreviewMeta{JobID: e.j.ID, Step: st.Step, Steps: st.Steps, Index: i, Format: "jpeg",
+				Width: p.Width, Height: p.Height}, data)
+			if i == 0 {
+				e.j.mu.Lock()
+				e.j.preview = data
+				e.j.mu.Unlock()
+				e.s.latestFrame(e.j, frame)
+			}
+			e.s.hub.publishPreview(e.j.ID, frame)
+		}
+	}
+}
+
+// close waits until every preview taken has been published.
+func (e *previewEncoder) close() {
+	close(e.in)
+	<-e.done
+}
