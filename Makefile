@@ -13,12 +13,15 @@ LIB := $(BUILD)/libstepwise.so
 BIN := $(BUILD)/stepwise
 export STEPWISE_LIB := $(abspath $(LIB))
 
-.PHONY: all deps build lib bin test vet run bench clean
+.PHONY: all deps deps-test build lib bin test vet run bench clean
 
 all: build
 
 deps:
 	@./scripts/setup.sh
+
+deps-test:
+	@./scripts/setup.sh --test
 
 build: deps lib bin
 
@@ -37,14 +40,16 @@ vet:
 # Native parity tests first (components, samplers, pipelines against
 # ../shared/fixtures), then the whole Go suite with CGO_ENABLED=0 (how stepwise
 # ships); the binding's own tests run again with cgo and the race detector.
-test: build vet
+test: deps-test build vet
 	$(BUILD)/stepwise_native_test
 	CGO_ENABLED=0 $(GO) test -count=1 ./...
 	CGO_ENABLED=1 $(GO) test -count=1 -race ./binding/...
 
+# Serves the demo: the tiny random-weight models, made on first use, unless
+# MODEL= / SEG_MODEL= name real ones.
+ADDR ?= 127.0.0.1:7860
 run: build
-	$(BIN) models make-tiny $(DATA)/models
-	$(BIN) version
+	$(BIN) serve --addr $(ADDR) --data $(DATA) $(if $(MODEL),--model $(MODEL)) $(if $(SEG_MODEL),--seg-model $(SEG_MODEL))
 
 bench: build
 	$(BIN) bench --sizes 256,512 --dtypes f32,bf16

@@ -3,8 +3,12 @@
 # a C++ compiler, cmake, libtorch (Debian's libtorch-dev unless Torch_DIR or
 # TORCH_DIR names your own, with OpenBLAS for its matrix products),
 # nlohmann-json and ICU. Go must already be installed.
+# With --test it also installs Chromium, which the page's browser test drives.
 # On Debian/Ubuntu it installs with apt-get; elsewhere it says what to install.
 set -euo pipefail
+
+for_tests=0
+[ "${1:-}" = "--test" ] && for_tests=1
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -29,6 +33,10 @@ if [ -z "${Torch_DIR:-}${TORCH_DIR:-}" ]; then
   fi
 fi
 
+if [ "$for_tests" = 1 ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  missing+=(chromium)
+fi
+
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
   say "Go is not installed. Install Go 1.26 or newer from your distribution or https://go.dev/dl, then rerun."
   exit 1
@@ -44,6 +52,7 @@ if ! command -v apt-get >/dev/null 2>&1; then
   say "  - a C++17 compiler, cmake >= 3.18, make, nlohmann-json (3.x headers), ICU (libicu)"
   say "  - libtorch 1.13 or 2.x (https://pytorch.org, 'LibTorch' C++ download; CUDA builds work),"
   say "    then export TORCH_DIR=/path/to/libtorch"
+  say "  - for the tests: Chromium"
   exit 1
 fi
 
