@@ -42,24 +42,14 @@ type GenerateResult struct {
 
 // GenerateParams is params.json of a generation run.
 type GenerateParams struct {
-	Kind           string             `json:"kind"`
-	Stepwise       string             `json:"stepwise"`
-	Prompt         string             `json:"prompt"`
-	NegativePrompt string             `json:"negative_prompt"`
-	Seed           uint64             `json:"seed"`
-	Sampler        string             `json:"sampler"`
-	Steps          int                `json:"steps"`
-	CFGScale       float32            `json:"cfg_scale"`
-	Width          int                `json:"width"`
-	Height         int                `json:"height"`
-	BatchSize      int                `json:"batch_size"`
-	Strength       float32            `json:"denoising_strength,omitempty"`
-	MaskBlur       float64            `json:"mask_blur,omitempty"`
-	SDModel        ModelIdentity      `json:"sd_model"`
-	Tokens         int                `json:"tokens"`
-	Truncated      bool               `json:"prompt_truncated,omitempty"`
-	Timings        map[string]float64 `json:"seconds"`
-	Created        string             `json:"created"`
+	RunParams
+	Width     int     `json:"width"`
+	Height    int     `json:"height"`
+	BatchSize int     `json:"batch_size"`
+	Strength  float32 `json:"denoising_strength,omitempty"`
+	MaskBlur  float64 `json:"mask_blur,omitempty"`
+	Tokens    int     `json:"tokens"`
+	Truncated bool    `json:"prompt_truncated,omitempty"`
 }
 
 // Txt2Img draws images from a prompt.
@@ -194,13 +184,13 @@ func (e *Engine) Generate(ctx context.Context, o GenerateOptions) (*GenerateResu
 		out.Images = append(out.Images, gi)
 		out.Files = append(out.Files, name)
 	}
+	timings := map[string]float64{"text": res.Text.Seconds(), "denoise": res.Denoise.Seconds(),
+		"decode": res.Decode.Seconds(), "total": time.Since(t0).Seconds()}
 	out.Params = GenerateParams{
-		Kind: kind, Stepwise: e.Version, Prompt: o.Prompt, NegativePrompt: o.NegativePrompt, Seed: o.Seed,
-		Sampler: o.Sampler.String(), Steps: req.Steps, CFGScale: req.CFGScale, Width: req.Width, Height: req.Height,
-		BatchSize: req.BatchSize, Strength: req.Strength, MaskBlur: o.MaskBlur, SDModel: identity(o.SD.Path, sd.Info()),
-		Tokens: res.Tokens, Truncated: res.Truncated, Created: time.Now().UTC().Format(time.RFC3339),
-		Timings: map[string]float64{"text": res.Text.Seconds(), "denoise": res.Denoise.Seconds(),
-			"decode": res.Decode.Seconds(), "total": time.Since(t0).Seconds()},
+		RunParams: e.runParams(kind, o.Prompt, o.NegativePrompt, o.Seed, o.Sampler, req.Steps, req.CFGScale, o.SD.Path,
+			sd.Info(), timings),
+		Width: req.Width, Height: req.Height, BatchSize: req.BatchSize, Strength: req.Strength, MaskBlur: o.MaskBlur,
+		Tokens: res.Tokens, Truncated: res.Truncated,
 	}
 	if err := run.WriteJSON("params.json", out.Params); err != nil {
 		return nil, err

@@ -159,8 +159,9 @@ type EditResult struct {
 	Params     EditParams
 }
 
-// EditParams is params.json of an edit run: enough to reproduce it.
-type EditParams struct {
+// RunParams are the params.json fields every run shares: enough, with the
+// kind's own fields, to reproduce it.
+type RunParams struct {
 	Kind           string             `json:"kind"`
 	Stepwise       string             `json:"stepwise"`
 	Prompt         string             `json:"prompt"`
@@ -169,19 +170,24 @@ type EditParams struct {
 	Sampler        string             `json:"sampler"`
 	Steps          int                `json:"steps"`
 	CFGScale       float32            `json:"cfg_scale"`
-	Repaint        string             `json:"repaint"`
-	Grow           int                `json:"grow"`
-	MaskBlur       float64            `json:"mask_blur"`
-	InputSize      [2]int             `json:"input_size"`
-	WorkingSize    [2]int             `json:"working_size"`
-	SegScale       float64            `json:"segment_scale"`
-	SegClasses     []int              `json:"segment_classes,omitempty"`
 	SDModel        ModelIdentity      `json:"sd_model"`
-	SegModel       ModelIdentity      `json:"seg_model"`
-	SubjectCover   float64            `json:"subject_fraction"`
-	IoU            float64            `json:"subject_iou"`
 	Timings        map[string]float64 `json:"seconds"`
 	Created        string             `json:"created"`
+}
+
+// EditParams is params.json of an edit run.
+type EditParams struct {
+	RunParams
+	Repaint      string        `json:"repaint"`
+	Grow         int           `json:"grow"`
+	MaskBlur     float64       `json:"mask_blur"`
+	InputSize    [2]int        `json:"input_size"`
+	WorkingSize  [2]int        `json:"working_size"`
+	SegScale     float64       `json:"segment_scale"`
+	SegClasses   []int         `json:"segment_classes,omitempty"`
+	SegModel     ModelIdentity `json:"seg_model"`
+	SubjectCover float64       `json:"subject_fraction"`
+	IoU          float64       `json:"subject_iou"`
 }
 
 // ModelIdentity records which model ran.
@@ -191,6 +197,15 @@ type ModelIdentity struct {
 	Params int64  `json:"params"`
 	Device string `json:"device"`
 	DType  string `json:"dtype"`
+}
+
+func (e *Engine) runParams(kind, prompt, negative string, seed uint64, sampler binding.Sampler, steps int, cfg float32,
+	sdPath string, sdInfo binding.ModelInfo, timings map[string]float64) RunParams {
+	return RunParams{
+		Kind: kind, Stepwise: e.Version, Prompt: prompt, NegativePrompt: negative, Seed: seed, Sampler: sampler.String(),
+		Steps: steps, CFGScale: cfg, SDModel: identity(sdPath, sdInfo), Timings: timings,
+		Created: time.Now().UTC().Format(time.RFC3339),
+	}
 }
 
 func identity(path string, info binding.ModelInfo) ModelIdentity {
@@ -301,13 +316,10 @@ func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditRe
 		return nil, err
 	}
 	params := EditParams{
-		Kind: "edit", Stepwise: e.Version, Prompt: o.Prompt, NegativePrompt: o.NegativePrompt, Seed: o.Seed,
-		Sampler: o.Sampler.String(), Steps: steps, CFGScale: cfg, Repaint: "background", Grow: o.Grow,
-		MaskBlur: o.MaskBlur, InputSize: [2]int{b.Dx(), b.Dy()}, WorkingSize: [2]int{ww, wh},
-		SegScale: o.Segment.Scale, SegClasses: o.Segment.Classes,
-		SDModel: identity(o.SD.Path, sd.Info()), SegModel: identity(o.Segment.Model.Path, seg.Info()),
-		SubjectCover: subject.Mask.Covers(), IoU: iou, Timings: timings,
-		Created: time.Now().UTC().Format(time.RFC3339),
+		RunParams: e.runParams("edit", o.Prompt, o.NegativePrompt, o.Seed, o.Sampler, steps, cfg, o.SD.Path, sd.Info(), timings),
+		Repaint:   "background", Grow: o.Grow, MaskBlur: o.MaskBlur, InputSize: [2]int{b.Dx(), b.Dy()},
+		WorkingSize: [2]int{ww, wh}, SegScale: o.Segment.Scale, SegClasses: o.Segment.Classes,
+		SegModel: identity(o.Segment.Model.Path, seg.Info()), SubjectCover: subject.Mask.Covers(), IoU: iou,
 	}
 	if o.RepaintSubject {
 		params.Repaint = "subject"

@@ -188,15 +188,26 @@ func readJob(r *http.Request) (string, JobParams, error) {
 	return head.Kind, p, nil
 }
 
-func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
-	kind, p, err := readJob(r)
-	if err != nil {
-		writeError(w, statusOf(err), err.Error())
-		return
+// submitFrom reads a job from the request and queues it; kind overrides the
+// body's kind when set. On error it has answered the request.
+func (s *Server) submitFrom(w http.ResponseWriter, r *http.Request, kind string) *Job {
+	bodyKind, p, err := readJob(r)
+	if err == nil {
+		if kind == "" {
+			kind = bodyKind
+		}
+		var j *Job
+		if j, err = s.Submit(kind, p, "v1"); err == nil {
+			return j
+		}
 	}
-	j, err := s.Submit(kind, p, "v1")
-	if err != nil {
-		writeError(w, statusOf(err), err.Error())
+	writeError(w, statusOf(err), err.Error())
+	return nil
+}
+
+func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
+	j := s.submitFrom(w, r, "")
+	if j == nil {
 		return
 	}
 	w.Header().Set("Location", "/v1/jobs/"+j.ID)
@@ -327,17 +338,8 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 // images as base64 PNGs (the original API's style).
 func (s *Server) handleSync(kind string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		_, p, err := readJob(r)
-		if err != nil {
-			writeError(w, statusOf(err), err.Error())
-			return
-		}
-		j, err := s.Submit(kind, p, "v1")
-		if err != nil {
-			writeError(w, statusOf(err), err.Error())
-			return
-		}
-		if !s.wait(r.Context(), j) {
+		j := s.submitFrom(w, r, kind)
+		if j == nil || !s.wait(r.Context(), j) {
 			return
 		}
 		v := j.View()

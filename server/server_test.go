@@ -11,6 +11,7 @@ import (
 	_ "image/jpeg"
 	"image/png"
 	"io"
+	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -533,4 +534,31 @@ func TestQueueLimitAndGracefulShutdown(t *testing.T) {
 	for _, d := range ents {
 		assert.False(t, strings.HasPrefix(d.Name(), ".tmp-"), d.Name())
 	}
+}
+
+func TestMultipartUpload(t *testing.T) {
+	e := start(t, server.Config{})
+	var body bytes.Buffer
+	mw := multipart.NewWriter(&body)
+	mw.WriteField("kind", "img2img")
+	mw.WriteField("prompt", "a garden")
+	mw.WriteField("steps", "3")
+	mw.WriteField("denoising_strength", "0.5")
+	fw, err := mw.CreateFormFile("image", "photo.png")
+	require.NoError(t, err)
+	raw, _ := base64.StdEncoding.DecodeString(pngB64(t, 64, 48, 30))
+	fw.Write(raw)
+	require.NoError(t, mw.Close())
+	resp, err := http.Post(e.http.URL+"/v1/jobs", mw.FormDataContentType(), &body)
+	require.NoError(t, err)
+	var out map[string]any
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&out))
+	resp.Body.Close()
+	require.Equal(t, http.StatusAccepted, resp.StatusCode, out)
+	id := out["id"].(string)
+	s := collect(t, e.dial(t, "/v1/jobs/"+id+"/events"), id)
+	last := s.events[len(s.events)-1]
+	require.Equal(t, "completed", last["type"], last)
+	assert.EqualValues(t, 64, last["result"].(map[string]any)["width"])
+	assert.EqualValues(t, 48, last["result"].(map[string]any)["height"])
 }

@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/internal/safetensors"
@@ -135,33 +134,24 @@ func runEdit(args []string, stdout, stderr io.Writer) error {
 	ef.register(fs)
 	model := fs.String("model", "", "Stable Diffusion model (default: the tiny demo model)")
 	segModel := fs.String("seg-model", "", "segmentation U-Net (default: the tiny demo model)")
-	prompt := fs.String("prompt", "", "what to paint around the subject (required)")
-	negative := fs.String("negative-prompt", "", "what to avoid")
-	steps := fs.Int("steps", 20, "denoising steps")
-	cfg := fs.Float64("cfg-scale", 7.5, "guidance scale")
-	seed := fs.Int64("seed", -1, "random seed (-1: pick one)")
-	samplerName := fs.String("sampler", "euler_a", "sampler")
+	var g genFlags
+	g.register(fs, "what to paint around the subject (required)", "euler_a")
 	size := fs.Int("size", 512, "working size: the long side the inpainting runs at")
 	scale := fs.Float64("scale", 0.5, "segmentation input scale")
 	classes := fs.String("classes", "", "subject classes (default: every class but 0)")
 	subject := fs.Bool("repaint-subject", false, "repaint the subject instead of the background")
 	grow := fs.Int("grow", 0, "grow (> 0) or shrink (< 0) the repainted region, in pixels")
 	blur := fs.Float64("mask-blur", 4, "feather the repainted region's edge (pixels)")
-	dtypeName := fs.String("dtype", "auto", "weights dtype: auto, f32, f16, bf16")
 	data := fs.String("data", defaultDataDir(), "data folder: runs/ and cache/ live here")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := fs.Parse(reorder(args, fs)); err != nil {
 		return err
 	}
-	if fs.NArg() != 1 || *prompt == "" {
+	if fs.NArg() != 1 || g.prompt == "" {
 		fmt.Fprintln(stderr, "usage: stepwise edit IMAGE --prompt TEXT [--model PATH] [--seg-model PATH] [--seed S] ...")
 		return errUsage
 	}
-	sampler, err := binding.ParseSampler(*samplerName)
-	if err != nil {
-		return err
-	}
-	dtype, err := binding.ParseDType(*dtypeName)
+	sampler, dtype, s, err := g.resolve()
 	if err != nil {
 		return err
 	}
@@ -194,17 +184,13 @@ func runEdit(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer e.Cache.Close()
-	s := uint64(*seed)
-	if *seed < 0 {
-		s = uint64(time.Now().UnixNano()) & (1<<32 - 1)
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	bar := newProgressBar(stderr)
 	res, err := e.Edit(ctx, input, pipeline.EditOptions{
 		SD:      pipeline.ModelRef{Path: *model, DType: dtype},
 		Segment: pipeline.SegmentOptions{Model: pipeline.ModelRef{Path: *segModel}, Scale: *scale, Classes: cls},
-		Prompt:  *prompt, NegativePrompt: *negative, Steps: *steps, CFGScale: float32(*cfg), Seed: s, Sampler: sampler,
+		Prompt:  g.prompt, NegativePrompt: g.negative, Steps: g.steps, CFGScale: float32(g.cfg), Seed: s, Sampler: sampler,
 		WorkingSize: *size, RepaintSubject: *subject, Grow: *grow, MaskBlur: *blur, OnStep: bar.update,
 	})
 	bar.done()

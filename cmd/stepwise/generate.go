@@ -10,7 +10,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/internal/safetensors"
@@ -23,19 +22,14 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 	ef.register(fs)
 	model := fs.String("model", "", "Stable Diffusion model: a diffusers folder or a single-file .safetensors checkpoint (required)")
 	tokenizer := fs.String("tokenizer", "", "tokenizer folder (vocab.json, merges.txt), for single-file checkpoints")
-	prompt := fs.String("prompt", "", "what to draw (required)")
-	negative := fs.String("negative-prompt", "", "what to avoid")
+	var g genFlags
+	g.register(fs, "what to draw (required)", "euler")
 	width := fs.Int("width", 0, "image width, a multiple of 8 (default 512, or the init image's)")
 	height := fs.Int("height", 0, "image height, a multiple of 8 (default 512, or the init image's)")
-	steps := fs.Int("steps", 20, "denoising steps")
-	cfg := fs.Float64("cfg-scale", 7.5, "classifier-free guidance scale (<= 1 disables guidance)")
-	seed := fs.Int64("seed", -1, "random seed (-1: pick one)")
-	samplerName := fs.String("sampler", "euler", "sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm (or A1111 names)")
 	initPath := fs.String("init", "", "init image (PNG or JPEG) for img2img / inpaint")
 	strength := fs.Float64("strength", 0.75, "img2img denoising strength in (0, 1]; inpaint defaults to 1")
 	maskPath := fs.String("mask", "", "inpaint mask (white = repaint), the init image's size")
 	batch := fs.Int("batch-size", 1, "images per run")
-	dtypeName := fs.String("dtype", "auto", "weights dtype: auto, f32, f16, bf16")
 	clipSkip := fs.Int("clip-skip", 0, "skip the last N text-encoder layers")
 	previewName := fs.String("preview", "none", "per-step previews: none, latent2rgb, vae")
 	previewEvery := fs.Int("preview-every", 1, "with --preview vae: decode every N steps")
@@ -49,7 +43,7 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
 	var missing []string
-	for _, f := range []struct{ name, value string }{{"--model", *model}, {"--prompt", *prompt}, {"--out", *out}} {
+	for _, f := range []struct{ name, value string }{{"--model", *model}, {"--prompt", g.prompt}, {"--out", *out}} {
 		if f.value == "" {
 			missing = append(missing, f.name)
 		}
@@ -57,11 +51,7 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 	if len(missing) > 0 {
 		return fmt.Errorf("missing %s (see stepwise generate -h)", strings.Join(missing, ", "))
 	}
-	sampler, err := binding.ParseSampler(*samplerName)
-	if err != nil {
-		return err
-	}
-	dtype, err := binding.ParseDType(*dtypeName)
+	sampler, dtype, seed, err := g.resolve()
 	if err != nil {
 		return err
 	}
@@ -77,14 +67,9 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 	})
 
 	req := binding.GenerateRequest{
-		Prompt: *prompt, NegativePrompt: *negative, Steps: *steps, BatchSize: *batch, CFGScale: float32(*cfg),
-		Sampler: sampler, ClipSkip: *clipSkip, Preview: preview, PreviewEvery: *previewEvery,
+		Prompt: g.prompt, NegativePrompt: g.negative, Steps: g.steps, BatchSize: *batch, CFGScale: float32(g.cfg),
+		Sampler: sampler, Seed: seed, ClipSkip: *clipSkip, Preview: preview, PreviewEvery: *previewEvery,
 		Width: *width, Height: *height, Strength: float32(*strength),
-	}
-	if *seed < 0 {
-		req.Seed = uint64(time.Now().UnixNano()) & (1<<32 - 1)
-	} else {
-		req.Seed = uint64(*seed)
 	}
 	if *maskPath != "" && *initPath == "" {
 		return errors.New("--mask needs --init")
