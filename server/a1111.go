@@ -113,7 +113,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 				}
 			}
 		}
-		j, err := s.Submit(kind, p, "sdapi")
+		j, err := s.Submit(kind, p, "sdapi", true)
 		if err != nil {
 			writeA1111Error(w, statusOf(err), err.Error())
 			return
@@ -126,9 +126,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 			writeA1111Error(w, http.StatusInternalServerError, v.State+": "+v.Error)
 			return
 		}
-		j.mu.Lock()
-		imgs := j.images
-		j.mu.Unlock()
+		imgs := j.takeImages()
 		out := make([]string, 0, len(imgs))
 		for _, img := range imgs {
 			out = append(out, pngBase64(img))

@@ -189,15 +189,16 @@ func readJob(r *http.Request) (string, JobParams, error) {
 }
 
 // submitFrom reads a job from the request and queues it; kind overrides the
-// body's kind when set. On error it has answered the request.
-func (s *Server) submitFrom(w http.ResponseWriter, r *http.Request, kind string) *Job {
+// body's kind when set; sync keeps the images for the answer. On error it has
+// answered the request.
+func (s *Server) submitFrom(w http.ResponseWriter, r *http.Request, kind string, sync bool) *Job {
 	bodyKind, p, err := readJob(r)
 	if err == nil {
 		if kind == "" {
 			kind = bodyKind
 		}
 		var j *Job
-		if j, err = s.Submit(kind, p, "v1"); err == nil {
+		if j, err = s.Submit(kind, p, "v1", sync); err == nil {
 			return j
 		}
 	}
@@ -206,7 +207,7 @@ func (s *Server) submitFrom(w http.ResponseWriter, r *http.Request, kind string)
 }
 
 func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
-	j := s.submitFrom(w, r, "")
+	j := s.submitFrom(w, r, "", false)
 	if j == nil {
 		return
 	}
@@ -338,7 +339,7 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 // images as base64 PNGs (the original API's style).
 func (s *Server) handleSync(kind string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		j := s.submitFrom(w, r, kind)
+		j := s.submitFrom(w, r, kind, true)
 		if j == nil || !s.wait(r.Context(), j) {
 			return
 		}
@@ -351,9 +352,7 @@ func (s *Server) handleSync(kind string) http.HandlerFunc {
 			writeJSON(w, status, map[string]any{"error": v.Error, "status": status, "job": v})
 			return
 		}
-		j.mu.Lock()
-		imgs := j.images
-		j.mu.Unlock()
+		imgs := j.takeImages()
 		names := map[string][]string{"segment": {"mask"}, "edit": {"edited", "mask", "edited_mask"}}[kind]
 		out := map[string]any{"job": v}
 		for i, name := range names {

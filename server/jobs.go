@@ -24,6 +24,9 @@ type Job struct {
 	Params JobParams
 	// Source marks jobs from the A1111-compatible API, which /sdapi/v1/interrupt cancels.
 	Source string
+	// keepImages holds the final images in memory for a handler that answers
+	// with them; other jobs' results live only in their run directory.
+	keepImages bool
 
 	mu           sync.Mutex
 	state        string
@@ -110,6 +113,15 @@ func (j *Job) View() JobView {
 	return v
 }
 
+// takeImages hands the final images over once and forgets them.
+func (j *Job) takeImages() []image.Image {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	imgs := j.images
+	j.images = nil
+	return imgs
+}
+
 // State reports the job's state.
 func (j *Job) State() string {
 	j.mu.Lock()
@@ -120,7 +132,7 @@ func (j *Job) State() string {
 // Done is closed when the job has finished, however it ended.
 func (j *Job) Done() <-chan struct{} { return j.done }
 
-func (j *Job) finished_() bool {
+func (j *Job) ended() bool {
 	return j.state == StateCompleted || j.state == StateFailed || j.state == StateCancelled
 }
 

@@ -261,13 +261,14 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// Submit validates and queues a job.
-func (s *Server) Submit(kind string, p JobParams, source string) (*Job, error) {
+// Submit validates and queues a job. keepImages keeps its final images in
+// memory for the caller (Job.takeImages) besides writing them to its run.
+func (s *Server) Submit(kind string, p JobParams, source string, keepImages bool) (*Job, error) {
 	if _, err := s.validate(kind, &p); err != nil {
 		return nil, err
 	}
 	j := newJob(newID(), kind, p)
-	j.Source = source
+	j.Source, j.keepImages = source, keepImages
 	s.mu.Lock()
 	s.jobs[j.ID] = j
 	s.order = append(s.order, j.ID)
@@ -290,7 +291,7 @@ func (s *Server) forgetOldLocked() {
 		dropped := false
 		for i, id := range s.order {
 			j := s.jobs[id]
-			if j == nil || func() bool { j.mu.Lock(); defer j.mu.Unlock(); return j.finished_() }() {
+			if j == nil || func() bool { j.mu.Lock(); defer j.mu.Unlock(); return j.ended() }() {
 				delete(s.jobs, id)
 				s.order = append(s.order[:i], s.order[i+1:]...)
 				dropped = true
@@ -359,7 +360,7 @@ func (s *Server) publishState(j *Job, typ string) {
 
 func (s *Server) finish(j *Job, state, msg string) {
 	j.mu.Lock()
-	if j.finished_() {
+	if j.ended() {
 		j.mu.Unlock()
 		return
 	}
@@ -376,7 +377,7 @@ func (s *Server) run(j *Job) {
 	ctx, cancel := context.WithCancel(s.baseCtx)
 	defer cancel()
 	j.mu.Lock()
-	if j.finished_() {
+	if j.ended() {
 		j.mu.Unlock()
 		return
 	}
@@ -455,7 +456,10 @@ func (s *Server) run(j *Job) {
 	switch {
 	case err == nil:
 		j.mu.Lock()
-		j.files, j.images, j.result = files, images, result
+		j.files, j.result = files, result
+		if j.keepImages {
+			j.images = images
+		}
 		j.mu.Unlock()
 		s.finish(j, StateCompleted, "")
 	case errors.Is(err, binding.ErrCancelled) || errors.Is(err, context.Canceled):
