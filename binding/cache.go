@@ -186,11 +186,13 @@ func (c *Cache) Acquire(ctx context.Context, key Key) (*Ref, error) {
 		e.refs++
 		c.touch(e)
 		c.mu.Unlock()
-		select {
-		case <-e.ready:
-		case <-ctx.Done():
-			c.release(e)
-			return nil, ctx.Err()
+		if !e.loaded() { // a loaded model is returned without looking at ctx
+			select {
+			case <-e.ready:
+			case <-ctx.Done():
+				c.release(e)
+				return nil, ctx.Err()
+			}
 		}
 		if e.err != nil {
 			return nil, e.err

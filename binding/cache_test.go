@@ -209,9 +209,8 @@ func TestCacheAcquireHonoursContextAndClose(t *testing.T) {
 	<-ctx.Done()
 	// Loaded models are returned even to a cancelled context: no wait happens.
 	r2, err := c.Acquire(ctx, key)
-	if err == nil {
-		r2.Release()
-	}
+	require.NoError(t, err)
+	r2.Release()
 	c.Close()
 	_, err = c.Acquire(context.Background(), key)
 	assert.ErrorIs(t, err, binding.ErrCacheClosed)
