@@ -66,22 +66,32 @@ torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor &x) {
 }
 
 torch::Tensor attention(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
-                        const c10::optional<torch::Tensor> &mask, bool upcast) {
+                        const c10::optional<torch::Tensor> &mask, bool upcast, int64_t max_bytes) {
     const auto b = q.size(0), nq = q.size(1), nk = k.size(1), inner = q.size(2);
     const auto dim = inner / heads;
     auto split = [&](const torch::Tensor &t, int64_t n) { return t.reshape({b, n, heads, dim}).transpose(1, 2); };
     auto qh = split(q, nq), kh = split(k, nk), vh = split(v, nk);
     const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
-    torch::Tensor out;
     const bool half = q.scalar_type() != torch::kFloat32;
-    if (upcast && half) {
-        auto scores = at::matmul(qh.to(torch::kFloat32), kh.to(torch::kFloat32).transpose(-1, -2)) * scale;
-        if (mask) scores = scores + mask->to(torch::kFloat32);
-        out = at::matmul(at::softmax(scores, -1).to(v.scalar_type()), vh);
+    const bool up = upcast && half;
+    auto khT = (up ? kh.to(torch::kFloat32) : kh).transpose(-1, -2);
+    // One slice of queries [.., lo:hi, ..] against every key.
+    auto slice = [&](int64_t lo, int64_t hi) {
+        auto qs = qh.slice(2, lo, hi);
+        torch::Tensor scores = up ? at::matmul(qs.to(torch::kFloat32), khT) * scale : at::matmul(qs * scale, khT);
+        if (mask) scores = scores + mask->slice(0, lo, hi).to(scores.scalar_type());
+        auto probs = at::softmax(scores, -1);
+        return at::matmul(up ? probs.to(v.scalar_type()) : probs, vh);
+    };
+    const int64_t elem = up ? 4 : static_cast<int64_t>(q.element_size());
+    const int64_t row_bytes = std::max<int64_t>(1, b * heads * nk * elem);
+    const int64_t rows = std::max<int64_t>(1, max_bytes / row_bytes);
+    torch::Tensor out;
+    if (rows >= nq) {
+        out = slice(0, nq);
     } else {
-        auto scores = at::matmul(qh * scale, kh.transpose(-1, -2));
-        if (mask) scores = scores + mask->to(scores.scalar_type());
-        out = at::matmul(at::softmax(scores, -1), vh);
+        out = torch::empty({b, heads, nq, dim}, v.options());
+        for (int64_t lo = 0; lo < nq; lo += rows) out.slice(2, lo, std::min(nq, lo + rows)).copy_(slice(lo, std::min(nq, lo + rows)));
     }
     return out.transpose(1, 2).reshape({b, nq, inner});
 }

@@ -67,10 +67,15 @@ struct BatchNorm2dImpl : torch::nn::Module {
 };
 TORCH_MODULE(BatchNorm2d);
 
+// The most bytes one attention score matrix may take; larger ones are computed
+// in slices of queries (the result is the same: softmax is per query).
+constexpr int64_t kAttentionSliceBytes = int64_t(256) << 20;
+
 // Multi-head scaled dot-product attention over [B, N, heads*dim] tensors.
 // One place, so a fused kernel can replace it. upcast computes the scores in
 // float32 when the inputs are half precision.
 torch::Tensor attention(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
-                        const c10::optional<torch::Tensor> &mask = c10::nullopt, bool upcast = false);
+                        const c10::optional<torch::Tensor> &mask = c10::nullopt, bool upcast = false,
+                        int64_t max_bytes = kAttentionSliceBytes);
 
 }  // namespace sw
