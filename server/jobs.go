@@ -27,6 +27,8 @@ type Job struct {
 	// keepImages holds the final images in memory for a handler that answers
 	// with them; other jobs' results live only in their run directory.
 	keepImages bool
+	// inputs are the parameters as validated and decoded at submission.
+	inputs *decoded
 
 	mu           sync.Mutex
 	state        string
@@ -84,7 +86,6 @@ func (j *Job) View() JobView {
 		Error: j.err, RunID: j.runID, Result: j.result, Created: j.created,
 		EventsURL: "/v1/jobs/" + j.ID + "/events", CancelURL: "/v1/jobs/" + j.ID + "/cancel", Parameters: j.Params,
 	}
-	v.Parameters.Image, v.Parameters.Mask = "", ""
 	for _, f := range j.files {
 		v.Files = append(v.Files, "/v1/runs/"+j.runID+"/"+f)
 	}

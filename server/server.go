@@ -264,11 +264,13 @@ func newID() string {
 // Submit validates and queues a job. keepImages keeps its final images in
 // memory for the caller (Job.takeImages) besides writing them to its run.
 func (s *Server) Submit(kind string, p JobParams, source string, keepImages bool) (*Job, error) {
-	if _, err := s.validate(kind, &p); err != nil {
+	d, err := s.validate(kind, &p)
+	if err != nil {
 		return nil, err
 	}
+	p.Image, p.Mask = "", "" // decoded into d; the base64 need not wait in the queue too
 	j := newJob(newID(), kind, p)
-	j.Source, j.keepImages = source, keepImages
+	j.Source, j.keepImages, j.inputs = source, keepImages, d
 	s.mu.Lock()
 	s.jobs[j.ID] = j
 	s.order = append(s.order, j.ID)
@@ -364,7 +366,7 @@ func (s *Server) finish(j *Job, state, msg string) {
 		j.mu.Unlock()
 		return
 	}
-	j.state, j.err, j.finished, j.cancel = state, msg, time.Now(), nil
+	j.state, j.err, j.finished, j.cancel, j.inputs = state, msg, time.Now(), nil, nil
 	j.mu.Unlock()
 	s.metrics.finished(state)
 	typ := map[string]string{StateCompleted: "completed", StateFailed: "failed", StateCancelled: "cancelled"}[state]
@@ -387,12 +389,8 @@ func (s *Server) run(j *Job) {
 	defer s.metrics.running.Add(-1)
 	s.publishState(j, "started")
 
-	p := j.Params
-	d, err := s.validate(j.Kind, &p)
-	if err != nil {
-		s.finish(j, StateFailed, err.Error())
-		return
-	}
+	p, d := j.Params, j.inputs
+	var err error
 	previews := newPreviewEncoder(s, j)
 	defer previews.close()
 	onStep := func(st binding.Step) {
