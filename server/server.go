@@ -384,12 +384,12 @@ func (s *Server) run(j *Job) {
 		return
 	}
 	j.state, j.started, j.cancel, j.position = StateRunning, time.Now(), cancel, -1
+	p, d := j.Params, j.inputs
 	j.mu.Unlock()
 	s.metrics.running.Add(1)
 	defer s.metrics.running.Add(-1)
 	s.publishState(j, "started")
 
-	p, d := j.Params, j.inputs
 	var err error
 	previews := newPreviewEncoder(s, j)
 	defer previews.close()
