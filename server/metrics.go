@@ -5,8 +5,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
-
-	"github.com/stepwise-sd/stepwise/binding"
+	"time"
 )
 
 // metrics are the counters /metrics exposes in Prometheus' text format.
@@ -28,14 +27,11 @@ func (m *metrics) finished(state string) {
 	m.mu.Unlock()
 }
 
-// observeStep records the mean step time of the run so far.
-func (m *metrics) observeStep(st binding.Step) {
-	if st.Step <= 0 {
-		return
-	}
+// observeStep records one step's duration.
+func (m *metrics) observeStep(d time.Duration) {
 	m.mu.Lock()
 	m.steps++
-	m.stepSecs += st.Elapsed.Seconds() / float64(st.Step)
+	m.stepSecs += d.Seconds()
 	m.mu.Unlock()
 }
 
@@ -57,7 +53,7 @@ func (s *Server) writeMetrics(w io.Writer) {
 	for _, st := range []string{StateCompleted, StateFailed, StateCancelled} {
 		fmt.Fprintf(w, "stepwise_jobs_finished_total{state=%q} %d\n", st, m.byState[st])
 	}
-	fmt.Fprintln(w, "# HELP stepwise_step_seconds Mean seconds per denoising step, over every step observed.")
+	fmt.Fprintln(w, "# HELP stepwise_step_seconds Seconds per denoising step.")
 	fmt.Fprintln(w, "# TYPE stepwise_step_seconds summary")
 	fmt.Fprintf(w, "stepwise_step_seconds_sum %g\nstepwise_step_seconds_count %d\n", m.stepSecs, m.steps)
 	fmt.Fprintln(w, "# HELP stepwise_preview_bytes_sent_total Bytes of preview frames written to websocket clients.")

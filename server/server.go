@@ -395,9 +395,10 @@ func (s *Server) run(j *Job) {
 	defer previews.close()
 	onStep := func(st binding.Step) {
 		j.mu.Lock()
+		previous := j.elapsed
 		j.step, j.steps, j.elapsed = st.Step, st.Steps, st.Elapsed
 		j.mu.Unlock()
-		s.metrics.observeStep(st)
+		s.metrics.observeStep(st.Elapsed - previous)
 		s.publishState(j, "progress")
 		if len(st.Previews) > 0 {
 			previews.offer(st)

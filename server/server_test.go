@@ -562,3 +562,25 @@ func TestMultipartUpload(t *testing.T) {
 	assert.EqualValues(t, 64, last["result"].(map[string]any)["width"])
 	assert.EqualValues(t, 48, last["result"].(map[string]any)["height"])
 }
+
+func TestMetricsCountEveryStep(t *testing.T) {
+	e := start(t, server.Config{})
+	for _, steps := range []int{3, 4} {
+		id := submit(t, e, txt(steps))
+		collect(t, e.dial(t, "/v1/jobs/"+id+"/events"), id)
+	}
+	resp, err := http.Get(e.http.URL + "/metrics")
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	text := string(body)
+	assert.Contains(t, text, "stepwise_step_seconds_count 7\n")
+	assert.Contains(t, text, `stepwise_jobs_finished_total{state="completed"} 2`)
+	var sum float64
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(line, "stepwise_step_seconds_sum ") {
+			fmt.Sscan(strings.TrimPrefix(line, "stepwise_step_seconds_sum "), &sum)
+		}
+	}
+	assert.Greater(t, sum, 0.0)
+}
