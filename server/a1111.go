@@ -12,7 +12,6 @@ import (
 	"strings"
 
 	"github.com/stepwise-sd/stepwise/binding"
-	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
 // The AUTOMATIC1111 web UI API subset existing clients use, with its field
@@ -50,7 +49,8 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 		kind := endpoint
 		body, err := io.ReadAll(r.Body)
 		if err != nil {
-			writeError(w, statusOf(err), err.Error())
+			err = bodyError(err)
+			writeA1111Error(w, statusOf(err), err.Error())
 			return
 		}
 		var req a1111Request
@@ -103,14 +103,8 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 			if req.Mask != "" {
 				kind = "inpaint"
 				p.Mask = req.Mask
-				if req.InpaintingInvert != 0 {
-					inv, err := invertMaskB64(p.Mask)
-					if err != nil {
-						writeA1111Error(w, http.StatusUnprocessableEntity, err.Error())
-						return
-					}
-					p.Mask = inv
-				}
+				// Inverted on a worker, after the mask passed the limits.
+				p.InvertMask = req.InpaintingInvert != 0
 			}
 		}
 		j, err := s.Submit(kind, p, "sdapi", true)
@@ -123,7 +117,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 		}
 		v := j.View()
 		if v.State != StateCompleted {
-			writeA1111Error(w, http.StatusInternalServerError, v.State+": "+v.Error)
+			writeA1111Error(w, statusOf(j.Err()), v.State+": "+v.Error)
 			return
 		}
 		imgs := j.takeImages()
@@ -186,10 +180,7 @@ func (s *Server) a1111Progress(w http.ResponseWriter, r *http.Request) {
 		}
 		resp["textinfo"] = fmt.Sprintf("step %d/%d", v.Step, v.Steps)
 		if !skipImage {
-			cur.mu.Lock()
-			jpeg := cur.preview
-			cur.mu.Unlock()
-			if jpeg != nil {
+			if jpeg, _ := cur.latestPreview(); jpeg != nil {
 				resp["current_image"] = base64.StdEncoding.EncodeToString(jpeg)
 			}
 		}
@@ -224,19 +215,4 @@ func (s *Server) a1111Samplers(w http.ResponseWriter, r *http.Request) {
 		out = append(out, map[string]any{"name": si.Display, "aliases": aliases, "options": map[string]string{}})
 	}
 	writeJSON(w, http.StatusOK, out)
-}
-
-// invertMaskB64 swaps a mask's inside and outside (inpainting_mask_invert).
-func invertMaskB64(b64 string) (string, error) {
-	data, err := decodeB64("mask", b64)
-	if err != nil {
-		return "", err
-	}
-	decoded, err := pipeline.DecodeImage(data, 0)
-	if err != nil {
-		return "", err
-	}
-	img := pipeline.MaskFromImage(decoded, 0)
-	img.Invert()
-	return pngBase64(img.Image()), nil
 }

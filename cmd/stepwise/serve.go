@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -37,6 +35,14 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	retention := fs.Duration("retention", pipeline.DefaultRetention, "how long run folders are kept")
 	cancelOnShutdown := fs.Bool("cancel-on-shutdown", false, "cancel running jobs on shutdown instead of letting them finish")
 	grace := fs.Duration("shutdown-grace", 2*time.Minute, "how long shutdown waits for running jobs")
+	hosts := fs.String("allow-host", "", "comma-separated Host names the server answers to besides IP addresses and localhost (\"*\": any)")
+	maxConns := fs.Int("max-conns", 256, "open HTTP connections at most")
+	maxWebsockets := fs.Int("max-websockets", 128, "open websocket connections at most")
+	maxPrompt := fs.Int("max-prompt", 4096, "bytes of a prompt or negative prompt")
+	maxPixels := fs.Int("max-pixels", 16<<20, "pixels of an uploaded image")
+	maxBody := fs.Int64("max-body", 32<<20, "bytes of a request body")
+	readTimeout := fs.Duration("read-timeout", time.Minute, "time to read one request, body included")
+	keepJobs := fs.Int("keep-jobs", 200, "finished jobs kept listed by /v1/jobs")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -69,26 +75,23 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	engine := &pipeline.Engine{Cache: binding.NewCache(lib, binding.CacheOptions{Logger: lg}), Runs: runs,
 		ConvertDir: filepath.Join(*data, "cache"), Version: version}
 	defer engine.Cache.Close()
-	var allowed []string
-	for _, o := range strings.Split(*origins, ",") {
-		if o = strings.TrimSpace(o); o != "" {
-			allowed = append(allowed, o)
-		}
-	}
 	srv := server.New(server.Config{
-		Model: *model, SegModel: *segModel, DType: dtype, Token: *token, AllowedOrigins: allowed,
+		Model: *model, SegModel: *segModel, DType: dtype, Token: *token,
+		AllowedOrigins: splitList(*origins), AllowedHosts: splitList(*hosts),
 		Concurrency: *concurrency, MaxQueue: *maxQueue, MaxSteps: *maxSteps, MaxSide: *maxSide,
+		MaxConns: *maxConns, MaxWebsockets: *maxWebsockets, MaxPromptBytes: *maxPrompt, MaxPixels: *maxPixels,
+		MaxBodyBytes: *maxBody, ReadTimeout: *readTimeout, KeepJobs: *keepJobs,
 		CancelOnShutdown: *cancelOnShutdown, Logger: lg,
 	}, engine)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	runs.StartJanitor(ctx, time.Hour)
-	ln, err := net.Listen("tcp", *addr)
+	ln, err := srv.Listen(ctx, *addr)
 	if err != nil {
 		return err
 	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
+	hs := srv.HTTPServer()
 	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (device %s, model %s)\n", version, ln.Addr(), lib.Device().ID, *model)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
@@ -107,4 +110,15 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	return jobErr
+}
+
+// splitList splits a comma-separated flag value, dropping empty entries.
+func splitList(v string) []string {
+	var out []string
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
 }
