@@ -132,10 +132,10 @@ func (e *Engine) Generate(ctx context.Context, o GenerateOptions) (*GenerateResu
 			work.Feather(o.MaskBlur)
 			req.Mask = &binding.Image{Width: req.Width, Height: req.Height, Channels: 1, Pix: work.Pix}
 			if req.Strength == 0 {
-				req.Strength = 1
+				req.Strength = DefaultStrength(true)
 			}
 		} else if req.Strength == 0 {
-			req.Strength = 0.75
+			req.Strength = DefaultStrength(false)
 		}
 		req.Init = RGB(Resize(input, req.Width, req.Height))
 	} else {
@@ -199,4 +199,13 @@ func (e *Engine) Generate(ctx context.Context, o GenerateOptions) (*GenerateResu
 		return nil, err
 	}
 	return out, nil
+}
+
+// DefaultStrength is the denoising strength when none is given: inpainting
+// repaints its region whole, img2img keeps a quarter of the image.
+func DefaultStrength(inpaint bool) float32 {
+	if inpaint {
+		return 1
+	}
+	return 0.75
 }

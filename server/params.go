@@ -280,6 +280,9 @@ func (s *Server) checkInputs(kind string, p *JobParams, d *decoded) error {
 			return badRequest("the image is %dx%d: the output would be %dx%d, outside 8..%d (give width and height to resize it)",
 				imgCfg.Width, imgCfg.Height, w, h, s.cfg.MaxSide)
 		}
+		if err := checkStrength(kind, p); err != nil {
+			return err
+		}
 	case "segment", "edit":
 		if err := s.checkSegment(kind, p, imgCfg); err != nil {
 			return err
@@ -292,6 +295,19 @@ func (s *Server) checkInputs(kind string, p *JobParams, d *decoded) error {
 		if _, err := s.decodeFully("mask", d.mask); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// checkStrength refuses a denoising strength that leaves no step to run: the
+// engine runs the last int(steps × strength) of the steps.
+func checkStrength(kind string, p *JobParams) error {
+	strength := p.DenoisingStrength
+	if strength == 0 {
+		strength = pipeline.DefaultStrength(kind == "inpaint")
+	}
+	if strength < 1 && int64(float64(p.Steps)*float64(strength)) < 1 {
+		return badRequest("denoising_strength %g of %d steps leaves no step to run: raise steps or the strength", strength, p.Steps)
 	}
 	return nil
 }
