@@ -386,3 +386,21 @@ func fileExists(p string) bool {
 	st, err := os.Stat(p)
 	return err == nil && st.Mode().IsRegular()
 }
+
+// Describe makes the entry of one model outside any models folder (a
+// server's --model): its name is its file or folder name.
+func Describe(path string) (Entry, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return Entry{}, err
+	}
+	st, err := os.Stat(abs)
+	if err != nil {
+		return Entry{}, err
+	}
+	c := &Catalog{dir: filepath.Dir(abs), hashes: map[string]hashRecord{}}
+	if st.IsDir() {
+		return c.describeFolder(abs), nil
+	}
+	return c.describeFile(abs), nil
+}

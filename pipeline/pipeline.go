@@ -28,11 +28,15 @@ type Engine struct {
 // ModelRef names a model and how to load it.
 type ModelRef struct {
 	Path   string
+	VAE    string        // a VAE that replaces the model's own; empty: its own
 	Device string        // empty: the library's device
 	DType  binding.DType // auto: the device's default
 }
 
 func (e *Engine) acquire(ctx context.Context, kind binding.Kind, m ModelRef) (*binding.Ref, error) {
+	if m.VAE != "" {
+		return nil, fmt.Errorf("%w: a separate VAE (%s)", binding.ErrUnsupported, m.VAE)
+	}
 	path, err := models.Resolve(m.Path, e.ConvertDir)
 	if err != nil {
 		return nil, err

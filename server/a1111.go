@@ -1,15 +1,11 @@
 package server
 
 import (
-	"crypto/sha256"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
-	"path/filepath"
-	"strings"
 
 	"github.com/stepwise-sd/stepwise/binding"
 )
@@ -23,6 +19,11 @@ func (s *Server) a1111Routes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /sdapi/v1/interrupt", s.a1111Interrupt)
 	mux.HandleFunc("GET /sdapi/v1/sd-models", s.a1111Models)
 	mux.HandleFunc("GET /sdapi/v1/samplers", s.a1111Samplers)
+	mux.HandleFunc("GET /sdapi/v1/sd-vae", s.a1111VAEs)
+	mux.HandleFunc("POST /sdapi/v1/refresh-checkpoints", s.a1111Refresh)
+	mux.HandleFunc("POST /sdapi/v1/refresh-vae", s.a1111Refresh)
+	mux.HandleFunc("GET /sdapi/v1/options", s.a1111Options)
+	mux.HandleFunc("POST /sdapi/v1/options", s.a1111SetOptions)
 }
 
 // a1111Request is the part of StableDiffusionProcessingTxt2Img/Img2Img stepwise honours.
@@ -42,6 +43,11 @@ type a1111Request struct {
 	InitImages        []string `json:"init_images"`
 	Mask              string   `json:"mask"`
 	InpaintingInvert  int      `json:"inpainting_mask_invert"`
+	// OverrideSettings may switch the checkpoint and VAE for this request alone.
+	OverrideSettings struct {
+		Checkpoint string `json:"sd_model_checkpoint"`
+		VAE        string `json:"sd_vae"`
+	} `json:"override_settings"`
 }
 
 func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
@@ -86,6 +92,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 		if req.Seed != nil {
 			p.Seed = *req.Seed
 		}
+		p.Model, p.VAE = req.OverrideSettings.Checkpoint, req.OverrideSettings.VAE
 		if kind == "img2img" {
 			if len(req.InitImages) == 0 {
 				writeA1111Error(w, http.StatusUnprocessableEntity, "init_images is empty")
@@ -129,6 +136,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 		if sd, ok := v.Result["seed"].(uint64); ok {
 			seed = int64(sd)
 		}
+		model := s.describe(j.modelPath())
 		params := map[string]any{}
 		json.Unmarshal(body, &params)
 		params["seed"] = seed
@@ -136,7 +144,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 			"prompt": p.Prompt, "negative_prompt": p.NegativePrompt, "seed": seed, "all_seeds": []int64{seed},
 			"width": v.Result["width"], "height": v.Result["height"], "sampler_name": p.SamplerName, "steps": p.Steps,
 			"cfg_scale": p.CFGScale, "batch_size": p.BatchSize, "denoising_strength": p.DenoisingStrength,
-			"sd_model_name": filepath.Base(s.cfg.Model), "job_id": j.ID, "run_id": v.RunID,
+			"sd_model_name": model.Name, "sd_model_hash": model.Hash, "job_id": j.ID, "run_id": v.RunID,
 		})
 		writeJSON(w, http.StatusOK, map[string]any{"images": out, "parameters": params, "info": string(info)})
 	}
@@ -196,16 +204,6 @@ func (s *Server) a1111Interrupt(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{})
-}
-
-func (s *Server) a1111Models(w http.ResponseWriter, r *http.Request) {
-	name := strings.TrimSuffix(filepath.Base(s.cfg.Model), filepath.Ext(s.cfg.Model))
-	sum := sha256.Sum256([]byte(s.cfg.Model))
-	h := hex.EncodeToString(sum[:])
-	writeJSON(w, http.StatusOK, []map[string]any{{
-		"title": name + " [" + h[:10] + "]", "model_name": name, "hash": h[:8], "sha256": h,
-		"filename": s.cfg.Model, "config": nil,
-	}})
 }
 
 func (s *Server) a1111Samplers(w http.ResponseWriter, r *http.Request) {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"image"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -19,6 +20,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/models"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
@@ -337,23 +339,41 @@ func pngBase64(img image.Image) string {
 }
 
 func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{
-		"configured": map[string]string{"sd": s.cfg.Model, "seg": s.cfg.SegModel},
-		"loaded":     s.engine.Cache.Loaded(),
-		"memory":     s.engine.Cache.Stats(),
-	})
+	current, _ := s.resolveModel("")
+	vae, _ := s.resolveVAE("")
+	out := map[string]any{
+		"configured":  map[string]string{"sd": s.cfg.Model, "seg": s.cfg.SegModel, "vae": s.cfg.VAE},
+		"current":     map[string]string{"sd": current, "vae": vae},
+		"checkpoints": s.checkpoints(),
+		"loaded":      s.engine.Cache.Loaded(),
+		"memory":      s.engine.Cache.Stats(),
+	}
+	if s.catalog != nil {
+		out["models_dir"] = s.catalog.Dir()
+		out["vaes"] = s.catalog.List(catalog.KindVAE)
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) modelKey(r *http.Request) (binding.Key, error) {
 	var req struct {
-		Kind string `json:"kind"` // "sd" or "seg"
+		Kind  string `json:"kind"`  // "sd" or "seg"
+		Model string `json:"model"` // sd: a name from the models folder; empty: the current model
 	}
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return binding.Key{}, bodyError(err)
+	}
+	if err := json.Unmarshal(body, &req); err != nil {
 		return binding.Key{}, badRequest("invalid JSON: %v", err)
 	}
 	switch req.Kind {
 	case "sd":
-		return s.engine.Cache.KeyFor(binding.KindSD, s.cfg.Model, "", s.cfg.DType)
+		path, err := s.resolveModel(req.Model)
+		if err != nil {
+			return binding.Key{}, err
+		}
+		return s.engine.Cache.KeyFor(binding.KindSD, path, "", s.cfg.DType)
 	case "seg":
 		if s.cfg.SegModel == "" {
 			return binding.Key{}, badRequest("no segmentation model is configured")

@@ -28,6 +28,8 @@ type Job struct {
 	// keepImages holds the final images in memory for a handler that answers
 	// with them; other jobs' results live only in their run directory.
 	keepImages bool
+	// sdPath is the checkpoint the job runs with, resolved at submission.
+	sdPath string
 
 	mu       sync.Mutex
 	inputs   *decoded // as validated and decoded at submission; dropped when the job ends
@@ -53,7 +55,7 @@ type Job struct {
 }
 
 func newJob(id, kind string, p JobParams, d *decoded) *Job {
-	return &Job{ID: id, Kind: kind, Params: p, inputs: d, state: StateQueued, created: time.Now(), position: -1,
+	return &Job{ID: id, Kind: kind, Params: p, inputs: d, sdPath: d.sdPath, state: StateQueued, created: time.Now(), position: -1,
 		done: make(chan struct{})}
 }
 
@@ -255,6 +257,9 @@ func (j *Job) finish(state string, err error) bool {
 	close(j.done)
 	return true
 }
+
+// modelPath is the checkpoint the job was resolved to at submission.
+func (j *Job) modelPath() string { return j.sdPath }
 
 // takeImages hands the final images over once and forgets them.
 func (j *Job) takeImages() []image.Image {

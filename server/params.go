@@ -40,6 +40,10 @@ type JobParams struct {
 	// Image and Mask are base64 (optionally a data: URL); multipart uploads fill them too.
 	Image string `json:"image,omitempty"`
 	Mask  string `json:"mask,omitempty"`
+	// Model and VAE name a checkpoint and a VAE of the models folder; empty:
+	// the server's current ones.
+	Model string `json:"model,omitempty"`
+	VAE   string `json:"vae,omitempty"`
 	// InvertMask swaps the mask's inside and outside (A1111's inpainting_mask_invert).
 	InvertMask bool `json:"invert_mask,omitempty"`
 	// Edit and segment.
@@ -77,6 +81,8 @@ var jobKinds = map[string]bool{"txt2img": true, "img2img": true, "inpaint": true
 
 // decoded holds a validated job's decoded inputs.
 type decoded struct {
+	sdPath  string
+	vaePath string
 	sampler binding.Sampler
 	preview binding.Preview
 	image   []byte
@@ -161,6 +167,14 @@ func (s *Server) validate(kind string, p *JobParams) (*decoded, error) {
 	}
 	if d.preview, err = binding.ParsePreview(p.Preview); err != nil {
 		return nil, badRequest("%v", err)
+	}
+	if kind != "segment" {
+		if d.sdPath, err = s.resolveModel(p.Model); err != nil {
+			return nil, err
+		}
+		if d.vaePath, err = s.resolveVAE(p.VAE); err != nil {
+			return nil, err
+		}
 	}
 	if err := s.checkInputs(kind, p, d); err != nil {
 		return nil, err

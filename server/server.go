@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/models"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
@@ -24,9 +25,13 @@ import (
 // Config is the server's configuration; zero values take the defaults, which
 // live in defaults() and nowhere else (docs/api.md lists them with their flags).
 type Config struct {
-	Model    string // Stable Diffusion model path
+	Model    string // Stable Diffusion model path: what requests that name no model get
 	SegModel string // segmentation model path
-	DType    binding.DType
+	// VAE, when set, replaces the models' own VAE for requests that name none.
+	VAE string
+	// Catalog, when set, lists the models requests may name (--models-dir).
+	Catalog *catalog.Catalog
+	DType   binding.DType
 	// Token, when set, must come as "Authorization: Bearer <token>" (or
 	// ?token= on websockets, which browsers cannot give headers).
 	Token string
@@ -104,6 +109,13 @@ type Server struct {
 	// websockets counts open websocket connections against MaxWebsockets.
 	websockets atomic.Int64
 
+	catalog   *catalog.Catalog
+	choice    modelChoice
+	described struct {
+		mu sync.Mutex
+		m  map[string]catalog.Entry
+	}
+
 	segClassesOnce sync.Once
 	segClassCount  int
 	segClassesErr  error
@@ -121,7 +133,9 @@ func New(cfg Config, engine *pipeline.Engine) *Server {
 	cfg.defaults()
 	ctx, stop := context.WithCancel(context.Background())
 	s := &Server{cfg: cfg, engine: engine, log: cfg.Logger, hub: newHub(cfg.Logger), jobs: map[string]*Job{},
-		baseCtx: ctx, stop: stop, metrics: newMetrics(), decodes: make(chan struct{}, concurrentDecodes)}
+		baseCtx: ctx, stop: stop, metrics: newMetrics(), decodes: make(chan struct{}, concurrentDecodes),
+		catalog: cfg.Catalog}
+	s.described.m = map[string]catalog.Entry{}
 	s.queue = newQueue(cfg.MaxQueue, func(j *Job) { s.hub.publish(j.event("queued")) })
 	for i := 0; i < cfg.Concurrency; i++ {
 		s.wg.Add(1)
@@ -287,7 +301,7 @@ func (s *Server) run(j *Job) {
 // execute runs one job's work through the pipeline.
 func (s *Server) execute(ctx context.Context, kind string, p JobParams, d *decoded, onStep func(binding.Step),
 	onRun func(string)) (*output, error) {
-	sdRef := pipeline.ModelRef{Path: s.cfg.Model, DType: s.cfg.DType}
+	sdRef := pipeline.ModelRef{Path: d.sdPath, VAE: d.vaePath, DType: s.cfg.DType}
 	segOpts := pipeline.SegmentOptions{Model: pipeline.ModelRef{Path: s.cfg.SegModel}, Scale: p.SegmentScale, Classes: p.Classes}
 	out := &output{result: map[string]any{"seed": d.seed}}
 	switch kind {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
 )
@@ -23,7 +24,9 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	ef.register(fs)
 	addr := fs.String("addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
 	data := fs.String("data", defaultDataDir(), "data folder: runs/, cache/ and the demo models")
-	model := fs.String("model", "", "Stable Diffusion model (default: the tiny demo model)")
+	model := fs.String("model", "", "Stable Diffusion model: a path, or a name in --models-dir (default: the folder's first, else the tiny demo model)")
+	modelsDir := fs.String("models-dir", "", "folder of checkpoints (diffusers folders, .safetensors, .ckpt, VAEs) that requests may choose from")
+	vae := fs.String("vae", "", "VAE replacing the models' own: a path, or a name in --models-dir")
 	segModel := fs.String("seg-model", "", "segmentation U-Net (default: the tiny demo model)")
 	dtypeName := fs.String("dtype", "auto", "weights dtype: auto, f32, f16, bf16")
 	token := fs.String("token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
@@ -55,6 +58,18 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	lg := ef.log
+	var cat *catalog.Catalog
+	if *modelsDir != "" {
+		if cat, err = catalog.Open(*modelsDir, filepath.Join(*data, "cache")); err != nil {
+			return err
+		}
+		if *model, err = pickModel(cat, catalog.KindCheckpoint, *model); err != nil {
+			return err
+		}
+		if *vae, err = pickModel(cat, catalog.KindVAE, *vae); err != nil {
+			return err
+		}
+	}
 	if *model == "" || *segModel == "" {
 		sd, seg, err := demoModels(lib, *data, stderr)
 		if err != nil {
@@ -76,7 +91,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		ConvertDir: filepath.Join(*data, "cache"), Version: version}
 	defer engine.Cache.Close()
 	srv := server.New(server.Config{
-		Model: *model, SegModel: *segModel, DType: dtype, Token: *token,
+		Model: *model, SegModel: *segModel, VAE: *vae, Catalog: cat, DType: dtype, Token: *token,
 		AllowedOrigins: splitList(*origins), AllowedHosts: splitList(*hosts),
 		Concurrency: *concurrency, MaxQueue: *maxQueue, MaxSteps: *maxSteps, MaxSide: *maxSide,
 		MaxConns: *maxConns, MaxWebsockets: *maxWebsockets, MaxPromptBytes: *maxPrompt, MaxPixels: *maxPixels,
@@ -110,6 +125,27 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	return jobErr
+}
+
+// pickModel resolves a model flag against a models folder: an existing path
+// stays, a name is looked up; an empty checkpoint flag takes the folder's first.
+func pickModel(cat *catalog.Catalog, kind, flag string) (string, error) {
+	if flag != "" {
+		if _, err := os.Stat(flag); err == nil {
+			return flag, nil
+		}
+		e, err := cat.Find(kind, flag)
+		if err != nil {
+			return "", err
+		}
+		return e.Path, nil
+	}
+	if kind == catalog.KindCheckpoint {
+		if list := cat.List(kind); len(list) > 0 {
+			return list[0].Path, nil
+		}
+	}
+	return "", nil
 }
 
 // splitList splits a comma-separated flag value, dropping empty entries.
