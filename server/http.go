@@ -27,10 +27,8 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", s.handlePage)
 	mux.HandleFunc("GET /healthz", s.handleHealth)
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		s.writeMetrics(w)
-	})
+	mux.HandleFunc("GET /favicon.ico", handleFavicon)
+	mux.Handle("GET /metrics", s.metrics.handler())
 	mux.HandleFunc("POST /v1/jobs", s.handleSubmit)
 	mux.HandleFunc("GET /v1/jobs", s.handleList)
 	mux.HandleFunc("GET /v1/jobs/{id}", s.handleGet)
@@ -59,7 +57,7 @@ func (s *Server) guard(next http.Handler) http.Handler {
 			writeError(w, http.StatusForbidden, "origin "+origin+" is not allowed")
 			return
 		}
-		public := r.URL.Path == "/" || r.URL.Path == "/healthz"
+		public := r.URL.Path == "/" || r.URL.Path == "/healthz" || r.URL.Path == "/favicon.ico"
 		if s.cfg.Token != "" && !public && !s.tokenOK(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="stepwise"`)
 			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")

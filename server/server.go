@@ -91,7 +91,8 @@ func New(cfg Config, engine *pipeline.Engine) *Server {
 	cfg.defaults()
 	ctx, stop := context.WithCancel(context.Background())
 	s := &Server{cfg: cfg, engine: engine, log: cfg.Logger, hub: newHub(cfg.Logger), jobs: map[string]*Job{},
-		baseCtx: ctx, stop: stop, metrics: newMetrics()}
+		baseCtx: ctx, stop: stop}
+	s.metrics = newMetrics(s)
 	s.queue = newQueue(cfg.MaxQueue, func(j *Job) { s.publishState(j, "queued") })
 	for i := 0; i < cfg.Concurrency; i++ {
 		s.wg.Add(1)
