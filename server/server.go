@@ -133,8 +133,8 @@ func New(cfg Config, engine *pipeline.Engine) *Server {
 	cfg.defaults()
 	ctx, stop := context.WithCancel(context.Background())
 	s := &Server{cfg: cfg, engine: engine, log: cfg.Logger, hub: newHub(cfg.Logger), jobs: map[string]*Job{},
-		baseCtx: ctx, stop: stop, metrics: newMetrics(), decodes: make(chan struct{}, concurrentDecodes),
-		catalog: cfg.Catalog}
+		baseCtx: ctx, stop: stop, decodes: make(chan struct{}, concurrentDecodes), catalog: cfg.Catalog}
+	s.metrics = newMetrics(s)
 	s.described.m = map[string]catalog.Entry{}
 	s.queue = newQueue(cfg.MaxQueue, func(j *Job) { s.hub.publish(j.event("queued")) })
 	for i := 0; i < cfg.Concurrency; i++ {
