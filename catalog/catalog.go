@@ -27,6 +27,7 @@ import (
 const (
 	KindCheckpoint = "checkpoint" // a Stable Diffusion model: diffusers folder or single file
 	KindVAE        = "vae"        // a standalone VAE
+	KindSeg        = "seg"        // a segmentation U-Net (Pytorch-UNet layout)
 )
 
 // Entry is one model of the folder.
@@ -282,6 +283,8 @@ func describeTensors(e *Entry, names []string, shapes map[string][]int64) {
 		e.Arch = "sd1"
 	case !has("model.diffusion_model.") && (has("decoder.") || has("first_stage_model.decoder.")):
 		e.Kind, e.Arch = KindVAE, "vae"
+	case has("inc.double_conv.") && has("outc.conv."):
+		e.Kind, e.Arch = KindSeg, "unet-seg"
 	}
 	if s, ok := shapes["model.diffusion_model.input_blocks.0.0.weight"]; ok && len(s) == 4 {
 		e.Inpaint = s[1] == 9

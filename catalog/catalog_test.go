@@ -54,6 +54,8 @@ func modelsFolder(t *testing.T) string {
 	copyTree(t, filepath.Join(fx, "sd", "tiny-sd15.safetensors"), filepath.Join(dir, "single.safetensors"))
 	copyTree(t, filepath.Join(fx, "sd", "tiny-sd15.yaml"), filepath.Join(dir, "single.yaml"))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "notes.txt"), []byte("not a model"), 0o644))
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "seg"), 0o755))
+	copyTree(t, filepath.Join(fx, "seg", "seg-unet-w8", "model.safetensors"), filepath.Join(dir, "seg", "unet.safetensors"))
 	return dir
 }
 
@@ -67,12 +69,13 @@ func TestListsEveryModelWithArchitectureAndHashes(t *testing.T) {
 	dir := modelsFolder(t)
 	c, err := catalog.Open(dir, t.TempDir())
 	require.NoError(t, err)
-	all := c.List("")
 	names := []string{}
-	for _, e := range all {
+	for _, e := range c.List(catalog.KindCheckpoint) {
 		names = append(names, e.Name)
 	}
 	require.Equal(t, []string{"inpaint/tiny-inpaint", "single", "tiny-sd15"}, names)
+	segs := c.List(catalog.KindSeg)
+	require.Len(t, segs, 1, "the segmentation U-Net is listed as one, not as a checkpoint")
 
 	single, err := c.Find(catalog.KindCheckpoint, "single")
 	require.NoError(t, err)

@@ -69,6 +69,9 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		if *vae, err = pickModel(cat, catalog.KindVAE, *vae); err != nil {
 			return err
 		}
+		if *segModel, err = pickModel(cat, catalog.KindSeg, *segModel); err != nil {
+			return err
+		}
 	}
 	if *model == "" || *segModel == "" {
 		sd, seg, err := demoModels(lib, *data, stderr)
@@ -128,7 +131,8 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 }
 
 // pickModel resolves a model flag against a models folder: an existing path
-// stays, a name is looked up; an empty checkpoint flag takes the folder's first.
+// stays, a name is looked up; an empty checkpoint or segmentation flag takes
+// the folder's first of its kind (no VAE unless one is named).
 func pickModel(cat *catalog.Catalog, kind, flag string) (string, error) {
 	if flag != "" {
 		if _, err := os.Stat(flag); err == nil {
@@ -140,7 +144,7 @@ func pickModel(cat *catalog.Catalog, kind, flag string) (string, error) {
 		}
 		return e.Path, nil
 	}
-	if kind == catalog.KindCheckpoint {
+	if kind != catalog.KindVAE {
 		if list := cat.List(kind); len(list) > 0 {
 			return list[0].Path, nil
 		}
