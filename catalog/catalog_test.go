@@ -2,7 +2,6 @@ package catalog_test
 
 import (
 	"encoding/json"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,45 +16,18 @@ import (
 	"github.com/stepwise-sd/stepwise/internal/testenv"
 )
 
-func copyTree(t *testing.T, src, dst string) {
-	t.Helper()
-	require.NoError(t, filepath.Walk(src, func(p string, info os.FileInfo, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(src, p)
-		out := filepath.Join(dst, rel)
-		if info.IsDir() {
-			return os.MkdirAll(out, 0o755)
-		}
-		in, err := os.Open(p)
-		if err != nil {
-			return err
-		}
-		defer in.Close()
-		f, err := os.Create(out)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		_, err = io.Copy(f, in)
-		return err
-	}))
-}
-
 // modelsFolder holds the tiny fixtures as a user keeps checkpoints: a
 // diffusers folder, an inpainting folder in a subfolder, a single file with
 // its yaml.
 func modelsFolder(t *testing.T) string {
 	fx := testenv.Fixtures(t)
 	dir := t.TempDir()
-	copyTree(t, filepath.Join(fx, "sd", "tiny-sd15"), filepath.Join(dir, "tiny-sd15"))
-	copyTree(t, filepath.Join(fx, "sd", "tiny-inpaint"), filepath.Join(dir, "inpaint", "tiny-inpaint"))
-	copyTree(t, filepath.Join(fx, "sd", "tiny-sd15.safetensors"), filepath.Join(dir, "single.safetensors"))
-	copyTree(t, filepath.Join(fx, "sd", "tiny-sd15.yaml"), filepath.Join(dir, "single.yaml"))
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-sd15"), filepath.Join(dir, "tiny-sd15"))
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-inpaint"), filepath.Join(dir, "inpaint", "tiny-inpaint"))
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-sd15.safetensors"), filepath.Join(dir, "single.safetensors"))
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-sd15.yaml"), filepath.Join(dir, "single.yaml"))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "notes.txt"), []byte("not a model"), 0o644))
-	require.NoError(t, os.MkdirAll(filepath.Join(dir, "seg"), 0o755))
-	copyTree(t, filepath.Join(fx, "seg", "seg-unet-w8", "model.safetensors"), filepath.Join(dir, "seg", "unet.safetensors"))
+	testenv.CopyTree(t, filepath.Join(fx, "seg", "seg-unet-w8", "model.safetensors"), filepath.Join(dir, "seg", "unet.safetensors"))
 	return dir
 }
 
@@ -177,7 +149,7 @@ func TestRefreshFindsNewFiles(t *testing.T) {
 	require.NoError(t, err)
 	_, err = c.Find(catalog.KindCheckpoint, "later")
 	require.ErrorIs(t, err, catalog.ErrUnknownModel)
-	copyTree(t, filepath.Join(dir, "single.safetensors"), filepath.Join(dir, "later.safetensors"))
+	testenv.CopyTree(t, filepath.Join(dir, "single.safetensors"), filepath.Join(dir, "later.safetensors"))
 	require.NoError(t, c.Refresh())
 	e, err := c.Find(catalog.KindCheckpoint, "later")
 	require.NoError(t, err)

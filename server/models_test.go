@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -21,35 +20,16 @@ import (
 	"github.com/stepwise-sd/stepwise/server"
 )
 
-func copyTree(t *testing.T, src, dst string) {
-	t.Helper()
-	require.NoError(t, filepath.Walk(src, func(p string, info os.FileInfo, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(src, p)
-		out := filepath.Join(dst, rel)
-		if info.IsDir() {
-			return os.MkdirAll(out, 0o755)
-		}
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return err
-		}
-		return os.WriteFile(out, b, 0o644)
-	}))
-}
-
 // modelsDir holds two different SD models (the project's tiny model and the
 // reference fixture), an inpainting model and a single file.
 func modelsDir(t *testing.T) string {
 	sdDir, _ := testenv.Tiny(t)
 	fx := testenv.Fixtures(t)
 	dir := t.TempDir()
-	copyTree(t, sdDir, filepath.Join(dir, "tiny"))
-	copyTree(t, filepath.Join(fx, "sd", "tiny-sd15"), filepath.Join(dir, "tiny-sd15"))
-	copyTree(t, filepath.Join(fx, "sd", "tiny-inpaint"), filepath.Join(dir, "inpaint", "tiny-inpaint"))
-	copyTree(t, filepath.Join(fx, "sd", "tiny-sd15.safetensors"), filepath.Join(dir, "single.safetensors"))
+	testenv.CopyTree(t, sdDir, filepath.Join(dir, "tiny"))
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-sd15"), filepath.Join(dir, "tiny-sd15"))
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-inpaint"), filepath.Join(dir, "inpaint", "tiny-inpaint"))
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-sd15.safetensors"), filepath.Join(dir, "single.safetensors"))
 	return dir
 }
 
@@ -179,7 +159,7 @@ func TestRefreshFindsCheckpointsAddedAfterStart(t *testing.T) {
 	e := withCatalog(t, dir)
 	code, out := e.post(t, "/v1/jobs", map[string]any{"kind": "txt2img", "prompt": "x", "model": "later"})
 	require.Equal(t, http.StatusBadRequest, code, out)
-	copyTree(t, filepath.Join(dir, "tiny-sd15"), filepath.Join(dir, "later"))
+	testenv.CopyTree(t, filepath.Join(dir, "tiny-sd15"), filepath.Join(dir, "later"))
 	resp, err := http.Post(e.http.URL+"/sdapi/v1/refresh-checkpoints", "application/json", bytes.NewReader(nil))
 	require.NoError(t, err)
 	resp.Body.Close()
