@@ -516,3 +516,27 @@ func TestShutdownEndsAfterItsGrace(t *testing.T) {
 }
 
 func mkfifo(path string) error { return syscall.Mkfifo(path, 0o644) }
+
+// Cancel lands inside a denoising step: at 1024² one step of even the tiny
+// model takes minutes on a small CPU, and a cancel sent during the first step
+// ends the job before that step reports.
+func TestCancelLandsInsideAStep(t *testing.T) {
+	e := start(t, server.Config{})
+	id := submit(t, e, map[string]any{"kind": "txt2img", "prompt": "x", "width": 1024, "height": 1024, "steps": 2,
+		"preview": "none"})
+	c := e.dial(t, "/v1/jobs/"+id+"/events")
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	for {
+		_, data, err := c.ReadMessage()
+		require.NoError(t, err)
+		if bytes.Contains(data, []byte(`"type":"started"`)) {
+			break
+		}
+	}
+	time.Sleep(500 * time.Millisecond) // well inside the first step
+	code, out := e.post(t, "/v1/jobs/"+id+"/cancel", "")
+	require.Equal(t, http.StatusAccepted, code, out)
+	s := collect(t, c, id)
+	assert.Equal(t, "cancelled", s.events[len(s.events)-1]["type"])
+	assert.Zero(t, count(s.events, "progress"), "the job stopped inside its first step")
+}
