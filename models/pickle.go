@@ -37,6 +37,9 @@ var ErrUnsafePickle = errors.New("checkpoint holds objects other than tensors, d
 // budget, nesting past MaxPickleDepth.
 var ErrBadCheckpoint = errors.New("malformed or oversized checkpoint")
 
+// errPanicked marks a panic recovered while reading: a bound that is missing.
+var errPanicked = errors.New("the reader failed on it")
+
 // The limits a pickle checkpoint is read under. A crafted .pth/.ckpt must
 // fail with ErrBadCheckpoint, never crash the process or make it allocate
 // what a size field claims.
@@ -79,7 +82,7 @@ func ReadPickleStateDict(path string) (tensors map[string]safetensors.Tensor, ex
 	defer func() {
 		if r := recover(); r != nil {
 			tensors, extra = nil, nil
-			err = fmt.Errorf("read %s: %w: the reader failed on it: %v", path, ErrBadCheckpoint, r)
+			err = fmt.Errorf("read %s: %w: %w: %v", path, ErrBadCheckpoint, errPanicked, r)
 		}
 	}()
 	f, info, err := regfile.Open(path)
