@@ -20,11 +20,13 @@ import (
 // zip format without having to forge CRCs. Seeds:
 // testdata/fuzz/FuzzPickleConverter.
 func FuzzPickleConverter(f *testing.F) {
+	// One file, rewritten for each input: inputs run one at a time in a
+	// fuzzing process.
+	path := filepath.Join(f.TempDir(), "m.pth")
 	f.Fuzz(func(t *testing.T, data []byte, asDataPkl bool) {
 		if asDataPkl {
 			data = torchZip(data, map[string][]byte{"0": six})
 		}
-		path := filepath.Join(t.TempDir(), "m.pth")
 		if err := os.WriteFile(path, data, 0o644); err != nil {
 			t.Fatal(err)
 		}

@@ -277,6 +277,7 @@ func TestReadPickleRefusesCraftedCheckpoints(t *testing.T) {
 			runtime.ReadMemStats(&after)
 			require.Error(t, err)
 			assert.ErrorIs(t, err, c.want)
+			assert.NotErrorIs(t, err, models.ErrPanicked, "refused by a check, not by a recovered panic")
 			// What a crafted size claims is never allocated: the reader
 			// allocates in proportion to the bytes that are there.
 			assert.LessOrEqual(t, after.TotalAlloc-before.TotalAlloc, uint64(4<<20+512*len(c.file)), "bytes allocated")

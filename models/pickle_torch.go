@@ -231,7 +231,12 @@ func (c *checkpoint) unpickle(prog []byte, legacy bool) (any, error) {
 	u := pickle.NewUnpickler(bytes.NewReader(prog))
 	u.FindClass = findClass
 	u.PersistentLoad = func(id any) (any, error) { return c.persistentLoad(id, legacy) }
-	return u.Load()
+	v, err := u.Load()
+	if err != nil && !errors.Is(err, ErrBadCheckpoint) && !errors.Is(err, ErrUnsafePickle) {
+		// gopickle's own complaints: an opcode applied to the wrong type.
+		err = fmt.Errorf("%w: %v", ErrBadCheckpoint, err)
+	}
+	return v, err
 }
 
 // nextPickle returns the pickle program at the start of b.

@@ -1,6 +1,7 @@
 package safetensors_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"os"
 	"path/filepath"
@@ -87,38 +88,39 @@ func TestEncodeRefusesInconsistentTensors(t *testing.T) {
 func TestParseRefusesMalformedFiles(t *testing.T) {
 	eight := make([]byte, 8)
 	cases := map[string][]byte{
-		"empty":                 {},
-		"shorter than a length": {1, 0, 0},
-		"header past the end":   file(1000, `{}`, nil),
-		"header over the max":   file(safetensors.MaxHeaderBytes+1, `{}`, nil),
-		"huge header length":    file(1<<63, `{}`, nil),
-		"not JSON":              honest(`{"a":`, nil),
-		"JSON array":            honest(`[1,2]`, nil),
-		"JSON null":             honest(`null`, nil),
-		"not UTF-8":             honest("{\"\xff\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", []byte{0}),
-		"entry not an object":   honest(`{"a":5}`, nil),
-		"entry null":            honest(`{"a":null}`, nil),
-		"no shape":              honest(`{"a":{"dtype":"U8","data_offsets":[0,0]}}`, nil),
-		"no offsets":            honest(`{"a":{"dtype":"U8","shape":[0]}}`, nil),
-		"three offsets":         honest(`{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1,2]}}`, []byte{0}),
-		"unknown dtype":         honest(`{"a":{"dtype":"F31","shape":[2],"data_offsets":[0,8]}}`, eight),
-		"no dtype":              honest(`{"a":{"shape":[8],"data_offsets":[0,8]}}`, eight),
-		"negative dim":          honest(`{"a":{"dtype":"U8","shape":[-2,-4],"data_offsets":[0,8]}}`, eight),
-		"fractional dim":        honest(`{"a":{"dtype":"U8","shape":[8.5],"data_offsets":[0,8]}}`, eight),
-		"numel overflows":       honest(`{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}`, eight),
-		"bytes overflow":        honest(`{"a":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,8]}}`, eight),
-		"span shorter":          honest(`{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}`, eight),
-		"span longer":           honest(`{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}`, eight),
-		"negative offset":       honest(`{"a":{"dtype":"U8","shape":[1],"data_offsets":[-1,0]}}`, eight),
-		"reversed offsets":      honest(`{"a":{"dtype":"U8","shape":[0],"data_offsets":[8,4]}}`, eight),
-		"past the data":         honest(`{"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}`, eight),
-		"huge offsets":          honest(`{"a":{"dtype":"U8","shape":[1],"data_offsets":[9223372036854775806,9223372036854775807]}}`, eight),
-		"overlap":               honest(`{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}`, eight),
-		"same span twice":       honest(`{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}`, eight),
-		"gap":                   honest(`{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}`, eight),
-		"trailing bytes":        honest(`{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}`, eight),
-		"metadata not strings":  honest(`{"__metadata__":{"a":1}}`, nil),
-		"metadata a list":       honest(`{"__metadata__":["a"]}`, nil),
+		"empty":                           {},
+		"shorter than a length":           {1, 0, 0},
+		"header past the end":             file(1000, `{}`, nil),
+		"header over the max":             file(safetensors.MaxHeaderBytes+1, `{}`, nil),
+		"huge header length":              file(1<<63, `{}`, nil),
+		"not JSON":                        honest(`{"a":`, nil),
+		"JSON array":                      honest(`[1,2]`, nil),
+		"JSON null":                       honest(`null`, nil),
+		"not UTF-8":                       honest("{\"\xff\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", []byte{0}),
+		"entry not an object":             honest(`{"a":5}`, nil),
+		"entry null":                      honest(`{"a":null}`, nil),
+		"no shape":                        honest(`{"a":{"dtype":"U8","data_offsets":[0,0]}}`, nil),
+		"no offsets":                      honest(`{"a":{"dtype":"U8","shape":[0]}}`, nil),
+		"three offsets":                   honest(`{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1,2]}}`, []byte{0}),
+		"unknown dtype":                   honest(`{"a":{"dtype":"F31","shape":[2],"data_offsets":[0,8]}}`, eight),
+		"no dtype":                        honest(`{"a":{"shape":[8],"data_offsets":[0,8]}}`, eight),
+		"negative dim":                    honest(`{"a":{"dtype":"U8","shape":[-2,-4],"data_offsets":[0,8]}}`, eight),
+		"fractional dim":                  honest(`{"a":{"dtype":"U8","shape":[8.5],"data_offsets":[0,8]}}`, eight),
+		"numel overflows":                 honest(`{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}`, eight),
+		"element count wraps to the span": honest(`{"a":{"dtype":"U8","shape":[4611686018427387905,4],"data_offsets":[0,4]}}`, make([]byte, 4)),
+		"bytes overflow":                  honest(`{"a":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,8]}}`, eight),
+		"span shorter":                    honest(`{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}`, eight),
+		"span longer":                     honest(`{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}`, eight),
+		"negative offset":                 honest(`{"a":{"dtype":"U8","shape":[1],"data_offsets":[-1,0]}}`, eight),
+		"reversed offsets":                honest(`{"a":{"dtype":"U8","shape":[0],"data_offsets":[8,4]}}`, eight),
+		"past the data":                   honest(`{"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}`, eight),
+		"huge offsets":                    honest(`{"a":{"dtype":"U8","shape":[1],"data_offsets":[9223372036854775806,9223372036854775807]}}`, eight),
+		"overlap":                         honest(`{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}`, eight),
+		"same span twice":                 honest(`{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}`, eight),
+		"gap":                             honest(`{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}`, eight),
+		"trailing bytes":                  honest(`{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}`, eight),
+		"metadata not strings":            honest(`{"__metadata__":{"a":1}}`, nil),
+		"metadata a list":                 honest(`{"__metadata__":["a"]}`, nil),
 	}
 	for name, b := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -127,6 +129,15 @@ func TestParseRefusesMalformedFiles(t *testing.T) {
 			assert.ErrorIs(t, err, safetensors.ErrMalformed)
 		})
 	}
+}
+
+// The header limit holds even for a file long enough to hold the header.
+func TestParseRefusesAHeaderOverTheLimit(t *testing.T) {
+	header := append([]byte(`{}`), bytes.Repeat([]byte{' '}, safetensors.MaxHeaderBytes-1)...)
+	_, err := safetensors.Parse(honest(string(header), nil), "m.safetensors")
+	require.ErrorIs(t, err, safetensors.ErrMalformed)
+	_, err = safetensors.Parse(honest(string(header[:len(header)-1]), nil), "m.safetensors")
+	require.NoError(t, err, "a header of exactly MaxHeaderBytes is allowed")
 }
 
 func TestParseAcceptsTheEdges(t *testing.T) {
