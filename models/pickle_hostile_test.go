@@ -123,11 +123,12 @@ func nestedLists(n int) []byte {
 	return append(bytes.Repeat([]byte{']'}, n), bytes.Repeat([]byte{'a'}, n-1)...)
 }
 
-// doublingDAG pushes lists L0 = [], Lk = [Lk-1, Lk-1]: 2^n leaves as a tree.
+// doublingDAG pushes Ln of the lists L0 = [], Lk = [Lk-1, Lk-1]: 2^n
+// leaves as a tree. The others live only in the memo.
 func doublingDAG(n int) []byte {
 	b := []byte{']', 'q', 0}
 	for i := 1; i <= n; i++ {
-		b = append(b, '(', 'h', byte(i-1), 'h', byte(i-1), 'l', 'q', byte(i))
+		b = append(b, '0', '(', 'h', byte(i-1), 'h', byte(i-1), 'l', 'q', byte(i))
 	}
 	return b
 }
@@ -207,6 +208,8 @@ func TestReadPickleRefusesCraftedCheckpoints(t *testing.T) {
 		{"bytes after STOP", rawPickle(append(goodPkl, 'N', '.')), models.ErrBadCheckpoint},
 		{"zip bomb storage", torchZip(stateDict(false, tensorEntry("t", contiguous("FloatStorage", "0", 16<<20))),
 			nil, zipEntry{name: "archive/data/0", data: bomb, deflate: true}), models.ErrBadCheckpoint},
+		{"zip bomb storage under a 1-element view", torchZip(stateDict(false, tensorEntry("t", f32(16<<20, 0, []int64{1}, []int64{1}))),
+			nil, zipEntry{name: "archive/data/0", data: bomb, deflate: true}), models.ErrBadCheckpoint},
 		{"zip bomb data.pkl", zipOf(zipEntry{name: "archive/data.pkl", data: make([]byte, models.MaxPickleBytes+1), deflate: true}), models.ErrBadCheckpoint},
 		{"entry inflates past its size", rawZip([]zipEntry{pklEntry},
 			&zip.FileHeader{Name: "archive/data/0", Method: zip.Deflate, CRC32: crc32.ChecksumIEEE(six),
@@ -250,7 +253,8 @@ func TestReadPickleRefusesCraftedCheckpoints(t *testing.T) {
 		{"SETITEMS of odd items (gopickle panicked)", rawPickle(newPickle().op('}', '(', 'K', 1, 'u').stop()), models.ErrBadCheckpoint},
 		{"pop from an empty stack", rawPickle([]byte{0x80, 2, 'R', '.'}), models.ErrBadCheckpoint},
 		{"no STOP", rawPickle(goodPkl[:len(goodPkl)-1]), models.ErrBadCheckpoint},
-		{"marks nested 100 000 deep", rawDict(bytes.Repeat([]byte{'('}, 100000)), models.ErrBadCheckpoint},
+		{"marks nested 100 000 deep", rawDict(append(bytes.Repeat([]byte{'('}, 100000), bytes.Repeat([]byte{'t'}, 100000)...)), models.ErrBadCheckpoint},
+		{"2^10 paths through shared lists, within the depth", rawDict(doublingDAG(10)), models.ErrBadCheckpoint},
 		{"lists nested 100 000 deep", rawDict(nestedLists(100000)), models.ErrBadCheckpoint},
 		{"list inside itself", rawDict([]byte{']', 'q', 0, 'h', 0, 'a'}), models.ErrBadCheckpoint},
 		{"2^40 paths through shared lists", rawDict(doublingDAG(40)), models.ErrBadCheckpoint},

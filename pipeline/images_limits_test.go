@@ -87,32 +87,38 @@ func TestDecodeImageRefusesWhatIsPastTheLimits(t *testing.T) {
 	png2 := encodePNG(t, 2, 2)
 	png4 := encodePNG(t, 4, 4)
 	jpg := encodeJPEG(t, 16, 16)
+	// header: CheckImage, which decodes nothing, refuses it too.
 	cases := []struct {
 		name      string
 		data      []byte
 		maxPixels int
+		header    bool
 	}{
-		{"empty", nil, 0},
-		{"garbage", []byte("hello, world"), 0},
-		{"gif", []byte("GIF89a\x01\x00\x01\x00\x00\x00\x00;"), 0},
-		{"bmp", append([]byte("BM"), make([]byte, 60)...), 0},
-		{"webp", []byte("RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00\x2f\x00\x00\x00\x10\x07\x10\x11\x11\x88\x88\xfe\x07\x00"), 0},
-		{"tiff", []byte("II*\x00\x08\x00\x00\x00"), 0},
-		{"zero width", withPNGSize(png2, 0, 2), 0},
-		{"over the pixel limit", png4, 15},
-		{"side over MaxImageSide", withPNGSize(png2, pipeline.MaxImageSide+1, 1), math.MaxInt32},
-		{"product past a 32-bit int", withPNGSize(png2, 65535, 65535), math.MaxInt32},
-		{"header smaller than the data", withPNGSize(png4, 2, 2), 0},
-		{"header larger than the data", withPNGSize(png2, 4, 4), 0},
-		{"truncated png", png4[:len(png4)-20], 0},
-		{"truncated jpeg", jpg[:len(jpg)/2], 0},
-		{"jpeg of too many scans", withScans(jpg, pipeline.MaxJPEGScans+1), 0},
+		{"empty", nil, 0, true},
+		{"garbage", []byte("hello, world"), 0, true},
+		{"gif", []byte("GIF89a\x01\x00\x01\x00\x00\x00\x00;"), 0, true},
+		{"bmp", append([]byte("BM"), make([]byte, 60)...), 0, true},
+		{"webp", []byte("RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00\x2f\x00\x00\x00\x10\x07\x10\x11\x11\x88\x88\xfe\x07\x00"), 0, true},
+		{"tiff", []byte("II*\x00\x08\x00\x00\x00"), 0, true},
+		{"zero width", withPNGSize(png2, 0, 2), 0, true},
+		{"over the pixel limit", png4, 15, true},
+		{"side over MaxImageSide", withPNGSize(png2, pipeline.MaxImageSide+1, 1), math.MaxInt32, true},
+		{"product past a 32-bit int", withPNGSize(png2, 65535, 65535), math.MaxInt32, true},
+		{"header smaller than the data", withPNGSize(png4, 2, 2), 0, false},
+		{"header larger than the data", withPNGSize(png2, 4, 4), 0, false},
+		{"truncated png", png4[:len(png4)-20], 0, false},
+		{"truncated jpeg", jpg[:len(jpg)/2], 0, false},
+		{"jpeg of too many scans", withScans(jpg, pipeline.MaxJPEGScans+1), 0, true},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := pipeline.DecodeImage(c.data, c.maxPixels)
 			require.Error(t, err)
 			assert.ErrorIs(t, err, pipeline.ErrBadImage)
+			if c.header {
+				_, _, err := pipeline.CheckImage(c.data, c.maxPixels)
+				assert.ErrorIs(t, err, pipeline.ErrBadImage)
+			}
 		})
 	}
 }
