@@ -62,10 +62,10 @@ func TestResolveConvertsOnceAndRefusesUnsafePickles(t *testing.T) {
 	// protocol 2: GLOBAL os.system, then STOP.
 	require.NoError(t, os.WriteFile(evil, []byte("\x80\x02cos\nsystem\nq\x00."), 0o644))
 	_, err = models.Resolve(evil, cache)
-	require.Error(t, err)
+	require.ErrorIs(t, err, models.ErrUnsafePickle)
 
 	garbage := filepath.Join(t.TempDir(), "garbage.pth")
 	require.NoError(t, os.WriteFile(garbage, []byte("not a pickle"), 0o644))
 	_, err = models.Resolve(garbage, cache)
-	require.Error(t, err)
+	require.ErrorIs(t, err, models.ErrBadCheckpoint)
 }
