@@ -21,6 +21,7 @@ import (
 	"sync"
 
 	"github.com/stepwise-sd/stepwise/internal/atomicfile"
+	"github.com/stepwise-sd/stepwise/internal/regfile"
 )
 
 // Kinds of entry.
@@ -199,7 +200,7 @@ func (c *Catalog) describeFile(p string) Entry {
 		}
 	}
 	// An LDM yaml beside the file says v-prediction (parameterization: "v").
-	if y, err := os.ReadFile(strings.TrimSuffix(p, filepath.Ext(p)) + ".yaml"); err == nil {
+	if y, err := regfile.ReadFile(strings.TrimSuffix(p, filepath.Ext(p))+".yaml", maxConfigBytes); err == nil {
 		e.VPred = strings.Contains(string(y), `parameterization: "v"`) || strings.Contains(string(y), "parameterization: v")
 	}
 	finish(&e)
@@ -295,7 +296,7 @@ func describeTensors(e *Entry, names []string, shapes map[string][]int64) {
 const maxHeaderBytes = 100 << 20
 
 func readHeader(p string) ([]string, map[string][]int64, error) {
-	f, err := os.Open(p)
+	f, _, err := regfile.Open(p)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -348,7 +349,7 @@ func (c *Catalog) fileHash(p string) (string, error) {
 	if ok && rec.Size == st.Size() && rec.ModTime == st.ModTime().UnixNano() {
 		return rec.SHA256, nil
 	}
-	f, err := os.Open(p)
+	f, _, err := regfile.Open(p)
 	if err != nil {
 		return "", err
 	}
@@ -377,8 +378,11 @@ func (c *Catalog) saveHashes() error {
 	return atomicfile.WriteFile(c.cachePath, b, 0o644)
 }
 
+// maxConfigBytes bounds a model config read to describe a folder.
+const maxConfigBytes = 1 << 20
+
 func readJSON(p string, v any) error {
-	b, err := os.ReadFile(p)
+	b, err := regfile.ReadFile(p, maxConfigBytes)
 	if err != nil {
 		return err
 	}

@@ -5,8 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"strings"
+
+	"github.com/stepwise-sd/stepwise/internal/regfile"
 )
 
 // DefaultSegmentScale is the segmentation input scale when none is given
@@ -21,14 +22,11 @@ const maxHeaderBytes = 100 << 20
 // weights. Class ids 0..n-1 are valid; a one-class (sigmoid) model has the
 // two labels 0 and 1, as the engine counts them.
 func SegModelClasses(path string) (int, error) {
-	f, err := os.Open(path)
+	f, _, err := regfile.Open(path)
 	if err != nil {
 		return 0, err
 	}
 	defer f.Close()
-	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
-		return 0, fmt.Errorf("%s: not a regular file", path)
-	}
 	var n uint64
 	if err := binary.Read(f, binary.LittleEndian, &n); err != nil {
 		return 0, fmt.Errorf("%s: truncated safetensors header: %w", path, err)

@@ -116,7 +116,7 @@ func TestImagesAreCheckedFromTheirHeaderEverywhere(t *testing.T) {
 	}{
 		{"img2img image", "/v1/jobs", map[string]any{"kind": "img2img", "prompt": "x", "image": huge}, "pixels allowed"},
 		{"inpaint mask", "/v1/jobs", map[string]any{"kind": "inpaint", "prompt": "x", "image": small, "mask": huge}, "pixels allowed"},
-		{"zero-size image", "/v1/jobs", map[string]any{"kind": "img2img", "prompt": "x", "image": zero}, "not a PNG"},
+		{"zero-size image", "/v1/jobs", map[string]any{"kind": "img2img", "prompt": "x", "image": zero}, "non-positive dimension"},
 		{"segment", "/v1/segment", map[string]any{"image": huge}, "pixels allowed"},
 		{"edit", "/v1/edit", map[string]any{"prompt": "x", "image": huge}, "pixels allowed"},
 		{"a1111 img2img", "/sdapi/v1/img2img", map[string]any{"prompt": "x", "init_images": []string{huge}}, "pixels allowed"},

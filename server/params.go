@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/binary"
@@ -118,12 +117,9 @@ func (s *Server) checkText(name, v string) error {
 // checkImage checks an uploaded image against the limits from its header
 // alone, before anything is decoded.
 func (s *Server) checkImage(name string, data []byte) (image.Config, error) {
-	cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
-	if err != nil || (format != "png" && format != "jpeg") {
-		return cfg, badRequest("%s is not a PNG or JPEG image", name)
-	}
-	if cfg.Width <= 0 || cfg.Height <= 0 || int64(cfg.Width)*int64(cfg.Height) > int64(s.cfg.MaxPixels) {
-		return cfg, badRequest("%s is %dx%d, more than the %d pixels allowed", name, cfg.Width, cfg.Height, s.cfg.MaxPixels)
+	cfg, _, err := pipeline.CheckImage(data, s.cfg.MaxPixels)
+	if err != nil {
+		return cfg, badRequest("%s: %v", name, err)
 	}
 	return cfg, nil
 }
