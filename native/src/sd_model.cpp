@@ -3,10 +3,10 @@
 #include <memory>
 
 #include "checkpoint.h"
-#include "tokenizer.h"
 #include "models.h"
 #include "safetensors.h"
 #include "sampler.h"
+#include "tokenizer.h"
 #include "weights.h"
 
 namespace sw {
