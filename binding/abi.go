@@ -3,12 +3,13 @@ package binding
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"unsafe"
 )
 
 // ABIVersion is the SW_ABI_VERSION this package was written for. A library
 // reporting another version is refused.
-const ABIVersion = 1
+const ABIVersion = 2
 
 // Mirrors of the structs in stepwise.h. Field order, sizes and padding match
 // the C layout on 64-bit platforms; they change only with ABIVersion.
@@ -157,4 +158,11 @@ func cStr(s string) []byte {
 	b := make([]byte, len(s)+1)
 	copy(b, s)
 	return b
+}
+
+// pinStr is cStr pinned with pin, as the pointer a params struct holds.
+func pinStr(pin *runtime.Pinner, s string) *byte {
+	b := cStr(s)
+	pin.Pin(&b[0])
+	return &b[0]
 }

@@ -40,6 +40,25 @@ std::string sd_family(const ClipTextConfig &clip, const UNetConfig &unet) {
 
 }  // namespace
 
+void check_sd_configs(const std::string &root, const ClipTextConfig &clip, const UNetConfig &unet, const VAEConfig &vae,
+                      const Config &scheduler, const Tokenizer &tokenizer, const std::string &tokenizer_dir) {
+    if (static_cast<int64_t>(tokenizer.vocab_size()) > clip.vocab_size || tokenizer.max_id() >= clip.vocab_size)
+        fail(SW_ERR_FORMAT, tokenizer_dir + ": the tokenizer has " + std::to_string(tokenizer.vocab_size()) +
+                                " tokens (ids up to " + std::to_string(tokenizer.max_id()) + "), the text encoder only " +
+                                std::to_string(clip.vocab_size));
+    NoiseSchedule::from(scheduler);  // validates it now, not at the first generation
+    if (unet.cross_attention_dim != clip.hidden_size)
+        fail(SW_ERR_FORMAT, root + ": unet cross_attention_dim " + std::to_string(unet.cross_attention_dim) +
+                                " does not match the text encoder's hidden_size " + std::to_string(clip.hidden_size));
+    if (vae.latent_channels != 4 || unet.out_channels != 4)
+        fail(SW_ERR_UNSUPPORTED, root + ": only 4-channel latents are supported");
+    if (unet.in_channels != 4 && unet.in_channels != 9)
+        fail(SW_ERR_UNSUPPORTED, root + ": a UNet with " + std::to_string(unet.in_channels) +
+                                     " input channels (want 4, or 9 for inpainting)");
+    if (vae.in_channels != 3 || vae.out_channels != 3)
+        fail(SW_ERR_UNSUPPORTED, root + ": only RGB VAEs (3 channels in and out) are supported");
+}
+
 sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     CallGuard guard;
     if (p.path == nullptr || *p.path == '\0') fail(SW_ERR_INVALID_ARGUMENT, "model path is empty");
@@ -47,6 +66,8 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     if (!path_exists(root)) fail(SW_ERR_NOT_FOUND, root + ": no such file or folder");
     struct stat st_buf;
     const bool is_file = ::stat(root.c_str(), &st_buf) == 0 && S_ISREG(st_buf.st_mode);
+    if (!is_file && !S_ISDIR(st_buf.st_mode))
+        fail(SW_ERR_IO, root + ": neither a regular file nor a folder (a FIFO or a device is never read)");
 
     auto m = std::make_unique<sw_sd_model>();
     m->path = root;
@@ -74,6 +95,7 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
         const auto clip_cfg = ClipTextConfig::from(component_config(root + "/text_encoder"));
         const auto unet_cfg = UNetConfig::from(component_config(root + "/unet"));
         const auto vae_cfg = VAEConfig::from(component_config(root + "/vae"));
+        check_sd_configs(root, clip_cfg, unet_cfg, vae_cfg, m->scheduler_config, *m->tokenizer, m->tokenizer_dir);
         m->text_encoder = ClipTextModel(clip_cfg);
         m->unet = UNet(unet_cfg);
         m->vae = VAE(vae_cfg);
@@ -92,15 +114,6 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     }
     const auto &clip_cfg = m->text_encoder->config;
     const auto &unet_cfg = m->unet->config;
-    if (static_cast<int64_t>(m->tokenizer->vocab_size()) > clip_cfg.vocab_size)
-        fail(SW_ERR_FORMAT, m->tokenizer_dir + ": the tokenizer has " + std::to_string(m->tokenizer->vocab_size()) +
-                                " tokens, the text encoder only " + std::to_string(clip_cfg.vocab_size));
-    NoiseSchedule::from(m->scheduler_config);  // validates it now, not at the first generation
-    if (unet_cfg.cross_attention_dim != clip_cfg.hidden_size)
-        fail(SW_ERR_FORMAT, root + ": unet cross_attention_dim " + std::to_string(unet_cfg.cross_attention_dim) +
-                                " does not match the text encoder's hidden_size " + std::to_string(clip_cfg.hidden_size));
-    if (m->vae->config.latent_channels != 4 || unet_cfg.out_channels != 4)
-        fail(SW_ERR_UNSUPPORTED, root + ": only 4-channel latents are supported");
     m->text_encoder->eval();
     m->unet->eval();
     m->vae->eval();

@@ -26,13 +26,14 @@ public:
     int64_t eos() const { return eos_; }
     int64_t pad() const { return pad_; }
     size_t vocab_size() const { return vocab_.size(); }
+    int64_t max_id() const { return max_id_; }
 
 private:
     std::vector<std::string> bpe(const std::string &word) const;
     std::unordered_map<std::string, int64_t> vocab_;
     std::map<std::pair<std::string, std::string>, size_t> ranks_;
     std::vector<std::string> byte_symbol_;  // byte -> its printable UTF-8 symbol
-    int64_t bos_ = 0, eos_ = 0, pad_ = 0, unk_ = 0;
+    int64_t bos_ = 0, eos_ = 0, pad_ = 0, unk_ = 0, max_id_ = 0;
     std::string dir_;
 };
 
