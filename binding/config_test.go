@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/internal/safetensors"
 	"github.com/stepwise-sd/stepwise/internal/testenv"
 )
 
@@ -300,4 +301,49 @@ func TestOnlyRegularFilesAreRead(t *testing.T) {
 			assert.ErrorIs(t, err, binding.ErrIO, path)
 		}
 	})
+}
+
+// TestSegmentationWidthsAreChecked rewrites weight shapes of the tiny
+// segmentation U-Net (with data to match, so the file itself is well formed):
+// the widths read from them must be positive, bounded and chain from block to
+// block, or the open fails naming the file.
+func TestSegmentationWidthsAreChecked(t *testing.T) {
+	lib := testenv.Library(t)
+	_, segPath := testenv.Tiny(t)
+	tests := []struct {
+		name, tensor string
+		shape        []int64
+		want         string
+	}{
+		{"no classes", "outc.conv.weight", []int64{0, 8, 1, 1}, "0 classes"},
+		{"too many classes", "outc.conv.weight", []int64{300, 8, 1, 1}, "300 classes"},
+		{"zero width", "inc.double_conv.0.weight", []int64{0, 3, 3, 3}, "inc mid has 0 channels"},
+		{"huge width", "inc.double_conv.0.weight", []int64{100000, 3, 1, 1}, "inc mid has 100000 channels"},
+		{"no input channels", "inc.double_conv.0.weight", []int64{8, 0, 3, 3}, "input has 0 channels"},
+		{"broken chain", "down1.maxpool_conv.1.double_conv.0.weight", []int64{16, 9, 3, 3}, "down1 takes 9 channels"},
+		{"skip mismatch", "up4.conv.double_conv.0.weight", []int64{8, 15, 3, 3}, "up4 takes 15 channels"},
+		{"odd upsampling", "up1.up.weight", []int64{127, 64, 2, 2}, "up1 upsamples 127 channels"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f, err := safetensors.Read(segPath)
+			require.NoError(t, err)
+			n := int64(1)
+			for _, d := range tt.shape {
+				n *= d
+			}
+			require.Contains(t, f.Tensors, tt.tensor)
+			f.Tensors[tt.tensor] = safetensors.F32(tt.shape, make([]float32, n))
+			path := filepath.Join(t.TempDir(), "seg.safetensors")
+			require.NoError(t, safetensors.Write(path, f.Tensors, f.Metadata))
+			m, err := lib.OpenSeg(binding.SegOptions{Path: path})
+			if err == nil {
+				m.Close()
+			}
+			require.Error(t, err)
+			assert.ErrorIs(t, err, binding.ErrFormat)
+			assert.Contains(t, err.Error(), path)
+			assert.Contains(t, err.Error(), tt.want)
+		})
+	}
 }
