@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -346,4 +347,65 @@ func TestSegmentationWidthsAreChecked(t *testing.T) {
 			assert.Contains(t, err.Error(), tt.want)
 		})
 	}
+}
+
+// TestSingleFileHintsAreChecked opens the reference single-file checkpoint
+// with its LDM yaml rewritten: a setting the yaml gets wrong fails the open
+// with an error naming the yaml or the setting it feeds, and a FIFO as the
+// yaml does not block.
+func TestSingleFileHintsAreChecked(t *testing.T) {
+	lib := testenv.Library(t)
+	fx := filepath.Join(testenv.Fixtures(t), "sd")
+	yaml, err := os.ReadFile(filepath.Join(fx, "tiny-sd15.yaml"))
+	require.NoError(t, err)
+	open := func(t *testing.T, writeYAML func(path string)) error {
+		dir := t.TempDir()
+		ckpt := filepath.Join(dir, "model.safetensors")
+		require.NoError(t, os.Symlink(filepath.Join(fx, "tiny-sd15.safetensors"), ckpt))
+		writeYAML(filepath.Join(dir, "model.yaml"))
+		return openWithin(t, func() error {
+			m, err := lib.OpenSD(binding.SDOptions{Path: ckpt, TokenizerDir: filepath.Join(fx, "tiny-sd15", "tokenizer")})
+			if err == nil {
+				m.Close()
+			}
+			return err
+		})
+	}
+	replace := func(old, new string) func(string) {
+		return func(path string) {
+			s := string(yaml)
+			require.Contains(t, s, old)
+			require.NoError(t, os.WriteFile(path, []byte(strings.Replace(s, old, new, 1)), 0o644))
+		}
+	}
+	tests := []struct {
+		name, old, new, want string
+		status               binding.Status
+	}{
+		{"heads not a number", "num_heads: 8", "num_heads: eight", "num_heads", binding.StatusFormat},
+		{"heads beyond range", "num_heads: 8", "num_heads: 1e400", "num_heads", binding.StatusFormat},
+		{"heads not dividing", "num_heads: 8", "num_heads: 3", "attention_head_dim", binding.StatusFormat},
+		{"head width too wide", "num_heads: 8", "num_head_channels: 64", "attention_head_dim", binding.StatusFormat},
+		{"negative scale", "scale_factor: 0.18215", "scale_factor: -1", "scaling_factor", binding.StatusFormat},
+		{"beta above one", "linear_start: 0.00085", "linear_start: 2", "beta_start", binding.StatusFormat},
+		{"betas reversed", "linear_end: 0.0120", "linear_end: 0.0001", "beta_end", binding.StatusFormat},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := open(t, replace(tt.old, tt.new))
+			require.Error(t, err)
+			var e *binding.Error
+			require.ErrorAs(t, err, &e)
+			assert.Equal(t, tt.status, e.Status, "%v", err)
+			assert.Contains(t, err.Error(), tt.want)
+		})
+	}
+	t.Run("the yaml as it is", func(t *testing.T) {
+		require.NoError(t, open(t, func(path string) { require.NoError(t, os.WriteFile(path, yaml, 0o644)) }))
+	})
+	t.Run("fifo as the yaml", func(t *testing.T) {
+		err := open(t, func(path string) { require.NoError(t, syscall.Mkfifo(path, 0o644)) })
+		assert.ErrorIs(t, err, binding.ErrIO)
+		assert.Contains(t, err.Error(), "model.yaml")
+	})
 }

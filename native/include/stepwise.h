@@ -291,7 +291,10 @@ typedef struct sw_seg_model_params {
 /* [any thread] Fills p with defaults (path NULL, device "cpu", dtype F32). */
 SW_API void sw_seg_model_default_params(sw_seg_model_params *p);
 /* [any thread] Loads a segmentation U-Net; channel widths and classes come from
- * the weight shapes, bilinear vs transposed-conv upsampling from the tensors present. */
+ * the weight shapes (checked: positive, bounded, each block taking what the one
+ * before it gives, 1..255 classes; SW_ERR_FORMAT otherwise), bilinear vs
+ * transposed-conv upsampling from the tensors present. Only a regular file is
+ * read. */
 SW_API sw_status sw_seg_model_open(const sw_seg_model_params *p, sw_seg_model **out, sw_error *err);
 /* Frees the model. NULL is allowed. Not while another call uses the model. */
 SW_API void sw_seg_model_close(sw_seg_model *m);
