@@ -104,3 +104,28 @@ func TestPromptsWithNULAreRefused(t *testing.T) {
 	_, err := m.Tokenize("a\x00b")
 	assert.ErrorIs(t, err, binding.ErrInvalidArgument)
 }
+
+// TestCancelStopsASegmentation cancels a segmentation of a large image (about
+// two seconds on one core) shortly after it starts: the U-Net stops between
+// its blocks and the call fails with the context's error.
+func TestCancelStopsASegmentation(t *testing.T) {
+	_, segPath := testenv.Tiny(t)
+	m, err := testenv.Library(t).OpenSeg(binding.SegOptions{Path: segPath})
+	require.NoError(t, err)
+	defer m.Close()
+	const n = 1024
+	img := &binding.Image{Width: n, Height: n, Channels: 3, Pix: make([]byte, n*n*3)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// Whether the cancel comes before the engine starts or while it runs, the
+	// call fails with the context's error; only a call that ignored it would
+	// succeed.
+	time.AfterFunc(20*time.Millisecond, cancel)
+	_, err = m.Segment(ctx, binding.SegmentRequest{Image: img})
+	require.Error(t, err)
+	assert.ErrorIs(t, err, context.Canceled)
+
+	small := &binding.Image{Width: 64, Height: 64, Channels: 3, Pix: make([]byte, 64*64*3)}
+	_, err = m.Segment(context.Background(), binding.SegmentRequest{Image: small})
+	require.NoError(t, err, "the model works after a cancel")
+}

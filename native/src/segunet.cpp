@@ -121,7 +121,9 @@ DoubleConvImpl::DoubleConvImpl(const SegArch::Double &d) {
 }
 
 torch::Tensor DoubleConvImpl::forward(const torch::Tensor &x) {
-    return at::relu(bn2(conv2(at::relu(bn1(conv1(x))))));
+    auto h = at::relu(bn1(conv1(x)));
+    check_cancel();  // at full resolution one convolution is most of a block
+    return at::relu(bn2(conv2(h)));
 }
 
 SegUNetImpl::SegUNetImpl(const SegArch &a) : arch(a) {

@@ -16,6 +16,7 @@ ResnetBlockImpl::ResnetBlockImpl(int64_t in, int64_t out, int64_t temb_channels,
 torch::Tensor ResnetBlockImpl::forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &temb) {
     auto h = conv1(at::silu(norm1(x)));
     if (temb && time_emb_proj) h = h + time_emb_proj(at::silu(*temb)).unsqueeze(-1).unsqueeze(-1);
+    check_cancel();  // one convolution at 2048² takes seconds
     h = conv2(at::silu(norm2(h)));
     return (conv_shortcut ? conv_shortcut(x) : x) + h;
 }
@@ -79,7 +80,9 @@ TransformerBlockImpl::TransformerBlockImpl(int64_t dim, int64_t heads, int64_t h
 
 torch::Tensor TransformerBlockImpl::forward(const torch::Tensor &x, const torch::Tensor &context) {
     auto h = x + attn1(norm1(x));
+    check_cancel();
     h = h + attn2(norm2(h), context);
+    check_cancel();
     auto parts = ff_in(norm3(h)).chunk(2, -1);
     return h + ff_out(parts[0] * at::gelu(parts[1]));
 }
