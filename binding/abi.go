@@ -3,6 +3,7 @@ package binding
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"unsafe"
 )
 
@@ -158,4 +159,11 @@ func cStr(s string) []byte {
 	b := make([]byte, len(s)+1)
 	copy(b, s)
 	return b
+}
+
+// pinStr is cStr pinned with pin, as the pointer a params struct holds.
+func pinStr(pin *runtime.Pinner, s string) *byte {
+	b := cStr(s)
+	pin.Pin(&b[0])
+	return &b[0]
 }

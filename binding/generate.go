@@ -282,25 +282,26 @@ func (img *Image) c(pin *runtime.Pinner, what string, channels int) (*cImage, er
 // ErrModelClosed is returned by calls on a closed model.
 var ErrModelClosed = errors.New("model is closed")
 
-// Generate runs one generation. Cancelling ctx stops it within one step; the
-// error then matches ErrCancelled and the model stays usable.
+// Generate runs one generation. Cancelling ctx stops it inside the step (or
+// decode) in progress, between network blocks; the error then matches
+// ErrCancelled and the model stays usable. A prompt containing a NUL byte is
+// refused (ErrInvalidArgument): the engine reads C strings and would see
+// only what comes before it.
 func (m *SDModel) Generate(ctx context.Context, r GenerateRequest) (*GenerateResult, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
+	for _, f := range []struct{ name, text string }{{"prompt", r.Prompt}, {"negative prompt", r.NegativePrompt}} {
+		if i := strings.IndexByte(f.text, 0); i >= 0 {
+			return nil, fmt.Errorf("generate: %w: the %s has a NUL byte at offset %d", ErrInvalidArgument, f.name, i)
+		}
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.handle == 0 {
-		return nil, ErrModelClosed
-	}
+	return call(ctx, m.model, func(h uintptr, pin *runtime.Pinner) (*GenerateResult, error) {
+		return m.generate(ctx, h, pin, r)
+	})
+}
+
+func (m *SDModel) generate(ctx context.Context, h uintptr, pin *runtime.Pinner, r GenerateRequest) (*GenerateResult, error) {
 	var p cGenerateParams
 	m.lib.fn.genDefaultParams(&p)
-	var pin runtime.Pinner
-	defer pin.Unpin()
-	prompt, negative := cStr(r.Prompt), cStr(r.NegativePrompt)
-	pin.Pin(&prompt[0])
-	pin.Pin(&negative[0])
-	p.Prompt, p.NegativePrompt = &prompt[0], &negative[0]
+	p.Prompt, p.NegativePrompt = pinStr(pin, r.Prompt), pinStr(pin, r.NegativePrompt)
 	p.Width, p.Height, p.Steps, p.BatchSize = int32(r.Width), int32(r.Height), int32(r.Steps), int32(r.BatchSize)
 	p.CFGScale, p.Sampler, p.Seed = r.CFGScale, int32(r.Sampler), r.Seed
 	p.Strength, p.ClipSkip, p.Preview, p.PreviewEvery = r.Strength, int32(r.ClipSkip), int32(r.Preview), int32(r.PreviewEvery)
@@ -312,12 +313,12 @@ func (m *SDModel) Generate(ctx context.Context, r GenerateRequest) (*GenerateRes
 	}
 	var err error
 	if r.Init != nil {
-		if p.InitImage, err = r.Init.c(&pin, "init image", 3); err != nil {
+		if p.InitImage, err = r.Init.c(pin, "init image", 3); err != nil {
 			return nil, fmt.Errorf("generate: %w", err)
 		}
 	}
 	if r.Mask != nil {
-		if p.Mask, err = r.Mask.c(&pin, "mask", 1); err != nil {
+		if p.Mask, err = r.Mask.c(pin, "mask", 1); err != nil {
 			return nil, fmt.Errorf("generate: %w", err)
 		}
 	}
@@ -329,7 +330,7 @@ func (m *SDModel) Generate(ctx context.Context, r GenerateRequest) (*GenerateRes
 
 	var res *cGenerateResult
 	var ce cError
-	status := m.lib.fn.generate(m.handle, &p, &res, &ce)
+	status := m.lib.fn.generate(h, &p, &res, &ce)
 	if g.panic != nil {
 		if res != nil {
 			m.lib.fn.genResultFree(res)
@@ -337,9 +338,6 @@ func (m *SDModel) Generate(ctx context.Context, r GenerateRequest) (*GenerateRes
 		return nil, fmt.Errorf("generate: step callback panicked: %v", g.panic)
 	}
 	if err := check("sw_sd_generate", status, &ce); err != nil {
-		if errors.Is(err, ErrCancelled) && ctx.Err() != nil {
-			return nil, fmt.Errorf("generate: %w (%w)", err, ctx.Err())
-		}
 		return nil, fmt.Errorf("generate: %w", err)
 	}
 	defer m.lib.fn.genResultFree(res)
@@ -364,22 +362,22 @@ func (m *SDModel) Generate(ctx context.Context, r GenerateRequest) (*GenerateRes
 
 // Tokenize returns the BPE ids of text (no BOS/EOS, untruncated).
 func (m *SDModel) Tokenize(text string) ([]int64, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.handle == 0 {
-		return nil, ErrModelClosed
+	if strings.IndexByte(text, 0) >= 0 {
+		return nil, fmt.Errorf("tokenize: %w: the text has a NUL byte", ErrInvalidArgument)
 	}
-	var count int32
-	var ce cError
-	ids := make([]int64, 256)
-	if err := check("sw_sd_tokenize", m.lib.fn.tokenize(m.handle, text, &ids[0], int32(len(ids)), &count, &ce), &ce); err != nil {
-		return nil, err
-	}
-	if int(count) > len(ids) {
-		ids = make([]int64, count)
-		if err := check("sw_sd_tokenize", m.lib.fn.tokenize(m.handle, text, &ids[0], count, &count, &ce), &ce); err != nil {
+	return call(context.Background(), m.model, func(h uintptr, _ *runtime.Pinner) ([]int64, error) {
+		var count int32
+		var ce cError
+		ids := make([]int64, 256)
+		if err := check("sw_sd_tokenize", m.lib.fn.tokenize(h, text, &ids[0], int32(len(ids)), &count, &ce), &ce); err != nil {
 			return nil, err
 		}
-	}
-	return ids[:count], nil
+		if int(count) > len(ids) {
+			ids = make([]int64, count)
+			if err := check("sw_sd_tokenize", m.lib.fn.tokenize(h, text, &ids[0], count, &count, &ce), &ce); err != nil {
+				return nil, err
+			}
+		}
+		return ids[:count], nil
+	})
 }

@@ -56,11 +56,13 @@ type functions struct {
 	sdOpen          func(p *cSDModelParams, out *uintptr, err *cError) int32
 	sdClose         func(m uintptr)
 	sdInfo          func(m uintptr, out *cModelInfo, err *cError) int32
+	sdCancel        func(m uintptr)
 
 	segDefaultParams func(p *cSegModelParams)
 	segOpen          func(p *cSegModelParams, out *uintptr, err *cError) int32
 	segClose         func(m uintptr)
 	segInfo          func(m uintptr, out *cModelInfo, err *cError) int32
+	segCancel        func(m uintptr)
 
 	genDefaultParams func(p *cGenerateParams)
 	generate         func(m uintptr, p *cGenerateParams, out **cGenerateResult, err *cError) int32
@@ -95,10 +97,12 @@ func (f *functions) symbols() []struct {
 		{"sw_sd_model_open", &f.sdOpen},
 		{"sw_sd_model_close", &f.sdClose},
 		{"sw_sd_model_info", &f.sdInfo},
+		{"sw_sd_model_cancel", &f.sdCancel},
 		{"sw_seg_model_default_params", &f.segDefaultParams},
 		{"sw_seg_model_open", &f.segOpen},
 		{"sw_seg_model_close", &f.segClose},
 		{"sw_seg_model_info", &f.segInfo},
+		{"sw_seg_model_cancel", &f.segCancel},
 		{"sw_generate_default_params", &f.genDefaultParams},
 		{"sw_sd_generate", &f.generate},
 		{"sw_generate_result_free", &f.genResultFree},

@@ -1,9 +1,12 @@
 package binding
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"runtime"
 	"sync"
+	"time"
 )
 
 // ModelInfo describes a loaded model.
@@ -25,6 +28,11 @@ func modelInfo(ci *cModelInfo) ModelInfo {
 	}
 }
 
+// cancelRetry is how often a cancelled context asks the engine again to stop
+// until the call returns: a cancel that races with the start of a native call
+// may be cleared by that start (see sw_sd_model_cancel).
+const cancelRetry = 100 * time.Millisecond
+
 // SDOptions say which Stable Diffusion model to open and how.
 type SDOptions struct {
 	// Path is a diffusers folder or a single-file .safetensors checkpoint.
@@ -39,75 +47,6 @@ type SDOptions struct {
 	VAEPath string
 }
 
-// SDModel is an open Stable Diffusion model. Generation calls on one model are
-// serialised: the engine allows one at a time per handle.
-type SDModel struct {
-	lib    *Library
-	mu     sync.Mutex // held for every call that uses handle
-	handle uintptr
-	info   ModelInfo
-	path   string
-}
-
-// OpenSD loads every component of a Stable Diffusion model.
-func (l *Library) OpenSD(o SDOptions) (*SDModel, error) {
-	if o.Path == "" {
-		return nil, fmt.Errorf("open model: empty path")
-	}
-	device := o.Device
-	if device == "" {
-		device = l.device.ID
-	}
-	var p cSDModelParams
-	l.fn.sdDefaultParams(&p)
-	var pin runtime.Pinner
-	defer pin.Unpin()
-	path, dev := cStr(o.Path), cStr(device)
-	pin.Pin(&path[0])
-	pin.Pin(&dev[0])
-	p.Path, p.Device, p.DType = &path[0], &dev[0], int32(o.DType)
-	if o.TokenizerDir != "" {
-		tok := cStr(o.TokenizerDir)
-		pin.Pin(&tok[0])
-		p.TokenizerDir = &tok[0]
-	}
-	if o.VAEPath != "" {
-		vae := cStr(o.VAEPath)
-		pin.Pin(&vae[0])
-		p.VAEPath = &vae[0]
-	}
-	var h uintptr
-	var ce cError
-	if err := check("sw_sd_model_open", l.fn.sdOpen(&p, &h, &ce), &ce); err != nil {
-		return nil, fmt.Errorf("open model %s: %w", o.Path, err)
-	}
-	m := &SDModel{lib: l, handle: h, path: o.Path}
-	var ci cModelInfo
-	if err := check("sw_sd_model_info", l.fn.sdInfo(h, &ci, &ce), &ce); err != nil {
-		l.fn.sdClose(h)
-		return nil, fmt.Errorf("open model %s: %w", o.Path, err)
-	}
-	m.info = modelInfo(&ci)
-	return m, nil
-}
-
-// Info describes the loaded model.
-func (m *SDModel) Info() ModelInfo { return m.info }
-
-// Path is the folder or file the model was loaded from.
-func (m *SDModel) Path() string { return m.path }
-
-// Close frees the model; it waits for a call in progress. Closing twice is a no-op.
-func (m *SDModel) Close() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.handle != 0 {
-		m.lib.fn.sdClose(m.handle)
-		m.handle = 0
-	}
-	return nil
-}
-
 // SegOptions say which segmentation model to open and how.
 type SegOptions struct {
 	Path   string // a .safetensors file in the Pytorch-UNet layout
@@ -115,65 +54,155 @@ type SegOptions struct {
 	DType  DType
 }
 
+// SDModel is an open Stable Diffusion model. Generation calls on one model are
+// serialised: the engine allows one at a time per handle.
+type SDModel struct{ *model }
+
 // SegModel is an open segmentation U-Net; calls on one model are serialised.
-type SegModel struct {
+type SegModel struct{ *model }
+
+// model is what SDModel and SegModel share: the native handle behind a lock
+// that keeps to one call at a time, what it was opened from, and the handle's
+// close and cancel functions.
+type model struct {
 	lib    *Library
-	mu     sync.Mutex
+	mu     sync.Mutex // held for every call that uses handle
 	handle uintptr
 	info   ModelInfo
 	path   string
+	free   func(uintptr)
+	cancel func(uintptr)
+}
+
+// openModel runs a model kind's native open (which fills its params, pinning
+// what they point to) and info calls, freeing the handle when info fails, and
+// wraps the model as the kind's Go type. what and path name it in errors.
+func openModel[T any](l *Library, kind, what, path string, free, cancel func(uintptr),
+	info func(h uintptr, out *cModelInfo, ce *cError) int32,
+	open func(pin *runtime.Pinner, out *uintptr, ce *cError) int32, wrap func(*model) T) (T, error) {
+	var zero T
+	if path == "" {
+		return zero, fmt.Errorf("open %s: empty path", what)
+	}
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	var h uintptr
+	var ce cError
+	if err := check("sw_"+kind+"_model_open", open(&pin, &h, &ce), &ce); err != nil {
+		return zero, fmt.Errorf("open %s %s: %w", what, path, err)
+	}
+	var ci cModelInfo
+	if err := check("sw_"+kind+"_model_info", info(h, &ci, &ce), &ce); err != nil {
+		free(h)
+		return zero, fmt.Errorf("open %s %s: %w", what, path, err)
+	}
+	return wrap(&model{lib: l, handle: h, info: modelInfo(&ci), path: path, free: free, cancel: cancel}), nil
+}
+
+// Info describes the loaded model.
+func (m *model) Info() ModelInfo { return m.info }
+
+// Path is what the model was loaded from.
+func (m *model) Path() string { return m.path }
+
+// Close frees the model; it waits for a call in progress. Closing twice is a no-op.
+func (m *model) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.handle != 0 {
+		m.free(m.handle)
+		m.handle = 0
+	}
+	return nil
+}
+
+// call is the preamble of every native call on a model: it takes the lock,
+// refuses a closed model, gives f a pinner for what its params point to, and
+// while f runs, turns ctx's cancellation into the engine's own cancel, which
+// stops the call inside a denoising step or between network blocks rather
+// than only between steps. The watcher is gone when call returns.
+func call[T any](ctx context.Context, m *model, f func(h uintptr, pin *runtime.Pinner) (T, error)) (T, error) {
+	var zero T
+	if err := ctx.Err(); err != nil {
+		return zero, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.handle == 0 {
+		return zero, ErrModelClosed
+	}
+	if ctx.Done() != nil {
+		done := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go m.cancelOnDone(ctx, m.handle, done, &wg)
+		defer func() {
+			close(done)
+			wg.Wait()
+		}()
+	}
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	res, err := f(m.handle, &pin)
+	if errors.Is(err, ErrCancelled) && ctx.Err() != nil {
+		// The caller's reason (canceled, deadline) matches too.
+		err = fmt.Errorf("%w (%w)", err, ctx.Err())
+	}
+	return res, err
+}
+
+// cancelOnDone asks the engine to stop the call on h once ctx is done, and
+// again every cancelRetry until done is closed.
+func (m *model) cancelOnDone(ctx context.Context, h uintptr, done <-chan struct{}, wg *sync.WaitGroup) {
+	defer wg.Done()
+	select {
+	case <-done:
+		return
+	case <-ctx.Done():
+	}
+	tick := time.NewTicker(cancelRetry)
+	defer tick.Stop()
+	for {
+		m.cancel(h)
+		select {
+		case <-done:
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// OpenSD loads every component of a Stable Diffusion model.
+func (l *Library) OpenSD(o SDOptions) (*SDModel, error) {
+	return openModel(l, "sd", "model", o.Path, l.fn.sdClose, l.fn.sdCancel, l.fn.sdInfo,
+		func(pin *runtime.Pinner, out *uintptr, ce *cError) int32 {
+			var p cSDModelParams
+			l.fn.sdDefaultParams(&p)
+			p.TokenizerDir = pinStr(pin, o.TokenizerDir) // empty: the model's own
+			p.VAEPath = pinStr(pin, o.VAEPath)           // empty: the model's own
+			p.Path, p.Device, p.DType = pinStr(pin, o.Path), pinStr(pin, l.deviceOr(o.Device)), int32(o.DType)
+			return l.fn.sdOpen(&p, out, ce)
+		}, func(m *model) *SDModel { return &SDModel{m} })
 }
 
 // OpenSeg loads a segmentation U-Net.
 func (l *Library) OpenSeg(o SegOptions) (*SegModel, error) {
-	if o.Path == "" {
-		return nil, fmt.Errorf("open segmentation model: empty path")
-	}
-	device := o.Device
-	if device == "" {
-		device = l.device.ID
-	}
-	var p cSegModelParams
-	l.fn.segDefaultParams(&p)
-	var pin runtime.Pinner
-	defer pin.Unpin()
-	path, dev := cStr(o.Path), cStr(device)
-	pin.Pin(&path[0])
-	pin.Pin(&dev[0])
-	p.Path, p.Device = &path[0], &dev[0]
-	if o.DType != DTypeAuto {
-		p.DType = int32(o.DType)
-	}
-	var h uintptr
-	var ce cError
-	if err := check("sw_seg_model_open", l.fn.segOpen(&p, &h, &ce), &ce); err != nil {
-		return nil, fmt.Errorf("open segmentation model %s: %w", o.Path, err)
-	}
-	m := &SegModel{lib: l, handle: h, path: o.Path}
-	var ci cModelInfo
-	if err := check("sw_seg_model_info", l.fn.segInfo(h, &ci, &ce), &ce); err != nil {
-		l.fn.segClose(h)
-		return nil, fmt.Errorf("open segmentation model %s: %w", o.Path, err)
-	}
-	m.info = modelInfo(&ci)
-	return m, nil
+	return openModel(l, "seg", "segmentation model", o.Path, l.fn.segClose, l.fn.segCancel, l.fn.segInfo,
+		func(pin *runtime.Pinner, out *uintptr, ce *cError) int32 {
+			var p cSegModelParams
+			l.fn.segDefaultParams(&p)
+			// The engine opens segmentation models in float32 when asked for auto.
+			p.Path, p.Device, p.DType = pinStr(pin, o.Path), pinStr(pin, l.deviceOr(o.Device)), int32(o.DType)
+			return l.fn.segOpen(&p, out, ce)
+		}, func(m *model) *SegModel { return &SegModel{m} })
 }
 
-// Info describes the loaded model.
-func (m *SegModel) Info() ModelInfo { return m.info }
-
-// Path is the file the model was loaded from.
-func (m *SegModel) Path() string { return m.path }
-
-// Close frees the model; it waits for a call in progress. Closing twice is a no-op.
-func (m *SegModel) Close() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.handle != 0 {
-		m.lib.fn.segClose(m.handle)
-		m.handle = 0
+// deviceOr is device, or the library's selected device when it is empty.
+func (l *Library) deviceOr(device string) string {
+	if device == "" {
+		return l.device.ID
 	}
-	return nil
+	return device
 }
 
 // WriteRandomSD writes deterministic random float32 weights for the diffusers

@@ -1,6 +1,7 @@
 package binding
 
 import (
+	"context"
 	"fmt"
 	"runtime"
 	"time"
@@ -48,21 +49,21 @@ type cSegmentResult struct {
 	Seconds float64
 }
 
-// Segment runs the U-Net on one image.
-func (m *SegModel) Segment(r SegmentRequest) (*SegmentResult, error) {
+// Segment runs the U-Net on one image. Cancelling ctx stops it between the
+// network's blocks; the error then matches ErrCancelled.
+func (m *SegModel) Segment(ctx context.Context, r SegmentRequest) (*SegmentResult, error) {
 	if r.Image == nil {
-		return nil, fmt.Errorf("segment: no image")
+		return nil, fmt.Errorf("segment: %w: no image", ErrInvalidArgument)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.handle == 0 {
-		return nil, ErrModelClosed
-	}
+	return call(ctx, m.model, func(h uintptr, pin *runtime.Pinner) (*SegmentResult, error) {
+		return m.segment(h, pin, r)
+	})
+}
+
+func (m *SegModel) segment(h uintptr, pin *runtime.Pinner, r SegmentRequest) (*SegmentResult, error) {
 	var p cSegmentParams
 	m.lib.fn.segDefaultSegParams(&p)
-	var pin runtime.Pinner
-	defer pin.Unpin()
-	img, err := r.Image.c(&pin, "image", 3)
+	img, err := r.Image.c(pin, "image", 3)
 	if err != nil {
 		return nil, fmt.Errorf("segment: %w", err)
 	}
@@ -83,7 +84,7 @@ func (m *SegModel) Segment(r SegmentRequest) (*SegmentResult, error) {
 	}
 	var res *cSegmentResult
 	var ce cError
-	if err := check("sw_seg_segment", m.lib.fn.segment(m.handle, &p, &res, &ce), &ce); err != nil {
+	if err := check("sw_seg_segment", m.lib.fn.segment(h, &p, &res, &ce), &ce); err != nil {
 		return nil, fmt.Errorf("segment: %w", err)
 	}
 	defer m.lib.fn.segResultFree(res)

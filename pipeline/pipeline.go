@@ -80,10 +80,10 @@ func (e *Engine) Segment(ctx context.Context, img image.Image, o SegmentOptions,
 		return nil, err
 	}
 	defer ref.Release()
-	return segmentWith(ref.Seg(), img, o, logits)
+	return segmentWith(ctx, ref.Seg(), img, o, logits)
 }
 
-func segmentWith(m *binding.SegModel, img image.Image, o SegmentOptions, logits bool) (*SegmentResult, error) {
+func segmentWith(ctx context.Context, m *binding.SegModel, img image.Image, o SegmentOptions, logits bool) (*SegmentResult, error) {
 	scale := o.Scale
 	if scale <= 0 {
 		scale = 0.5
@@ -97,7 +97,7 @@ func segmentWith(m *binding.SegModel, img image.Image, o SegmentOptions, logits 
 		return nil, fmt.Errorf("%w: %dx%d at scale %g is %dx%d; the segmentation model needs at least %dx%d",
 			ErrBadImage, b.Dx(), b.Dy(), scale, w, h, MinSegmentSide, MinSegmentSide)
 	}
-	res, err := m.Segment(binding.SegmentRequest{
+	res, err := m.Segment(ctx, binding.SegmentRequest{
 		Image: RGB(ResizeBicubic(img, w, h)), OutWidth: b.Dx(), OutHeight: b.Dy(),
 		Threshold: o.Threshold, Subject: o.Classes, Logits: logits,
 	})
@@ -249,7 +249,7 @@ func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditRe
 	defer sd.Release()
 
 	timings := map[string]float64{}
-	subject, err := segmentWith(seg.Seg(), src, o.Segment, false)
+	subject, err := segmentWith(ctx, seg.Seg(), src, o.Segment, false)
 	if err != nil {
 		return nil, err
 	}
@@ -310,7 +310,7 @@ func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditRe
 	generated := Resize(ToImage(gen.Images[0]), b.Dx(), b.Dy())
 	edited := composite(src, generated, alpha)
 
-	after, err := segmentWith(seg.Seg(), edited, o.Segment, false)
+	after, err := segmentWith(ctx, seg.Seg(), edited, o.Segment, false)
 	if err != nil {
 		return nil, err
 	}

@@ -249,7 +249,7 @@ func TestSegmentationMatchesReferenceForPthAndSafetensors(t *testing.T) {
 						img.Pix[3*p+c] = byte(math.Round(float64(vals[c*w*h+p]) * 255))
 					}
 				}
-				res, err := m.Segment(binding.SegmentRequest{Image: img, OutWidth: int(full.Shape[3]), OutHeight: int(full.Shape[2]), Logits: true})
+				res, err := m.Segment(context.Background(), binding.SegmentRequest{Image: img, OutWidth: int(full.Shape[3]), OutHeight: int(full.Shape[2]), Logits: true})
 				require.NoError(t, err)
 				want, _ := full.Float32s()
 				var d float64

@@ -14,11 +14,14 @@
  *   - no C++ exception ever crosses this boundary: out-of-memory and libtorch
  *     errors become statuses;
  *   - callbacks take a void* user_data and return an int32_t; non-zero asks the
- *     engine to stop.
+ *     engine to stop;
+ *   - a long call is stopped from another thread with sw_*_model_cancel, which
+ *     lands inside a denoising step, not only between steps.
  *
  * Thread safety: functions marked [any thread] may be called concurrently.
- * A model handle may be used by one call at a time unless stated otherwise;
- * opening and closing different models concurrently is safe.
+ * A model handle may be used by one call at a time unless stated otherwise (a
+ * second call while one runs fails with SW_ERR_INVALID_ARGUMENT); opening and
+ * closing different models concurrently is safe.
  *
  * Usage:
  *
@@ -62,7 +65,7 @@ typedef enum sw_status {
     SW_ERR_UNSUPPORTED = 5,      /* a valid input this build cannot handle (dtype, device, architecture) */
     SW_ERR_OUT_OF_MEMORY = 6,    /* host or device memory ran out */
     SW_ERR_DEVICE = 7,           /* the device failed or is not available */
-    SW_CANCELLED = 8,            /* a callback asked the engine to stop */
+    SW_CANCELLED = 8,            /* a callback or a cancel call asked the engine to stop */
     SW_ERR_INTERNAL = 9          /* anything else; the message says what */
 } sw_status;
 
@@ -163,13 +166,26 @@ typedef struct sw_sd_model_params {
 SW_API void sw_sd_model_default_params(sw_sd_model_params *p);
 
 /* [any thread] Loads every component of a Stable Diffusion model (text encoder,
- * UNet, VAE; tokenizer and scheduler configs), checking every tensor's presence,
- * dtype and shape against the configs. On failure *out is NULL. */
+ * UNet, VAE; tokenizer and scheduler configs). Every config value is checked
+ * (range, divisibility, list lengths, known names) before anything is built,
+ * then every tensor's presence, dtype and shape against the configs; a bad
+ * value is SW_ERR_FORMAT naming the file and the key. Only regular files are
+ * read: a FIFO, device or folder where a file belongs fails at once. On
+ * failure *out is NULL. */
 SW_API sw_status sw_sd_model_open(const sw_sd_model_params *p, sw_sd_model **out, sw_error *err);
 /* Frees the model. NULL is allowed. Not while another call uses the model. */
 SW_API void sw_sd_model_close(sw_sd_model *m);
 /* [any thread] Fills out for an open model. */
 SW_API sw_status sw_sd_model_info(const sw_sd_model *m, sw_model_info *out, sw_error *err);
+/* [any thread] Asks the call running on m (sw_sd_generate, sw_sd_tokenize) to
+ * stop: it returns SW_CANCELLED at its next cancel point. Cancel points lie
+ * between the blocks and layers of the UNet, VAE and text encoder, between
+ * attention slices and between denoising steps, so a cancel lands within about
+ * a second at any image size. Every call on m clears the request when it
+ * starts: with no call running this does nothing, and a cancel that races with
+ * a call's start may be cleared by it (ask again until the call returns, as
+ * the Go binding does). NULL is allowed. Not after sw_sd_model_close. */
+SW_API void sw_sd_model_cancel(sw_sd_model *m);
 
 /* ---- images --------------------------------------------------------------- */
 
@@ -213,7 +229,8 @@ typedef struct sw_step_info {
 } sw_step_info;
 
 /* Called on the generating thread after every step; non-zero cancels: the
- * call returns SW_CANCELLED before the next step starts. */
+ * call returns SW_CANCELLED before the next step starts. To stop inside a step,
+ * call sw_sd_model_cancel from another thread. */
 typedef int32_t (*sw_step_callback)(const sw_step_info *info, void *user_data);
 
 typedef struct sw_generate_params {
@@ -277,12 +294,18 @@ typedef struct sw_seg_model_params {
 /* [any thread] Fills p with defaults (path NULL, device "cpu", dtype F32). */
 SW_API void sw_seg_model_default_params(sw_seg_model_params *p);
 /* [any thread] Loads a segmentation U-Net; channel widths and classes come from
- * the weight shapes, bilinear vs transposed-conv upsampling from the tensors present. */
+ * the weight shapes (checked: positive, bounded, each block taking what the one
+ * before it gives, 1..255 classes; SW_ERR_FORMAT otherwise), bilinear vs
+ * transposed-conv upsampling from the tensors present. Only a regular file is
+ * read. */
 SW_API sw_status sw_seg_model_open(const sw_seg_model_params *p, sw_seg_model **out, sw_error *err);
 /* Frees the model. NULL is allowed. Not while another call uses the model. */
 SW_API void sw_seg_model_close(sw_seg_model *m);
 /* [any thread] Fills out for an open model. */
 SW_API sw_status sw_seg_model_info(const sw_seg_model *m, sw_model_info *out, sw_error *err);
+/* [any thread] Asks the sw_seg_segment running on m to stop, between the
+ * U-Net's blocks; as sw_sd_model_cancel. */
+SW_API void sw_seg_model_cancel(sw_seg_model *m);
 
 typedef struct sw_segment_params {
     const sw_image *image;           /* RGB8: the network's input (already at its working size) */

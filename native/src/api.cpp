@@ -70,14 +70,56 @@ std::string build_info() {
     return s;
 }
 
-void fill_info(sw_model_info *out, int64_t params, int64_t bytes, sw_dtype dtype, const torch::Device &dev,
-               const std::string &arch) {
-    std::memset(out, 0, sizeof *out);
-    out->param_count = params;
-    out->weight_bytes = bytes;
-    out->dtype = dtype;
-    std::strncpy(out->device, sw::device_id(dev).c_str(), sizeof out->device - 1);
-    std::strncpy(out->arch, arch.c_str(), sizeof out->arch - 1);
+// The calls every model handle shares, so the SD and segmentation twins of the
+// C API stay one line each.
+
+template <typename M, typename P, typename Open>
+sw_status open_model(const P *p, M **out, sw_error *err, Open &&open) {
+    if (out != nullptr) *out = nullptr;
+    return guarded(err, [&] {
+        if (p == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "params or out is NULL");
+        *out = open(*p);
+    });
+}
+
+template <typename M>
+void close_model(M *m) {
+    try {
+        delete m;
+    } catch (...) {
+    }
+}
+
+sw_status model_info(const sw::ModelHandle *m, sw_model_info *out, sw_error *err) {
+    return guarded(err, [&] {
+        if (m == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "model or out is NULL");
+        std::memset(out, 0, sizeof *out);
+        out->param_count = m->params;
+        out->weight_bytes = m->bytes;
+        out->dtype = m->dtype;
+        std::strncpy(out->device, sw::device_id(m->device).c_str(), sizeof out->device - 1);
+        std::strncpy(out->arch, m->arch.c_str(), sizeof out->arch - 1);
+    });
+}
+
+void cancel_model(sw::ModelHandle *m) {
+    if (m != nullptr) m->cancel.store(true);
+}
+
+// with_model is the preamble of every call that runs a model: the handle is
+// checked and taken (a second call at the same time is refused, not raced),
+// its cancel flag cleared and installed as this thread's, libtorch's
+// per-thread state set, and every exception turned into a status.
+template <typename M, typename F>
+sw_status with_model(M *m, sw_error *err, F &&f) {
+    return guarded(err, [&] {
+        if (m == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "model is NULL");
+        std::unique_lock<std::mutex> lock(m->busy, std::try_to_lock);
+        if (!lock.owns_lock()) sw::fail(SW_ERR_INVALID_ARGUMENT, "the model is in use by another call");
+        m->cancel.store(false);
+        sw::CallGuard guard(&m->cancel);
+        f(*m);
+    });
 }
 
 }  // namespace
@@ -129,35 +171,14 @@ SW_API sw_status sw_device_get(int32_t i, sw_device_info *out, sw_error *err) {
     });
 }
 
+// The handle calls of both model kinds, side by side: each is one shared helper.
+
 SW_API void sw_sd_model_default_params(sw_sd_model_params *p) {
     if (p == nullptr) return;
     std::memset(p, 0, sizeof *p);
     p->device = "cpu";
     p->dtype = SW_DTYPE_AUTO;
 }
-
-SW_API sw_status sw_sd_model_open(const sw_sd_model_params *p, sw_sd_model **out, sw_error *err) {
-    if (out != nullptr) *out = nullptr;
-    return guarded(err, [&] {
-        if (p == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "params or out is NULL");
-        *out = sw::open_sd_model(*p);
-    });
-}
-
-SW_API void sw_sd_model_close(sw_sd_model *m) {
-    try {
-        delete m;
-    } catch (...) {
-    }
-}
-
-SW_API sw_status sw_sd_model_info(const sw_sd_model *m, sw_model_info *out, sw_error *err) {
-    return guarded(err, [&] {
-        if (m == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "model or out is NULL");
-        fill_info(out, m->params, m->bytes, m->dtype, m->device, m->arch);
-    });
-}
-
 SW_API void sw_seg_model_default_params(sw_seg_model_params *p) {
     if (p == nullptr) return;
     std::memset(p, 0, sizeof *p);
@@ -165,26 +186,24 @@ SW_API void sw_seg_model_default_params(sw_seg_model_params *p) {
     p->dtype = SW_DTYPE_F32;
 }
 
+SW_API sw_status sw_sd_model_open(const sw_sd_model_params *p, sw_sd_model **out, sw_error *err) {
+    return open_model(p, out, err, sw::open_sd_model);
+}
 SW_API sw_status sw_seg_model_open(const sw_seg_model_params *p, sw_seg_model **out, sw_error *err) {
-    if (out != nullptr) *out = nullptr;
-    return guarded(err, [&] {
-        if (p == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "params or out is NULL");
-        *out = sw::open_seg_model(*p);
-    });
+    return open_model(p, out, err, sw::open_seg_model);
 }
 
-SW_API void sw_seg_model_close(sw_seg_model *m) {
-    try {
-        delete m;
-    } catch (...) {
-    }
-}
+SW_API void sw_sd_model_close(sw_sd_model *m) { close_model(m); }
+SW_API void sw_seg_model_close(sw_seg_model *m) { close_model(m); }
 
+SW_API void sw_sd_model_cancel(sw_sd_model *m) { cancel_model(m); }
+SW_API void sw_seg_model_cancel(sw_seg_model *m) { cancel_model(m); }
+
+SW_API sw_status sw_sd_model_info(const sw_sd_model *m, sw_model_info *out, sw_error *err) {
+    return model_info(m, out, err);
+}
 SW_API sw_status sw_seg_model_info(const sw_seg_model *m, sw_model_info *out, sw_error *err) {
-    return guarded(err, [&] {
-        if (m == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "model or out is NULL");
-        fill_info(out, m->params, m->bytes, m->dtype, m->device, m->net->arch.describe());
-    });
+    return model_info(m, out, err);
 }
 
 SW_API sw_status sw_sd_write_random_weights(const char *dir, uint64_t seed, sw_error *err) {
@@ -225,12 +244,28 @@ torch::Tensor image_tensor(const sw_image *img) {
     return t.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
 }
 
-// The result handed out is the base of a holder that owns the tensors behind it.
-struct ResultHolder : sw_generate_result {
-    ResultHolder() : sw_generate_result{} {}
+// A result handed out is the base of a holder that owns the memory behind its
+// pointers; the matching free deletes the holder.
+template <typename R>
+struct Holder : R {
+    Holder() : R{} {}
     std::vector<sw_image> images;
-    torch::Tensor image_data, latents, pixels;
+    std::vector<torch::Tensor> tensors;
+    // keep returns t's data, alive as long as the holder.
+    template <typename T>
+    T *keep(const torch::Tensor &t) {
+        tensors.push_back(t);
+        return t.data_ptr<T>();
+    }
 };
+
+template <typename R>
+void free_result(R *r) {
+    try {
+        delete static_cast<Holder<R> *>(r);
+    } catch (...) {
+    }
+}
 
 }  // namespace
 
@@ -252,9 +287,8 @@ SW_API void sw_generate_default_params(sw_generate_params *p) {
 
 SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_generate_result **out, sw_error *err) {
     if (out != nullptr) *out = nullptr;
-    return guarded(err, [&] {
-        if (m == nullptr || p == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "model, params or out is NULL");
-        sw::CallGuard guard;
+    return with_model(m, err, [&](sw_sd_model &model) {
+        if (p == nullptr || out == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "params or out is NULL");
         sw::GenerateRequest r;
         r.prompt = p->prompt ? p->prompt : "";
         r.negative_prompt = p->negative_prompt ? p->negative_prompt : "";
@@ -299,21 +333,18 @@ SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_
                 return p->callback(&info, p->user_data) != 0;
             };
         }
-        auto res = sw::generate(*m, r, hook);
-        auto holder = std::make_unique<ResultHolder>();
-        holder->image_data = res.images;
-        holder->latents = res.latents;
-        holder->pixels = res.pixels;
+        auto res = sw::generate(model, r, hook);
+        auto holder = std::make_unique<Holder<sw_generate_result>>();
         const auto b = res.images.size(0), h = res.images.size(1), w = res.images.size(2);
         for (int64_t i = 0; i < b; i++)
             holder->images.push_back({static_cast<int32_t>(w), static_cast<int32_t>(h), 3, static_cast<int32_t>(w * 3),
-                                      holder->image_data[i].data_ptr<uint8_t>()});
+                                      holder->keep<uint8_t>(res.images[i])});
         sw_generate_result &o = *holder;
         o.count = static_cast<int32_t>(b);
         o.images = holder->images.data();
         for (int i = 0; i < 4; i++) o.latent_shape[i] = static_cast<int32_t>(res.latents.size(i));
-        o.latents = holder->latents.data_ptr<float>();
-        o.pixels = holder->pixels.data_ptr<float>();
+        o.latents = holder->keep<float>(res.latents);
+        o.pixels = holder->keep<float>(res.pixels);
         o.tokens = static_cast<int32_t>(res.tokens);
         o.truncated = res.truncated ? 1 : 0;
         o.seconds_text = res.seconds_text;
@@ -323,19 +354,13 @@ SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_
     });
 }
 
-SW_API void sw_generate_result_free(sw_generate_result *r) {
-    if (r == nullptr) return;
-    try {
-        delete static_cast<ResultHolder *>(r);
-    } catch (...) {
-    }
-}
+SW_API void sw_generate_result_free(sw_generate_result *r) { free_result(r); }
 
 SW_API sw_status sw_sd_tokenize(sw_sd_model *m, const char *text, int64_t *ids, int32_t capacity, int32_t *count,
                                 sw_error *err) {
-    return guarded(err, [&] {
-        if (m == nullptr || text == nullptr || count == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "model, text or count is NULL");
-        auto v = m->tokenizer->encode(text);
+    return with_model(m, err, [&](sw_sd_model &model) {
+        if (text == nullptr || count == nullptr) sw::fail(SW_ERR_INVALID_ARGUMENT, "text or count is NULL");
+        auto v = model.tokenizer->encode(text);
         *count = static_cast<int32_t>(v.size());
         for (int32_t i = 0; i < capacity && i < *count && ids != nullptr; i++) ids[i] = v[static_cast<size_t>(i)];
     });
@@ -344,15 +369,6 @@ SW_API sw_status sw_sd_tokenize(sw_sd_model *m, const char *text, int64_t *ids, 
 }  // extern "C"
 
 // ---- segmentation -----------------------------------------------------------
-
-namespace {
-
-struct SegmentHolder : sw_segment_result {
-    SegmentHolder() : sw_segment_result{} {}
-    torch::Tensor mask_data, label_data, logit_data;
-};
-
-}  // namespace
 
 extern "C" {
 
@@ -364,10 +380,9 @@ SW_API void sw_segment_default_params(sw_segment_params *p) {
 
 SW_API sw_status sw_seg_segment(sw_seg_model *m, const sw_segment_params *p, sw_segment_result **out, sw_error *err) {
     if (out != nullptr) *out = nullptr;
-    return guarded(err, [&] {
-        if (m == nullptr || p == nullptr || out == nullptr || p->image == nullptr)
-            sw::fail(SW_ERR_INVALID_ARGUMENT, "model, params, image or out is NULL");
-        sw::CallGuard guard;
+    return with_model(m, err, [&](sw_seg_model &model) {
+        if (p == nullptr || out == nullptr || p->image == nullptr)
+            sw::fail(SW_ERR_INVALID_ARGUMENT, "params, image or out is NULL");
         check_image(p->image, 3, "image");
         if (p->out_width < 0 || p->out_height < 0 || p->out_width > 16384 || p->out_height > 16384)
             sw::fail(SW_ERR_INVALID_ARGUMENT, "output size out of range");
@@ -380,29 +395,20 @@ SW_API sw_status sw_seg_segment(sw_seg_model *m, const sw_segment_params *p, sw_
         r.threshold = p->threshold;
         for (int32_t i = 0; i < p->subject_class_count; i++) r.subject.push_back(p->subject_classes[i]);
         const auto t0 = std::chrono::steady_clock::now();
-        auto res = sw::segment(*m, r);
-        auto holder = std::make_unique<SegmentHolder>();
-        holder->mask_data = res.mask;
-        holder->label_data = res.labels;
+        auto res = sw::segment(model, r);
+        auto holder = std::make_unique<Holder<sw_segment_result>>();
         const auto h = static_cast<int32_t>(res.mask.size(0)), w = static_cast<int32_t>(res.mask.size(1));
-        holder->mask = {w, h, 1, w, holder->mask_data.data_ptr<uint8_t>()};
-        holder->labels = {w, h, 1, w, holder->label_data.data_ptr<uint8_t>()};
-        holder->classes = static_cast<int32_t>(m->net->arch.classes);
+        holder->mask = {w, h, 1, w, holder->keep<uint8_t>(res.mask)};
+        holder->labels = {w, h, 1, w, holder->keep<uint8_t>(res.labels)};
+        holder->classes = static_cast<int32_t>(model.net->arch.classes);
         if (p->want_logits) {
-            holder->logit_data = res.logits;
-            holder->logits = holder->logit_data.data_ptr<float>();
+            holder->logits = holder->keep<float>(res.logits);
         }
         holder->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         *out = holder.release();
     });
 }
 
-SW_API void sw_segment_result_free(sw_segment_result *r) {
-    if (r == nullptr) return;
-    try {
-        delete static_cast<SegmentHolder *>(r);
-    } catch (...) {
-    }
-}
+SW_API void sw_segment_result_free(sw_segment_result *r) { free_result(r); }
 
 }  // extern "C"

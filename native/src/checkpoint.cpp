@@ -2,7 +2,9 @@
 // layout (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*):
 // the architecture is read from tensor shapes, a few facts shapes cannot tell
 // (head counts, v-prediction) from an optional LDM .yaml beside the file.
-#include <fstream>
+#include <sstream>
+#include <cerrno>
+#include <cmath>
 #include <map>
 #include <regex>
 #include <set>
@@ -22,17 +24,50 @@ const std::string kVAE = "first_stage_model.";
 bool starts_with(const std::string &s, const std::string &p) { return s.rfind(p, 0) == 0; }
 
 // The scalar settings of an LDM yaml, found line by line ("key: value"); the
-// first occurrence wins, which is the UNet's for the keys read here.
-std::map<std::string, std::string> read_yaml_hints(const std::string &path) {
-    std::map<std::string, std::string> out;
-    std::ifstream in(path);
+// first occurrence wins, which is the UNet's for the keys read here. Numbers
+// are parsed on use, and a bad one is SW_ERR_FORMAT naming the file and key.
+struct YamlHints {
+    std::string file;
+    std::map<std::string, std::string> values;
+
+    bool has(const std::string &key) const { return values.count(key) != 0; }
+
+    double number(const std::string &key) const {
+        const std::string &v = values.at(key);
+        char *end = nullptr;
+        errno = 0;
+        const double d = std::strtod(v.c_str(), &end);
+        if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE || !std::isfinite(d))
+            fail(SW_ERR_FORMAT, file + ": \"" + key + "\" must be a number (is \"" + v + "\")");
+        return d;
+    }
+
+    int64_t integer(const std::string &key, int64_t lo, int64_t hi) const {
+        const double d = number(key);
+        if (d != std::floor(d) || d < static_cast<double>(lo) || d > static_cast<double>(hi))
+            fail(SW_ERR_FORMAT, file + ": \"" + key + "\" must be a whole number between " + std::to_string(lo) +
+                                    " and " + std::to_string(hi) + " (is \"" + values.at(key) + "\")");
+        return static_cast<int64_t>(d);
+    }
+};
+
+YamlHints read_yaml_hints(const std::string &path) {
+    YamlHints out{path, {}};
+    std::istringstream in(read_text_file(path));
     std::string line;
     static const std::regex kv(R"(^\s*([A-Za-z_]+)\s*:\s*([^#]*?)\s*(#.*)?$)");
     std::smatch m;
     while (std::getline(in, line)) {
-        if (std::regex_match(line, m, kv) && !m[2].str().empty() && !out.count(m[1].str())) out[m[1].str()] = m[2].str();
+        if (std::regex_match(line, m, kv) && !m[2].str().empty() && !out.has(m[1].str())) out.values[m[1].str()] = m[2].str();
     }
     return out;
+}
+
+// A block index from a tensor name: digits only, and few enough to be an
+// index (-1 otherwise, which matches no module).
+int64_t parse_index(const std::string &s) {
+    if (s.empty() || s.size() > 6 || s.find_first_not_of("0123456789") != std::string::npos) return -1;
+    return std::stoll(s);
 }
 
 std::string yaml_path_for(const std::string &path) {
@@ -52,8 +87,8 @@ int64_t count_indices(const SafeTensorsFile &f, const std::string &prefix) {
         if (!starts_with(name, prefix)) continue;
         const std::string rest = name.substr(prefix.size());
         const auto dot = rest.find('.');
-        const std::string idx = rest.substr(0, dot);
-        if (!idx.empty() && idx.find_first_not_of("0123456789") == std::string::npos) seen.insert(std::stoll(idx));
+        const int64_t idx = parse_index(rest.substr(0, dot));
+        if (idx >= 0) seen.insert(idx);
     }
     return static_cast<int64_t>(seen.size());
 }
@@ -82,7 +117,8 @@ std::string unet_key_to_diffusers(const std::string &k, int64_t n) {
     if (std::regex_match(k, m, mid))
         return "mid_block.resnets." + std::string(m[1] == "0" ? "0" : "1") + "." + resnet_name(m[2]);
     if (std::regex_match(k, m, in)) {
-        const int64_t i = std::stoll(m[1]), sub = std::stoll(m[2]);
+        const int64_t i = parse_index(m[1]), sub = parse_index(m[2]);
+        if (i < 1 || sub < 0) return "";
         const int64_t block = (i - 1) / (n + 1), layer = (i - 1) % (n + 1);
         const std::string rest = m[3];
         if (layer == n) {
@@ -93,7 +129,8 @@ std::string unet_key_to_diffusers(const std::string &k, int64_t n) {
         return "down_blocks." + std::to_string(block) + ".attentions." + std::to_string(layer) + "." + rest;
     }
     if (std::regex_match(k, m, outb)) {
-        const int64_t i = std::stoll(m[1]), sub = std::stoll(m[2]);
+        const int64_t i = parse_index(m[1]), sub = parse_index(m[2]);
+        if (i < 0 || sub < 0) return "";
         const int64_t block = i / (n + 1), layer = i % (n + 1);
         const std::string rest = m[3], pre = "up_blocks." + std::to_string(block) + ".";
         if (sub == 0) return pre + "resnets." + std::to_string(layer) + "." + resnet_name(rest);
@@ -121,11 +158,11 @@ std::string vae_key_to_diffusers(const std::string &k, int64_t levels) {
         return "encoder.down_blocks." + m[1].str() + ".resnets." + m[2].str() + "." + res(m[3]);
     if (std::regex_match(k, m, downs)) return "encoder.down_blocks." + m[1].str() + ".downsamplers.0.conv." + m[2].str();
     if (std::regex_match(k, m, up)) {
-        const int64_t i = levels - 1 - std::stoll(m[1]);
+        const int64_t i = levels - 1 - parse_index(m[1]);
         return "decoder.up_blocks." + std::to_string(i) + ".resnets." + m[2].str() + "." + res(m[3]);
     }
     if (std::regex_match(k, m, ups)) {
-        const int64_t i = levels - 1 - std::stoll(m[1]);
+        const int64_t i = levels - 1 - parse_index(m[1]);
         return "decoder.up_blocks." + std::to_string(i) + ".upsamplers.0.conv." + m[2].str();
     }
     if (std::regex_match(k, m, midres))
@@ -162,7 +199,7 @@ Source open_clip_source(const std::string &name, const std::string &root) {
     return {};
 }
 
-nlohmann::json unet_config(const SafeTensorsFile &f, const std::map<std::string, std::string> &yaml, int64_t *n_out) {
+nlohmann::json unet_config(const SafeTensorsFile &f, const YamlHints &yaml, int64_t *n_out) {
     const auto p = [&](const std::string &k) { return kUNet + k; };
     if (!f.has(p("input_blocks.0.0.weight")) || !f.has(p("out.2.weight")))
         fail(SW_ERR_UNSUPPORTED, f.path() + ": not a Stable Diffusion 1.x/2.x checkpoint (no UNet input/output convolutions)");
@@ -196,12 +233,14 @@ nlohmann::json unet_config(const SafeTensorsFile &f, const std::map<std::string,
     // Head counts are not in the shapes: the yaml's num_heads / num_head_channels,
     // else SD 1.x's 8 heads, or SD 2.x's 64-wide heads for 1024-wide context.
     nlohmann::json heads;
-    if (yaml.count("num_head_channels") && std::stoll(yaml.at("num_head_channels")) > 0) {
-        const int64_t hd = std::stoll(yaml.at("num_head_channels"));
+    // (-1 means "not set" in LDM yamls.)
+    const int64_t head_channels = yaml.has("num_head_channels") ? yaml.integer("num_head_channels", -1, kMaxWidth) : -1;
+    const int64_t num_heads = yaml.has("num_heads") ? yaml.integer("num_heads", -1, kMaxHeads) : -1;
+    if (head_channels > 0) {
         heads = nlohmann::json::array();
-        for (auto c : channels) heads.push_back(c / hd);
-    } else if (yaml.count("num_heads") && std::stoll(yaml.at("num_heads")) > 0) {
-        heads = std::stoll(yaml.at("num_heads"));
+        for (auto c : channels) heads.push_back(c / head_channels);
+    } else if (num_heads > 0) {
+        heads = num_heads;
     } else if (context == 1024) {
         heads = nlohmann::json::array();
         for (auto c : channels) heads.push_back(c / 64);
@@ -274,14 +313,14 @@ int64_t clip_heads(int64_t hidden) { return hidden >= 64 && hidden % 64 == 0 ? h
 void open_single_file(sw_sd_model &m, const std::string &path) {
     SafeTensorsFile f(path);
     const std::string yaml_file = yaml_path_for(path);
-    const auto yaml = path_exists(yaml_file) ? read_yaml_hints(yaml_file) : std::map<std::string, std::string>{};
+    const auto yaml = path_exists(yaml_file) ? read_yaml_hints(yaml_file) : YamlHints{yaml_file, {}};
     const auto st = scalar_type(m.dtype);
 
     int64_t n = 0, levels = 0;
     const UNetConfig unet_cfg = UNetConfig::from(Config(unet_config(f, yaml, &n), path + " (UNet from shapes)"));
     if (!f.has(kVAE + "encoder.conv_in.weight") || !f.has(kVAE + "post_quant_conv.weight"))
         fail(SW_ERR_UNSUPPORTED, f.path() + ": no VAE (first_stage_model) in the checkpoint");
-    const double scale = yaml.count("scale_factor") ? std::stod(yaml.at("scale_factor")) : 0.18215;
+    const double scale = yaml.has("scale_factor") ? yaml.number("scale_factor") : 0.18215;
     const VAEConfig vae_cfg = VAEConfig::from(Config(vae_config(f, kVAE, true, scale, &levels), path + " (VAE from shapes)"));
 
     // The text encoder: SD 1.x's transformers CLIP, or SD 2.x's OpenCLIP.
@@ -320,11 +359,13 @@ void open_single_file(sw_sd_model &m, const std::string &path) {
                             {"beta_start", 0.00085},          {"beta_end", 0.012},
                             {"num_train_timesteps", 1000},     {"set_alpha_to_one", false},
                             {"skip_prk_steps", true},          {"steps_offset", 1}};
-    if (yaml.count("linear_start")) sched["beta_start"] = std::stod(yaml.at("linear_start"));
-    if (yaml.count("linear_end")) sched["beta_end"] = std::stod(yaml.at("linear_end"));
-    if (yaml.count("parameterization") && yaml.at("parameterization").find('v') != std::string::npos)
+    if (yaml.has("linear_start")) sched["beta_start"] = yaml.number("linear_start");
+    if (yaml.has("linear_end")) sched["beta_end"] = yaml.number("linear_end");
+    if (yaml.has("parameterization") && yaml.values.at("parameterization").find('v') != std::string::npos)
         sched["prediction_type"] = "v_prediction";
     m.scheduler_config = Config(sched, path + " (scheduler)");
+    if (!m.tokenizer) m.tokenizer = builtin_tokenizer(unet_cfg);
+    check_sd_configs(path, clip_cfg, unet_cfg, vae_cfg, m.scheduler_config, *m.tokenizer, m.tokenizer->source());
 
     m.text_encoder = ClipTextModel(clip_cfg);
     m.unet = UNet(unet_cfg);

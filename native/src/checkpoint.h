@@ -2,6 +2,7 @@
 // standalone VAE files.
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "models.h"
@@ -9,9 +10,20 @@
 
 namespace sw {
 
+// Checks what no single config can: that the text encoder, UNet, VAE,
+// scheduler and tokenizer of one model fit together and that the engine runs
+// them. Called before any of them is built.
+void check_sd_configs(const std::string &root, const ClipTextConfig &clip, const UNetConfig &unet, const VAEConfig &vae,
+                      const Config &scheduler, const Tokenizer &tokenizer, const std::string &tokenizer_dir);
+
+// is_sd2 tells SD 2.x from its UNet; builtin_tokenizer is the CLIP vocabulary
+// built into the library, padded as that family pads.
+bool is_sd2(const UNetConfig &unet);
+std::unique_ptr<Tokenizer> builtin_tokenizer(const UNetConfig &unet);
+
 // Builds and fills m's text encoder, UNet and VAE (and its scheduler config)
-// from one .safetensors file; m.device and m.dtype must be set. The tokenizer
-// is not in such files: the caller picks one.
+// from one .safetensors file; m.device and m.dtype must be set. Such files
+// carry no tokenizer: m.tokenizer is the caller's, or the built-in one.
 void open_single_file(sw_sd_model &m, const std::string &path);
 
 // Fills vae from a standalone VAE .safetensors file: LDM keys (encoder.down.*,

@@ -6,19 +6,22 @@ namespace sw {
 
 ClipTextConfig ClipTextConfig::from(const Config &c) {
     ClipTextConfig o;
-    o.vocab_size = c.integer("vocab_size");
-    o.hidden_size = c.integer("hidden_size");
-    o.intermediate_size = c.integer("intermediate_size");
-    o.heads = c.integer("num_attention_heads");
-    o.layers = c.integer("num_hidden_layers");
-    o.max_positions = c.integer("max_position_embeddings", 77);
-    o.eps = c.number("layer_norm_eps", 1e-5);
+    o.vocab_size = c.integer_in("vocab_size", 1, int64_t(1) << 22);
+    o.hidden_size = c.integer_in("hidden_size", 1, kMaxWidth);
+    o.intermediate_size = c.integer_in("intermediate_size", 1, 8 * kMaxWidth);
+    o.heads = c.integer_in("num_attention_heads", 1, kMaxHeads);
+    o.layers = c.integer_in("num_hidden_layers", 1, kMaxLayers);
+    // Prompts are padded to this length: BOS and EOS need two places, and the
+    // causal mask is length x length.
+    o.max_positions = c.integer_in("max_position_embeddings", 77, 2, 4096);
+    o.eps = c.number_in("layer_norm_eps", 1e-5, 1e-12, 1.0);
     const std::string act = c.string("hidden_act", "quick_gelu");
     if (act != "quick_gelu" && act != "gelu")
         fail(SW_ERR_UNSUPPORTED, c.source() + ": hidden_act \"" + act + "\" (want quick_gelu or gelu)");
     o.quick_gelu = act == "quick_gelu";
-    if (o.heads <= 0 || o.hidden_size % o.heads != 0)
-        fail(SW_ERR_FORMAT, c.source() + ": hidden_size is not a multiple of num_attention_heads");
+    if (o.hidden_size % o.heads != 0)
+        c.bad("num_attention_heads", "a divisor of hidden_size " + std::to_string(o.hidden_size) + " (is " +
+                                         std::to_string(o.heads) + ")");
     return o;
 }
 
@@ -77,7 +80,10 @@ torch::Tensor ClipTextModelImpl::forward(const torch::Tensor &ids, int64_t clip_
     auto opts = torch::TensorOptions().dtype(x.scalar_type()).device(x.device());
     auto mask = torch::full({t, t}, -std::numeric_limits<float>::infinity(), opts).triu(1);
     const int64_t run = config.layers - clip_skip;
-    for (int64_t i = 0; i < run; i++) x = layers[i]->as<ClipLayer>()->forward(x, mask);
+    for (int64_t i = 0; i < run; i++) {
+        check_cancel();
+        x = layers[i]->as<ClipLayer>()->forward(x, mask);
+    }
     return final_layer_norm(x);
 }
 

@@ -1,17 +1,20 @@
 #include "common.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
+
 #include <atomic>
 #include <cstdio>
-#include <fstream>
 #include <mutex>
-#include <sstream>
 
 namespace sw {
 
 namespace {
+thread_local const std::atomic<bool> *call_cancel = nullptr;
 std::mutex log_mu;
 sw_log_callback log_cb = nullptr;
 void *log_user_data = nullptr;
@@ -108,21 +111,83 @@ const char *dtype_name(sw_dtype dtype) {
     }
 }
 
+CallGuard::CallGuard(const std::atomic<bool> *cancel) : previous_(call_cancel) {
+    at::init_num_threads();  // OpenMP's thread count is per OS thread
+    if (cancel != nullptr) call_cancel = cancel;
+}
+
+CallGuard::~CallGuard() { call_cancel = previous_; }
+
+void check_cancel() {
+    if (call_cancel != nullptr && call_cancel->load(std::memory_order_relaxed)) fail(SW_CANCELLED, "cancelled");
+}
+
 bool path_exists(const std::string &path) {
     struct stat st;
     return ::stat(path.c_str(), &st) == 0;
 }
 
-std::string read_text_file(const std::string &path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) {
-        if (!path_exists(path)) fail(SW_ERR_NOT_FOUND, path + ": no such file");
-        fail(SW_ERR_IO, path + ": cannot open");
+int open_regular(const std::string &path, int64_t *size) {
+    auto refuse = [&](const struct stat &st) {
+        const char *what = S_ISDIR(st.st_mode)    ? "a folder"
+                           : S_ISFIFO(st.st_mode) ? "a FIFO"
+                           : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
+                           : S_ISSOCK(st.st_mode) ? "a socket"
+                                                   : "not a regular file";
+        fail(SW_ERR_IO, path + ": is " + what + ", want a regular file");
+    };
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) {
+        const int e = errno;
+        fail(e == ENOENT || e == ENOTDIR ? SW_ERR_NOT_FOUND : SW_ERR_IO, path + ": " + std::strerror(e));
     }
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) fail(SW_ERR_IO, path + ": read failed");
-    return ss.str();
+    if (!S_ISREG(st.st_mode)) refuse(st);
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0) {
+        const int e = errno;
+        fail(e == ENOENT ? SW_ERR_NOT_FOUND : SW_ERR_IO, path + ": " + std::strerror(e));
+    }
+    if (::fstat(fd, &st) != 0) {
+        const int e = errno;
+        ::close(fd);
+        fail(SW_ERR_IO, path + ": " + std::strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {  // replaced between the stat and the open
+        ::close(fd);
+        refuse(st);
+    }
+    // Regular files ignore O_NONBLOCK for reads; clear it anyway so nothing
+    // downstream sees a surprising flag.
+    const int flags = ::fcntl(fd, F_GETFL);
+    if (flags >= 0) ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    *size = static_cast<int64_t>(st.st_size);
+    return fd;
+}
+
+std::string read_text_file(const std::string &path, int64_t max_bytes) {
+    int64_t size = 0;
+    const int fd = open_regular(path, &size);
+    std::string out;
+    try {
+        if (size > max_bytes)
+            fail(SW_ERR_FORMAT, path + ": " + std::to_string(size) + " bytes, more than the " + std::to_string(max_bytes) +
+                                    " this file may have");
+        out.resize(static_cast<size_t>(size));
+        size_t done = 0;
+        while (done < out.size()) {
+            const ssize_t n = ::read(fd, &out[done], out.size() - done);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) fail(SW_ERR_IO, path + ": read: " + std::strerror(errno));
+            if (n == 0) break;  // shrank while read: keep what is there
+            done += static_cast<size_t>(n);
+        }
+        out.resize(done);
+    } catch (...) {
+        ::close(fd);
+        throw;
+    }
+    ::close(fd);
+    return out;
 }
 
 }  // namespace sw

@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -35,15 +36,38 @@ sw_dtype resolve_dtype(int32_t dtype, const torch::Device &device);
 torch::ScalarType scalar_type(sw_dtype dtype);
 const char *dtype_name(sw_dtype dtype);
 
-// Reads a whole text file; a missing file is SW_ERR_NOT_FOUND naming it.
-std::string read_text_file(const std::string &path);
+// Reads a whole text file of at most max_bytes; a missing file is
+// SW_ERR_NOT_FOUND naming it, anything but a regular file SW_ERR_IO.
+std::string read_text_file(const std::string &path, int64_t max_bytes = int64_t(64) << 20);
 bool path_exists(const std::string &path);
+
+// open_regular opens path read-only and returns the descriptor (O_CLOEXEC) and
+// its size. Anything but a regular file is refused at once: a FIFO or a device
+// would block the reader forever, a folder would mislead it. The path is checked
+// with stat before the open (which is non-blocking, so even a FIFO created in
+// between cannot hang it) and the descriptor with fstat after.
+int open_regular(const std::string &path, int64_t *size);
+
+// Cancel points. A call on a model installs the model's cancel flag for its
+// thread (CallGuard); the engine calls check_cancel between blocks, layers,
+// attention slices and denoising steps, so a cancel requested from another
+// thread lands within one of those, however large the image.
+void check_cancel();
 
 // Per-call libtorch state: it is per thread, and the Go caller may arrive on any
 // OS thread, so every exported entry point that runs tensors makes one of these.
-struct CallGuard {
-    CallGuard() { at::init_num_threads(); }  // OpenMP's thread count is per OS thread
-    c10::InferenceMode inference{true};
+// Given a cancel flag it installs it for check_cancel on this thread; without
+// one it keeps the flag of an enclosing guard.
+class CallGuard {
+public:
+    explicit CallGuard(const std::atomic<bool> *cancel = nullptr);
+    ~CallGuard();
+    CallGuard(const CallGuard &) = delete;
+    CallGuard &operator=(const CallGuard &) = delete;
+
+private:
+    const std::atomic<bool> *previous_;
+    c10::InferenceMode inference_{true};
 };
 
 }  // namespace sw

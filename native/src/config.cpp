@@ -1,5 +1,9 @@
 #include "config.h"
 
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+
 #include "common.h"
 
 namespace sw {
@@ -21,8 +25,11 @@ void Config::bad(const std::string &key, const std::string &want) const {
 
 int64_t Config::integer(const std::string &key) const {
     if (!has(key)) fail(SW_ERR_FORMAT, source_ + ": missing \"" + key + "\"");
-    if (!j_[key].is_number_integer()) bad(key, "an integer");
-    return j_[key].get<int64_t>();
+    const auto &v = j_[key];
+    if (!v.is_number_integer()) bad(key, "an integer");
+    // Unsigned values past int64 would wrap to negatives: say what they are.
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) bad(key, "an integer below 2^63");
+    return v.get<int64_t>();
 }
 
 int64_t Config::integer(const std::string &key, int64_t fallback) const { return has(key) ? integer(key) : fallback; }
@@ -30,7 +37,36 @@ int64_t Config::integer(const std::string &key, int64_t fallback) const { return
 double Config::number(const std::string &key, double fallback) const {
     if (!has(key)) return fallback;
     if (!j_[key].is_number()) bad(key, "a number");
-    return j_[key].get<double>();
+    const double v = j_[key].get<double>();
+    if (!std::isfinite(v)) bad(key, "a finite number");
+    return v;
+}
+
+void Config::check_range(const std::string &what, int64_t v, int64_t lo, int64_t hi) const {
+    if (v < lo || v > hi)
+        bad(what, "between " + std::to_string(lo) + " and " + std::to_string(hi) + " (is " + std::to_string(v) + ")");
+}
+
+int64_t Config::integer_in(const std::string &key, int64_t fallback, int64_t lo, int64_t hi) const {
+    const int64_t v = integer(key, fallback);
+    check_range(key, v, lo, hi);
+    return v;
+}
+
+int64_t Config::integer_in(const std::string &key, int64_t lo, int64_t hi) const {
+    const int64_t v = integer(key);
+    check_range(key, v, lo, hi);
+    return v;
+}
+
+double Config::number_in(const std::string &key, double fallback, double lo, double hi) const {
+    const double v = number(key, fallback);
+    if (!(v >= lo && v <= hi)) {
+        std::ostringstream ss;
+        ss << "between " << lo << " and " << hi << " (is " << v << ")";
+        bad(key, ss.str());
+    }
+    return v;
 }
 
 bool Config::boolean(const std::string &key, bool fallback) const {

@@ -8,6 +8,15 @@
 
 namespace sw {
 
+// Bounds of config values. Generous (several times the largest released
+// Stable Diffusion), but small enough that no size derived from them overflows
+// and no model built from them is absurd before its weights are checked.
+constexpr int64_t kMaxWidth = int64_t(1) << 16;  // channels, hidden sizes, embedding dims
+constexpr int64_t kMaxBlocks = 8;                // UNet / VAE resolution levels
+constexpr int64_t kMaxLayersPerBlock = 16;
+constexpr int64_t kMaxLayers = 256;              // text-encoder and transformer layers
+constexpr int64_t kMaxHeads = 1024;
+
 // Config wraps one config.json with typed accessors whose errors name the file
 // and the key.
 class Config {
@@ -29,8 +38,17 @@ public:
     std::vector<int64_t> per_block(const std::string &key, size_t n, int64_t fallback) const;
     const nlohmann::json &json() const { return j_; }
 
-private:
+    // An integer in [lo, hi], else SW_ERR_FORMAT naming the file and the key.
+    int64_t integer_in(const std::string &key, int64_t fallback, int64_t lo, int64_t hi) const;
+    int64_t integer_in(const std::string &key, int64_t lo, int64_t hi) const;
+    // A finite number in [lo, hi].
+    double number_in(const std::string &key, double fallback, double lo, double hi) const;
+    // Fails unless v is in [lo, hi]; what names the value (a key, or key[i]).
+    void check_range(const std::string &what, int64_t v, int64_t lo, int64_t hi) const;
+    // The error every check reports: the file, the key, and what it must be.
     [[noreturn]] void bad(const std::string &key, const std::string &want) const;
+
+private:
     nlohmann::json j_;
     std::string source_;
 };

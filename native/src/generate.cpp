@@ -167,6 +167,7 @@ GenerateOutput generate(sw_sd_model &m, const GenerateRequest &r, const StepHook
     t0 = Clock::now();
     const size_t total = sampler->size() - start;
     for (size_t i = start; i < sampler->size(); i++) {
+        check_cancel();
         const double t = sampler->timesteps()[i];
         auto model_in = guidance ? torch::cat({latents, latents}, 0) : latents;
         model_in = sampler->scale_model_input(model_in, i);

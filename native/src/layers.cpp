@@ -1,9 +1,14 @@
 #include "layers.h"
 
+#include "common.h"
+
 namespace sw {
 
 namespace {
-torch::Tensor empty(std::initializer_list<int64_t> shape) { return torch::empty(shape); }
+// A placeholder with the parameter's shape over one element: building a model
+// allocates nothing, so a config that lies about sizes is caught against the
+// weights file's shapes before anything of its size exists.
+torch::Tensor empty(std::initializer_list<int64_t> shape) { return torch::empty({1}).expand(shape); }
 }  // namespace
 
 Conv2dImpl::Conv2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_, int64_t padding_, bool has_bias)
@@ -91,7 +96,10 @@ torch::Tensor attention(const torch::Tensor &q, const torch::Tensor &k, const to
         out = slice(0, nq);
     } else {
         out = torch::empty({b, heads, nq, dim}, v.options());
-        for (int64_t lo = 0; lo < nq; lo += rows) out.slice(2, lo, std::min(nq, lo + rows)).copy_(slice(lo, std::min(nq, lo + rows)));
+        for (int64_t lo = 0; lo < nq; lo += rows) {
+            check_cancel();
+            out.slice(2, lo, std::min(nq, lo + rows)).copy_(slice(lo, std::min(nq, lo + rows)));
+        }
     }
     return out.transpose(1, 2).reshape({b, nq, inner});
 }

@@ -1,6 +1,7 @@
 // Thin layers over ATen's functional ops. Parameters are registered under the
-// names the reference checkpoints use and start as torch::empty: building a
-// model costs no initialisation, the weights file fills every tensor.
+// names the reference checkpoints use and start as one-element placeholders
+// of their shape: building a model costs no memory, the weights file fills
+// every tensor.
 #pragma once
 
 #include <torch/torch.h>

@@ -1,6 +1,7 @@
 // The objects behind the opaque handles of stepwise.h.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -12,28 +13,35 @@
 #include "unet.h"
 #include "vae.h"
 
-struct sw_sd_model {
+namespace sw {
+
+// ModelHandle is what every opaque model handle shares: identity, memory, the
+// cancel flag other threads may set, and the lock that keeps to one call at a
+// time what the header allows one call at a time.
+struct ModelHandle {
     std::string path;
-    std::string tokenizer_dir;  // empty: the built-in CLIP vocabulary
     torch::Device device{torch::kCPU};
     sw_dtype dtype = SW_DTYPE_F32;
+    int64_t params = 0;
+    int64_t bytes = 0;
+    std::string arch;
+    std::atomic<bool> cancel{false};
+    std::mutex busy;
+};
+
+}  // namespace sw
+
+struct sw_sd_model : sw::ModelHandle {
+    std::string tokenizer_dir;  // empty: the built-in CLIP vocabulary
     sw::ClipTextModel text_encoder{nullptr};
     sw::UNet unet{nullptr};
     sw::VAE vae{nullptr};
     sw::Config scheduler_config;
     std::unique_ptr<sw::Tokenizer> tokenizer;
-    int64_t params = 0;
-    int64_t bytes = 0;
-    std::string arch;
 };
 
-struct sw_seg_model {
-    std::string path;
-    torch::Device device{torch::kCPU};
-    sw_dtype dtype = SW_DTYPE_F32;
+struct sw_seg_model : sw::ModelHandle {
     sw::SegUNet net{nullptr};
-    int64_t params = 0;
-    int64_t bytes = 0;
 };
 
 namespace sw {

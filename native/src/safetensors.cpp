@@ -61,26 +61,19 @@ std::string shape_str(const std::vector<int64_t> &shape) {
 }  // namespace
 
 SafeTensorsFile::SafeTensorsFile(const std::string &path) : path_(path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        const int e = errno;
-        fail(e == ENOENT ? SW_ERR_NOT_FOUND : SW_ERR_IO, path + ": " + std::strerror(e));
-    }
-    struct stat st;
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        ::close(fd);
-        fail(SW_ERR_IO, path + ": not a regular file");
-    }
-    size_ = static_cast<size_t>(st.st_size);
+    int64_t file_size = 0;
+    const int fd = open_regular(path, &file_size);
+    size_ = static_cast<size_t>(file_size);
     if (size_ < 8) {
         ::close(fd);
         fail(SW_ERR_FORMAT, path + ": truncated safetensors file (" + std::to_string(size_) + " bytes, no header)");
     }
     map_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int map_errno = errno;
     ::close(fd);
     if (map_ == MAP_FAILED) {
         map_ = nullptr;
-        fail(SW_ERR_IO, path + ": mmap: " + std::strerror(errno));
+        fail(SW_ERR_IO, path + ": mmap: " + std::strerror(map_errno));
     }
     try {
         const auto *bytes = static_cast<const uint8_t *>(map_);

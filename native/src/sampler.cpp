@@ -32,12 +32,13 @@ float f32(double x) { return static_cast<float>(x); }
 
 SamplerKind parse_sampler(int32_t id) {
     switch (id) {
-        case 0: return SamplerKind::DDIM;
-        case 1: return SamplerKind::Euler;
-        case 2: return SamplerKind::EulerAncestral;
-        case 3: return SamplerKind::DPMPP2M;
-        case 4: return SamplerKind::DPMPP2MKarras;
-        case 5: return SamplerKind::PNDM;
+        case SW_SAMPLER_DDIM:
+        case SW_SAMPLER_EULER:
+        case SW_SAMPLER_EULER_A:
+        case SW_SAMPLER_DPMPP_2M:
+        case SW_SAMPLER_DPMPP_2M_KARRAS:
+        case SW_SAMPLER_PNDM:
+            return static_cast<SamplerKind>(id);
     }
     fail(SW_ERR_INVALID_ARGUMENT, "unknown sampler " + std::to_string(id));
 }
@@ -56,9 +57,8 @@ const char *sampler_name(SamplerKind k) {
 
 NoiseSchedule NoiseSchedule::from(const Config &c) {
     NoiseSchedule s;
-    s.train_steps = c.integer("num_train_timesteps", 1000);
-    if (s.train_steps < 2 || s.train_steps > 100000) fail(SW_ERR_FORMAT, c.source() + ": num_train_timesteps out of range");
-    s.steps_offset = c.integer("steps_offset", 0);
+    s.train_steps = c.integer_in("num_train_timesteps", 1000, 2, 100000);
+    s.steps_offset = c.integer_in("steps_offset", 0, 0, s.train_steps - 1);
     s.set_alpha_to_one = c.boolean("set_alpha_to_one", false);
     const std::string pred = c.string("prediction_type", "epsilon");
     if (pred != "epsilon" && pred != "v_prediction")
@@ -67,15 +67,27 @@ NoiseSchedule NoiseSchedule::from(const Config &c) {
     s.spacing = c.string("timestep_spacing", "");
     if (!s.spacing.empty() && s.spacing != "leading" && s.spacing != "linspace" && s.spacing != "trailing")
         fail(SW_ERR_UNSUPPORTED, c.source() + ": timestep_spacing \"" + s.spacing + "\"");
-    const double b0 = c.number("beta_start", 0.00085), b1 = c.number("beta_end", 0.012);
+    // Betas are probabilities of noise per step: strictly between 0 and 1, or
+    // the alphas' products reach 0 and every sigma divides by it.
+    constexpr double kBetaMin = 1e-9, kBetaMax = 0.999999;
+    const double b0 = c.number_in("beta_start", 0.00085, kBetaMin, kBetaMax);
+    const double b1 = c.number_in("beta_end", 0.012, kBetaMin, kBetaMax);
+    if (!(b0 < b1)) c.bad("beta_end", "greater than beta_start");
     const std::string schedule = c.string("beta_schedule", "scaled_linear");
     // float32 throughout, like the reference's torch computation.
     torch::Tensor betas;
     auto f32opts = torch::TensorOptions().dtype(torch::kFloat32);
     if (c.has("trained_betas")) {
+        const auto &j = c.json()["trained_betas"];
+        if (!j.is_array() || static_cast<int64_t>(j.size()) != s.train_steps)
+            c.bad("trained_betas", "a list of num_train_timesteps (" + std::to_string(s.train_steps) + ") numbers");
         std::vector<float> v;
-        for (const auto &x : c.json()["trained_betas"]) v.push_back(x.get<float>());
-        if (static_cast<int64_t>(v.size()) != s.train_steps) fail(SW_ERR_FORMAT, c.source() + ": trained_betas length");
+        for (const auto &x : j) {
+            if (!x.is_number()) c.bad("trained_betas", "a list of numbers");
+            const double b = x.get<double>();
+            if (!(b >= kBetaMin && b <= kBetaMax)) c.bad("trained_betas", "a list of numbers between 0 and 1");
+            v.push_back(static_cast<float>(b));
+        }
         betas = torch::tensor(v, f32opts);
     } else if (schedule == "scaled_linear") {
         betas = torch::linspace(std::sqrt(b0), std::sqrt(b1), s.train_steps, f32opts).pow(2);
@@ -87,6 +99,8 @@ NoiseSchedule NoiseSchedule::from(const Config &c) {
     auto ac = torch::cumprod(1.0 - betas, 0).contiguous();
     const float *p = ac.data_ptr<float>();
     s.alphas_cumprod.assign(p, p + s.train_steps);
+    if (!(s.alphas_cumprod.back() > 0))
+        fail(SW_ERR_FORMAT, c.source() + ": the betas leave no signal by the last timestep (alphas_cumprod reaches 0)");
     return s;
 }
 

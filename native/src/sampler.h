@@ -14,9 +14,18 @@
 
 namespace sw {
 
-enum class SamplerKind { DDIM, PNDM, Euler, EulerAncestral, DPMPP2M, DPMPP2MKarras };
+// The samplers, valued as sw_sampler in stepwise.h: the header owns the numbers.
+enum class SamplerKind : int32_t {
+    DDIM = SW_SAMPLER_DDIM,
+    Euler = SW_SAMPLER_EULER,
+    EulerAncestral = SW_SAMPLER_EULER_A,
+    DPMPP2M = SW_SAMPLER_DPMPP_2M,
+    DPMPP2MKarras = SW_SAMPLER_DPMPP_2M_KARRAS,
+    PNDM = SW_SAMPLER_PNDM,
+};
 
-// parse_sampler accepts the stepwise names and A1111's display names.
+// parse_sampler turns an sw_sampler from the C API into a SamplerKind,
+// refusing values the header does not define.
 SamplerKind parse_sampler(int32_t id);
 const char *sampler_name(SamplerKind k);
 

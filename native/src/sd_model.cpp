@@ -33,10 +33,6 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string &dir) {
     return std::make_unique<Tokenizer>(dir);
 }
 
-// SD 2.x is told from its UNet: linear projections and 1024-wide context
-// (OpenCLIP ViT-H). It decides the family name and the built-in tokenizer's padding.
-bool is_sd2(const UNetConfig &unet) { return unet.linear_projection || unet.cross_attention_dim == 1024; }
-
 std::string sd_family(const UNetConfig &unet) {
     return std::string(is_sd2(unet) ? "sd2" : "sd1") + (unet.in_channels == 9 ? "-inpaint" : "");
 }
@@ -91,12 +87,42 @@ void replace_vae(sw_sd_model &m, const std::string &path, torch::ScalarType st) 
 
 }  // namespace
 
+// SD 2.x is told from its UNet: linear projections and 1024-wide context
+// (OpenCLIP ViT-H). It decides the family name and the built-in tokenizer's padding.
+bool is_sd2(const UNetConfig &unet) { return unet.linear_projection || unet.cross_attention_dim == 1024; }
+
+std::unique_ptr<Tokenizer> builtin_tokenizer(const UNetConfig &unet) {
+    return std::make_unique<Tokenizer>(is_sd2(unet) ? ClipPad::Exclamation : ClipPad::EndOfText);
+}
+
+void check_sd_configs(const std::string &root, const ClipTextConfig &clip, const UNetConfig &unet, const VAEConfig &vae,
+                      const Config &scheduler, const Tokenizer &tokenizer, const std::string &tokenizer_dir) {
+    if (static_cast<int64_t>(tokenizer.vocab_size()) > clip.vocab_size || tokenizer.max_id() >= clip.vocab_size)
+        fail(SW_ERR_FORMAT, root + ": " + tokenizer_dir + " has " + std::to_string(tokenizer.vocab_size()) +
+                                " tokens (ids up to " + std::to_string(tokenizer.max_id()) + "), the text encoder only " +
+                                std::to_string(clip.vocab_size) + "; pass the model's own tokenizer folder (--tokenizer DIR)");
+    NoiseSchedule::from(scheduler);  // validates it now, not at the first generation
+    if (unet.cross_attention_dim != clip.hidden_size)
+        fail(SW_ERR_FORMAT, root + ": unet cross_attention_dim " + std::to_string(unet.cross_attention_dim) +
+                                " does not match the text encoder's hidden_size " + std::to_string(clip.hidden_size));
+    if (vae.latent_channels != 4 || unet.out_channels != 4)
+        fail(SW_ERR_UNSUPPORTED, root + ": only 4-channel latents are supported");
+    if (unet.in_channels != 4 && unet.in_channels != 9)
+        fail(SW_ERR_UNSUPPORTED, root + ": a UNet with " + std::to_string(unet.in_channels) +
+                                     " input channels (want 4, or 9 for inpainting)");
+    if (vae.in_channels != 3 || vae.out_channels != 3)
+        fail(SW_ERR_UNSUPPORTED, root + ": only RGB VAEs (3 channels in and out) are supported");
+}
+
 sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     CallGuard guard;
     if (p.path == nullptr || *p.path == '\0') fail(SW_ERR_INVALID_ARGUMENT, "model path is empty");
     const std::string root = p.path;
     if (!path_exists(root)) fail(SW_ERR_NOT_FOUND, root + ": no such file or folder");
-    const bool is_file = is_regular_file(root);
+    struct stat st_buf;
+    const bool is_file = ::stat(root.c_str(), &st_buf) == 0 && S_ISREG(st_buf.st_mode);
+    if (!is_file && !S_ISDIR(st_buf.st_mode))
+        fail(SW_ERR_IO, root + ": neither a regular file nor a folder (a FIFO or a device is never read)");
 
     auto m = std::make_unique<sw_sd_model>();
     m->path = root;
@@ -130,6 +156,8 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
         const auto clip_cfg = ClipTextConfig::from(component_config(root + "/text_encoder"));
         const auto unet_cfg = UNetConfig::from(component_config(root + "/unet"));
         const auto vae_cfg = VAEConfig::from(component_config(root + "/vae"));
+        if (!m->tokenizer) m->tokenizer = builtin_tokenizer(unet_cfg);
+        check_sd_configs(root, clip_cfg, unet_cfg, vae_cfg, m->scheduler_config, *m->tokenizer, m->tokenizer->source());
         m->text_encoder = ClipTextModel(clip_cfg);
         m->unet = UNet(unet_cfg);
         m->vae = VAE(vae_cfg);
@@ -148,18 +176,7 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     }
     const auto &clip_cfg = m->text_encoder->config;
     const auto &unet_cfg = m->unet->config;
-    if (!m->tokenizer) m->tokenizer = std::make_unique<Tokenizer>(is_sd2(unet_cfg) ? ClipPad::Exclamation : ClipPad::EndOfText);
-    if (static_cast<int64_t>(m->tokenizer->vocab_size()) > clip_cfg.vocab_size)
-        fail(SW_ERR_FORMAT, root + ": " + m->tokenizer->source() + " has " + std::to_string(m->tokenizer->vocab_size()) +
-                                " tokens, the text encoder only " + std::to_string(clip_cfg.vocab_size) +
-                                (tokenizer_arg.empty() ? "; pass the model's own tokenizer folder (--tokenizer DIR)" : ""));
     if (!vae_arg.empty()) replace_vae(*m, vae_arg, st);
-    NoiseSchedule::from(m->scheduler_config);  // validates it now, not at the first generation
-    if (unet_cfg.cross_attention_dim != clip_cfg.hidden_size)
-        fail(SW_ERR_FORMAT, root + ": unet cross_attention_dim " + std::to_string(unet_cfg.cross_attention_dim) +
-                                " does not match the text encoder's hidden_size " + std::to_string(clip_cfg.hidden_size));
-    if (m->vae->config.latent_channels != 4 || unet_cfg.out_channels != 4)
-        fail(SW_ERR_UNSUPPORTED, root + ": only 4-channel latents are supported");
     m->text_encoder->eval();
     m->unet->eval();
     m->vae->eval();

@@ -25,6 +25,7 @@ sw_seg_model *open_seg_model(const sw_seg_model_params &p) {
     m->net->eval();
     m->params = stats.params;
     m->bytes = stats.bytes;
+    m->arch = arch.describe();
     log(SW_LOG_INFO, "opened " + m->path + " (" + arch.describe() + ")");
     return m.release();
 }

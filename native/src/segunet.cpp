@@ -1,6 +1,7 @@
 #include "segunet.h"
 
 #include "common.h"
+#include "config.h"
 #include "safetensors.h"
 
 namespace sw {
@@ -17,6 +18,8 @@ const std::array<std::string, 9> kConvPrefix = {
 SegArch SegArch::from_base(int64_t in_channels, int64_t classes, int64_t w, bool bilinear) {
     if (in_channels <= 0 || classes <= 0 || w <= 0)
         fail(SW_ERR_INVALID_ARGUMENT, "segmentation U-Net: channels, classes and width must be positive");
+    if (in_channels > kMaxWidth || w > kMaxWidth / 16)
+        fail(SW_ERR_INVALID_ARGUMENT, "segmentation U-Net: channels or width too large");
     SegArch a;
     a.in_channels = in_channels;
     a.classes = classes;
@@ -33,6 +36,7 @@ SegArch SegArch::from_base(int64_t in_channels, int64_t classes, int64_t w, bool
         a.convs[5 + i] = {up_in[i], bilinear ? up_in[i] / 2 : up_out[i], up_out[i]};
         a.up_channels[i] = up_in[i];
     }
+    a.validate("random segmentation U-Net");
     return a;
 }
 
@@ -56,7 +60,45 @@ SegArch SegArch::from_file(const SafeTensorsFile &f) {
         if (!a.bilinear) a.up_channels[i] = shape("up" + std::to_string(i + 1) + ".up.weight", 4)[0];
     }
     a.classes = shape("outc.conv.weight", 4)[0];
+    a.validate(f.path());
     return a;
+}
+
+void SegArch::validate(const std::string &source) const {
+    auto bad = [&](const std::string &what) { fail(SW_ERR_FORMAT, source + ": segmentation U-Net " + what); };
+    auto width = [&](const std::string &what, int64_t v) {
+        if (v < 1 || v > kMaxWidth)
+            bad(what + " has " + std::to_string(v) + " channels (want 1 to " + std::to_string(kMaxWidth) + ")");
+    };
+    width("input", in_channels);
+    if (classes < 1 || classes > 255) bad("has " + std::to_string(classes) + " classes (want 1 to 255)");
+    for (size_t i = 0; i < convs.size(); i++) {
+        const std::string name = kConvPrefix[i].substr(0, kConvPrefix[i].find('.'));
+        width(name + " in", convs[i].in);
+        width(name + " mid", convs[i].mid);
+        width(name + " out", convs[i].out);
+    }
+    if (convs[0].in != in_channels) bad("inc takes " + std::to_string(convs[0].in) + " channels, not the input's");
+    for (size_t i = 1; i <= 4; i++)
+        if (convs[i].in != convs[i - 1].out)
+            bad("down" + std::to_string(i) + " takes " + std::to_string(convs[i].in) + " channels, the block before gives " +
+                std::to_string(convs[i - 1].out));
+    int64_t h = convs[4].out;
+    for (size_t i = 0; i < 4; i++) {
+        const std::string up = "up" + std::to_string(i + 1);
+        if (!bilinear) {
+            width(up + " transposed conv", up_channels[i]);
+            if (up_channels[i] != h || up_channels[i] % 2 != 0)
+                bad(up + " upsamples " + std::to_string(up_channels[i]) + " channels (want " + std::to_string(h) +
+                    ", an even number)");
+            h = up_channels[i] / 2;
+        }
+        const int64_t skip = convs[3 - i].out;
+        if (convs[5 + i].in != skip + h)
+            bad(up + " takes " + std::to_string(convs[5 + i].in) + " channels, the skip and the upsampled give " +
+                std::to_string(skip + h));
+        h = convs[5 + i].out;
+    }
 }
 
 std::string SegArch::describe() const {
@@ -79,7 +121,9 @@ DoubleConvImpl::DoubleConvImpl(const SegArch::Double &d) {
 }
 
 torch::Tensor DoubleConvImpl::forward(const torch::Tensor &x) {
-    return at::relu(bn2(conv2(at::relu(bn1(conv1(x))))));
+    auto h = at::relu(bn1(conv1(x)));
+    check_cancel();  // at full resolution one convolution is most of a block
+    return at::relu(bn2(conv2(h)));
 }
 
 SegUNetImpl::SegUNetImpl(const SegArch &a) : arch(a) {
@@ -107,10 +151,15 @@ SegUNetImpl::SegUNetImpl(const SegArch &a) : arch(a) {
 
 torch::Tensor SegUNetImpl::forward(const torch::Tensor &x) {
     std::array<torch::Tensor, 5> skips;
+    check_cancel();
     skips[0] = inc(x);
-    for (int i = 0; i < 4; i++) skips[i + 1] = downs[i](at::max_pool2d(skips[i], {2, 2}));
+    for (int i = 0; i < 4; i++) {
+        check_cancel();
+        skips[i + 1] = downs[i](at::max_pool2d(skips[i], {2, 2}));
+    }
     auto h = skips[4];
     for (int i = 0; i < 4; i++) {
+        check_cancel();
         const auto &skip = skips[3 - i];
         if (arch.bilinear) {
             h = at::upsample_bilinear2d(h, {h.size(2) * 2, h.size(3) * 2}, /*align_corners=*/true);
@@ -121,6 +170,7 @@ torch::Tensor SegUNetImpl::forward(const torch::Tensor &x) {
         if (dy != 0 || dx != 0) h = at::constant_pad_nd(h, {dx / 2, dx - dx / 2, dy / 2, dy - dy / 2}, 0);
         h = up_convs[i](torch::cat({skip, h}, 1));
     }
+    check_cancel();
     return outc(h);
 }
 

@@ -22,6 +22,9 @@ struct SegArch {
 
     static SegArch from_base(int64_t in_channels, int64_t classes, int64_t base, bool bilinear);
     static SegArch from_file(const SafeTensorsFile &f);
+    // Fails (SW_ERR_FORMAT, naming source) unless the widths are positive,
+    // bounded and chain: each block takes what the one before it gives.
+    void validate(const std::string &source) const;
     std::string describe() const;
 };
 

@@ -6,6 +6,7 @@
 #include <unicode/unistr.h>
 #include <unicode/utf8.h>
 
+#include <algorithm>
 #include <climits>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -208,7 +209,11 @@ Tokenizer::Tokenizer(const std::string &dir) : source_(dir) {
     if (!j.is_object()) fail(SW_ERR_FORMAT, vocab_path + ": not a JSON object");
     for (auto it = j.begin(); it != j.end(); ++it) {
         if (!it->is_number_integer()) fail(SW_ERR_FORMAT, vocab_path + ": id of " + it.key() + " is not an integer");
-        vocab_[it.key()] = it->get<int64_t>();
+        const int64_t id = it->get<int64_t>();
+        if (id < 0 || id >= (int64_t(1) << 22))
+            fail(SW_ERR_FORMAT, vocab_path + ": id of " + it.key() + " is out of range (" + std::to_string(id) + ")");
+        vocab_[it.key()] = id;
+        max_id_ = std::max(max_id_, id);
     }
     auto special = [&](const char *name) {
         auto it = vocab_.find(name);
@@ -253,6 +258,7 @@ Tokenizer::Tokenizer(ClipPad pad) : source_("the built-in CLIP vocabulary") {
     for (const auto &[a, b] : merges) vocab_[a + b] = id++;
     bos_ = vocab_["<|startoftext|>"] = id++;
     eos_ = vocab_["<|endoftext|>"] = id++;
+    max_id_ = id - 1;
     unk_ = eos_;
     pad_ = pad == ClipPad::Exclamation ? vocab_.at("!") : eos_;
 }
@@ -330,6 +336,7 @@ std::vector<std::string> Tokenizer::bpe(const std::string &token) const {
 std::vector<std::string> Tokenizer::tokens(const std::string &text) const {
     std::vector<std::string> out;
     for (const auto &w : split_words(normalize_prompt(text))) {
+        check_cancel();  // a long prompt costs seconds of BPE
         std::string mapped;
         for (unsigned char b : w) mapped += byte_symbol_[b];
         for (auto &t : bpe(mapped)) out.push_back(std::move(t));

@@ -37,6 +37,7 @@ public:
     const std::unordered_map<std::string, int64_t> &vocab() const { return vocab_; }
     // The tokenizer folder, or a phrase naming the built-in vocabulary (for messages).
     const std::string &source() const { return source_; }
+    int64_t max_id() const { return max_id_; }
 
 private:
     // Parses merges.txt text (source names it in errors) into ranks_ and
@@ -47,7 +48,7 @@ private:
     std::map<std::pair<std::string, std::string>, size_t> ranks_;
     std::vector<std::string> byte_symbol_;  // byte -> its printable UTF-8 symbol
     std::vector<int> byte_order_;           // bytes in CLIP's bytes_to_unicode order (its vocabulary's first 256 ids)
-    int64_t bos_ = 0, eos_ = 0, pad_ = 0, unk_ = 0;
+    int64_t bos_ = 0, eos_ = 0, pad_ = 0, unk_ = 0, max_id_ = 0;
     std::string source_;
 };
 

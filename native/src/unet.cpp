@@ -16,6 +16,7 @@ ResnetBlockImpl::ResnetBlockImpl(int64_t in, int64_t out, int64_t temb_channels,
 torch::Tensor ResnetBlockImpl::forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &temb) {
     auto h = conv1(at::silu(norm1(x)));
     if (temb && time_emb_proj) h = h + time_emb_proj(at::silu(*temb)).unsqueeze(-1).unsqueeze(-1);
+    check_cancel();  // one convolution at 2048² takes seconds
     h = conv2(at::silu(norm2(h)));
     return (conv_shortcut ? conv_shortcut(x) : x) + h;
 }
@@ -79,7 +80,9 @@ TransformerBlockImpl::TransformerBlockImpl(int64_t dim, int64_t heads, int64_t h
 
 torch::Tensor TransformerBlockImpl::forward(const torch::Tensor &x, const torch::Tensor &context) {
     auto h = x + attn1(norm1(x));
+    check_cancel();
     h = h + attn2(norm2(h), context);
+    check_cancel();
     auto parts = ff_in(norm3(h)).chunk(2, -1);
     return h + ff_out(parts[0] * at::gelu(parts[1]));
 }
@@ -108,7 +111,10 @@ torch::Tensor Transformer2DImpl::forward(const torch::Tensor &x, const torch::Te
     if (!linear_projection) h = proj_in.forward(h);
     h = h.permute({0, 2, 3, 1}).reshape({b, hgt * wid, c});
     if (linear_projection) h = proj_in.forward(h);
-    for (const auto &blk : *blocks) h = blk->as<TransformerBlock>()->forward(h, context);
+    for (const auto &blk : *blocks) {
+        check_cancel();
+        h = blk->as<TransformerBlock>()->forward(h, context);
+    }
     if (linear_projection) h = proj_out.forward(h);
     h = h.reshape({b, hgt, wid, c}).permute({0, 3, 1, 2});
     if (!linear_projection) h = proj_out.forward(h.contiguous());
@@ -117,28 +123,46 @@ torch::Tensor Transformer2DImpl::forward(const torch::Tensor &x, const torch::Te
 
 UNetConfig UNetConfig::from(const Config &c) {
     UNetConfig o;
-    o.in_channels = c.integer("in_channels", 4);
-    o.out_channels = c.integer("out_channels", 4);
-    o.sample_size = c.integer("sample_size", 64);
+    o.in_channels = c.integer_in("in_channels", 4, 1, kMaxWidth);
+    o.out_channels = c.integer_in("out_channels", 4, 1, kMaxWidth);
+    o.sample_size = c.integer_in("sample_size", 64, 1, kMaxWidth);
     o.block_out = c.integers("block_out_channels");
     const size_t n = o.block_out.size();
-    if (n == 0) fail(SW_ERR_FORMAT, c.source() + ": block_out_channels is empty");
-    o.layers_per_block = c.integer("layers_per_block", 2);
-    o.groups = c.integer("norm_num_groups", 32);
-    o.eps = c.number("norm_eps", 1e-5);
+    if (n == 0 || n > static_cast<size_t>(kMaxBlocks))
+        c.bad("block_out_channels", "a list of 1 to " + std::to_string(kMaxBlocks) + " widths");
+    o.layers_per_block = c.integer_in("layers_per_block", 2, 1, kMaxLayersPerBlock);
+    o.groups = c.integer_in("norm_num_groups", 32, 1, kMaxWidth);
+    o.eps = c.number_in("norm_eps", 1e-5, 1e-12, 1.0);
     if (c.has("cross_attention_dim") && !c.json()["cross_attention_dim"].is_number_integer())
         fail(SW_ERR_UNSUPPORTED, c.source() + ": per-block cross_attention_dim");
-    o.cross_attention_dim = c.integer("cross_attention_dim", 768);
+    o.cross_attention_dim = c.integer_in("cross_attention_dim", 768, 1, kMaxWidth);
     // diffusers reads attention_head_dim as the number of heads when
     // num_attention_heads is absent (true of every SD 1.x/2.x config).
-    o.heads = c.has("num_attention_heads") ? c.per_block("num_attention_heads", n, 8)
-                                           : c.per_block("attention_head_dim", n, 8);
+    const std::string heads_key = c.has("num_attention_heads") ? "num_attention_heads" : "attention_head_dim";
+    o.heads = c.per_block(heads_key, n, 8);
     o.transformer_layers = c.per_block("transformer_layers_per_block", n, 1);
     o.flip_sin_to_cos = c.boolean("flip_sin_to_cos", true);
-    o.freq_shift = c.number("freq_shift", 0);
     o.linear_projection = c.boolean("use_linear_projection", false);
     o.upcast_attention = c.boolean("upcast_attention", false);
-    o.time_embed_dim = c.integer("time_embedding_dim", o.block_out[0] * 4);
+    for (size_t i = 0; i < n; i++) {
+        const std::string at = "[" + std::to_string(i) + "]";
+        c.check_range("block_out_channels" + at, o.block_out[i], 1, kMaxWidth);
+        if (o.block_out[i] % o.groups != 0)
+            c.bad("block_out_channels" + at, "a multiple of norm_num_groups " + std::to_string(o.groups) + " (is " +
+                                                 std::to_string(o.block_out[i]) + ")");
+        c.check_range(heads_key + at, o.heads[i], 1, kMaxHeads);
+        if (o.block_out[i] % o.heads[i] != 0)
+            c.bad(heads_key + at, "a divisor of block_out_channels" + at + " " + std::to_string(o.block_out[i]) +
+                                      " (is " + std::to_string(o.heads[i]) + ")");
+        c.check_range("transformer_layers_per_block" + at, o.transformer_layers[i], 1, kMaxLayers);
+    }
+    // The sinusoidal embedding has block_out_channels[0] / 2 frequencies and
+    // divides by (that - freq_shift).
+    const double half = static_cast<double>(o.block_out[0] / 2);
+    o.freq_shift = c.number("freq_shift", 0);
+    if (!(o.freq_shift >= 0 && o.freq_shift < half))
+        c.bad("freq_shift", "at least 0 and below block_out_channels[0] / 2");
+    o.time_embed_dim = c.integer_in("time_embedding_dim", o.block_out[0] * 4, 1, 4 * kMaxWidth);
     for (const auto &key : {"addition_embed_type", "class_embed_type", "encoder_hid_dim_type"})
         if (c.has(key)) fail(SW_ERR_UNSUPPORTED, c.source() + ": \"" + key + "\" (SDXL-style UNets) is not supported");
     if (c.string("time_embedding_type", "positional") != "positional")
@@ -157,14 +181,8 @@ UNetConfig UNetConfig::from(const Config &c) {
         else if (t == "UpBlock2D") o.up_attn.push_back(false);
         else fail(SW_ERR_UNSUPPORTED, c.source() + ": up block type " + t);
     }
-    if (o.down_attn.size() != n || o.up_attn.size() != n)
-        fail(SW_ERR_FORMAT, c.source() + ": down_block_types/up_block_types must have one entry per block_out_channels");
-    for (size_t i = 0; i < n; i++) {
-        if (o.block_out[i] % o.groups != 0)
-            fail(SW_ERR_FORMAT, c.source() + ": block_out_channels must be multiples of norm_num_groups");
-        if (o.heads[i] <= 0 || o.block_out[i] % o.heads[i] != 0)
-            fail(SW_ERR_FORMAT, c.source() + ": block_out_channels must be multiples of the head count");
-    }
+    if (o.down_attn.size() != n) c.bad("down_block_types", "a list with one entry per block_out_channels");
+    if (o.up_attn.size() != n) c.bad("up_block_types", "a list with one entry per block_out_channels");
     return o;
 }
 
@@ -267,17 +285,23 @@ torch::Tensor UNetImpl::forward(const torch::Tensor &sample, const torch::Tensor
     for (const auto &m : *down_blocks) {
         auto blk = m->as<UNetBlock>();
         for (size_t j = 0; j < blk->resnets->size(); j++) {
+            check_cancel();
             h = blk->resnets[j]->as<ResnetBlock>()->forward(h, temb);
+            check_cancel();
             if (blk->attentions) h = blk->attentions[j]->as<Transformer2D>()->forward(h, context);
             skips.push_back(h);
         }
         if (blk->down) {
+            check_cancel();
             h = blk->down(h);
             skips.push_back(h);
         }
     }
+    check_cancel();
     h = mid->resnets[0]->as<ResnetBlock>()->forward(h, temb);
+    check_cancel();
     h = mid->attentions[0]->as<Transformer2D>()->forward(h, context);
+    check_cancel();
     h = mid->resnets[1]->as<ResnetBlock>()->forward(h, temb);
 
     for (const auto &m : *up_blocks) {
@@ -285,12 +309,15 @@ torch::Tensor UNetImpl::forward(const torch::Tensor &sample, const torch::Tensor
         for (size_t j = 0; j < blk->resnets->size(); j++) {
             h = torch::cat({h, skips.back()}, 1);
             skips.pop_back();
+            check_cancel();
             h = blk->resnets[j]->as<ResnetBlock>()->forward(h, temb);
+            check_cancel();
             if (blk->attentions) h = blk->attentions[j]->as<Transformer2D>()->forward(h, context);
         }
         if (blk->up) {
             // Odd latent sizes: upsample to the skip connection's size, as diffusers does.
             std::vector<int64_t> size{skips.back().size(2), skips.back().size(3)};
+            check_cancel();
             h = blk->up(h, size);
         }
     }

@@ -10,20 +10,30 @@ constexpr double kVAEEps = 1e-6;
 
 VAEConfig VAEConfig::from(const Config &c) {
     VAEConfig o;
-    o.in_channels = c.integer("in_channels", 3);
-    o.out_channels = c.integer("out_channels", 3);
-    o.latent_channels = c.integer("latent_channels", 4);
-    o.layers_per_block = c.integer("layers_per_block", 1);
-    o.groups = c.integer("norm_num_groups", 32);
+    o.in_channels = c.integer_in("in_channels", 3, 1, kMaxWidth);
+    o.out_channels = c.integer_in("out_channels", 3, 1, kMaxWidth);
+    o.latent_channels = c.integer_in("latent_channels", 4, 1, kMaxWidth);
+    o.layers_per_block = c.integer_in("layers_per_block", 1, 1, kMaxLayersPerBlock);
+    o.groups = c.integer_in("norm_num_groups", 32, 1, kMaxWidth);
     o.block_out = c.integers("block_out_channels");
-    o.scaling_factor = c.number("scaling_factor", 0.18215);
-    if (o.block_out.empty()) fail(SW_ERR_FORMAT, c.source() + ": block_out_channels is empty");
-    for (auto ch : o.block_out)
-        if (ch % o.groups != 0) fail(SW_ERR_FORMAT, c.source() + ": block_out_channels must be multiples of norm_num_groups");
-    for (const auto &t : c.strings("down_block_types"))
+    o.scaling_factor = c.number_in("scaling_factor", 0.18215, 1e-6, 1e3);
+    const size_t n = o.block_out.size();
+    if (n == 0 || n > static_cast<size_t>(kMaxBlocks))
+        c.bad("block_out_channels", "a list of 1 to " + std::to_string(kMaxBlocks) + " widths");
+    for (size_t i = 0; i < n; i++) {
+        const std::string at = "block_out_channels[" + std::to_string(i) + "]";
+        c.check_range(at, o.block_out[i], 1, kMaxWidth);
+        if (o.block_out[i] % o.groups != 0)
+            c.bad(at, "a multiple of norm_num_groups " + std::to_string(o.groups) + " (is " +
+                          std::to_string(o.block_out[i]) + ")");
+    }
+    const auto down = c.strings("down_block_types"), up = c.strings("up_block_types");
+    for (const auto &t : down)
         if (t != "DownEncoderBlock2D") fail(SW_ERR_UNSUPPORTED, c.source() + ": down block type " + t);
-    for (const auto &t : c.strings("up_block_types"))
+    for (const auto &t : up)
         if (t != "UpDecoderBlock2D") fail(SW_ERR_UNSUPPORTED, c.source() + ": up block type " + t);
+    if (down.size() != n) c.bad("down_block_types", "a list with one entry per block_out_channels");
+    if (up.size() != n) c.bad("up_block_types", "a list with one entry per block_out_channels");
     return o;
 }
 
@@ -53,8 +63,11 @@ VAEMidImpl::VAEMidImpl(int64_t ch, int64_t groups) {
 }
 
 torch::Tensor VAEMidImpl::forward(const torch::Tensor &x) {
+    check_cancel();
     auto h = resnets[0]->as<ResnetBlock>()->forward(x, c10::nullopt);
+    check_cancel();
     h = attentions[0]->as<VAEAttention>()->forward(h);
+    check_cancel();
     return resnets[1]->as<ResnetBlock>()->forward(h, c10::nullopt);
 }
 
@@ -112,11 +125,16 @@ torch::Tensor VAECoderImpl::forward(const torch::Tensor &x) {
     if (decoder) h = mid(h);
     for (const auto &m : *blocks) {
         auto blk = m->as<UNetBlock>();
-        for (const auto &r : *blk->resnets) h = r->as<ResnetBlock>()->forward(h, c10::nullopt);
+        for (const auto &r : *blk->resnets) {
+            check_cancel();
+            h = r->as<ResnetBlock>()->forward(h, c10::nullopt);
+        }
+        check_cancel();
         if (blk->down) h = blk->down(h);
         if (blk->up) h = blk->up(h);
     }
     if (!decoder) h = mid(h);
+    check_cancel();
     return conv_out(at::silu(conv_norm_out(h)));
 }
 

@@ -3,12 +3,14 @@
 // one line per check and a closing "N passed, N failed" line.
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -294,6 +296,77 @@ void test_attention_slicing() {
     close("masked attention in query slices equals whole", self_sliced, self_whole, 1e-6);
 }
 
+// Runs f with a cancel flag that is already set, as if another thread had
+// called sw_*_model_cancel: it must stop with SW_CANCELLED at a cancel point.
+void expect_cancel_point(const std::string &name, const std::function<void()> &f) {
+    std::atomic<bool> flag{true};
+    bool cancelled = false;
+    std::string detail = "ran to the end";
+    try {
+        sw::CallGuard guard(&flag);
+        f();
+    } catch (const sw::Error &e) {
+        cancelled = e.status() == SW_CANCELLED;
+        detail = e.what();
+    }
+    report(cancelled, name + " has cancel points", cancelled ? "" : detail);
+}
+
+void test_cancel_points(sw_sd_model *m) {
+    auto g = at::detail::createCPUGenerator(3);
+    auto ids = torch::tensor(m->tokenizer->encode_padded("a cat", 77), torch::kInt64).unsqueeze(0);
+    auto context = m->text_encoder->forward(ids);
+    auto latents = torch::randn({1, 4, 8, 8}, g);
+    expect_cancel_point("text encoder", [&] { m->text_encoder->forward(ids); });
+    expect_cancel_point("unet", [&] { m->unet->forward(latents, torch::full({1}, 500.0), context); });
+    expect_cancel_point("vae decoder", [&] { m->vae->decode(latents); });
+    expect_cancel_point("vae encoder", [&] { m->vae->encode(torch::rand({1, 3, 64, 64}, g)); });
+    expect_cancel_point("tokenizer", [&] { m->tokenizer->encode("a cat on a chair"); });
+    expect_cancel_point("attention slices", [&] {
+        auto q = torch::randn({1, 64, 16}, g);
+        sw::attention(q, q, q, 2, c10::nullopt, false, 1 * 2 * 64 * 4 * 8);
+    });
+    sw_seg_model_params p{};
+    const std::string path = fixtures + "/seg/seg-unet-w8/model.safetensors";
+    p.path = path.c_str();
+    p.device = "cpu";
+    p.dtype = SW_DTYPE_F32;
+    std::unique_ptr<sw_seg_model> seg(sw::open_seg_model(p));
+    expect_cancel_point("segmentation u-net", [&] { seg->net->forward(torch::rand({1, 3, 32, 32}, g)); });
+    // Without a cancel they run: the flag, not the guard, stops them.
+    std::atomic<bool> clear{false};
+    sw::CallGuard guard(&clear);
+    seg->net->forward(torch::rand({1, 3, 32, 32}, g));
+    m->unet->forward(latents, torch::full({1}, 500.0), context);
+    report(true, "cancel points pass when no cancel was asked", "");
+}
+
+// The C++ sampler kinds are the header's sw_sampler values, by name.
+void test_sampler_ids() {
+    const std::vector<std::tuple<int32_t, sw::SamplerKind, std::string>> want = {
+        {SW_SAMPLER_DDIM, sw::SamplerKind::DDIM, "ddim"},
+        {SW_SAMPLER_EULER, sw::SamplerKind::Euler, "euler"},
+        {SW_SAMPLER_EULER_A, sw::SamplerKind::EulerAncestral, "euler_a"},
+        {SW_SAMPLER_DPMPP_2M, sw::SamplerKind::DPMPP2M, "dpmpp_2m"},
+        {SW_SAMPLER_DPMPP_2M_KARRAS, sw::SamplerKind::DPMPP2MKarras, "dpmpp_2m_karras"},
+        {SW_SAMPLER_PNDM, sw::SamplerKind::PNDM, "pndm"},
+    };
+    for (const auto &[id, kind, name] : want) {
+        const auto got = sw::parse_sampler(id);
+        report(got == kind && sw::sampler_name(got) == name, "sampler id " + std::to_string(id) + " is " + name,
+               sw::sampler_name(got));
+    }
+    for (int32_t id : {-1, 6, 1000}) {
+        bool refused = false;
+        try {
+            sw::parse_sampler(id);
+        } catch (const sw::Error &e) {
+            refused = e.status() == SW_ERR_INVALID_ARGUMENT;
+        }
+        report(refused, "sampler id " + std::to_string(id) + " is refused", "");
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -305,6 +378,7 @@ int main() {
         got.resize(want.size());
         report(got == want, "built-in tokenizer without files", "");
     });
+    run("sampler ids", test_sampler_ids);
     const char *env = std::getenv("STEPWISE_FIXTURES");
     fixtures = env ? env : SW_DEFAULT_FIXTURES;
     if (!sw::path_exists(fixtures + "/sd/README.md")) {
@@ -323,6 +397,7 @@ int main() {
         run("unet", [&] { test_unet(m, sd("tiny-sd15/golden/unet.safetensors"), "unet"); });
         run("vae", [&] { test_vae(m); });
         run("samplers", [&] { test_samplers(m); });
+        run("cancel points", [&] { test_cancel_points(m); });
         const std::string prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
         for (auto [name, kind] : std::vector<std::pair<std::string, sw::SamplerKind>>{
                  {"ddim", sw::SamplerKind::DDIM}, {"euler", sw::SamplerKind::Euler},
