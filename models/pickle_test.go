@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -63,6 +64,24 @@ func TestResolveConvertsOnceAndRefusesUnsafePickles(t *testing.T) {
 	require.NoError(t, os.WriteFile(evil, []byte("\x80\x02cos\nsystem\nq\x00."), 0o644))
 	_, err = models.Resolve(evil, cache)
 	require.Error(t, err)
+
+	// A conversion is found by the file's size and time: a changed file is
+	// converted again, an unchanged one is not.
+	moved := filepath.Join(t.TempDir(), "model.pth")
+	b, err := os.ReadFile(src)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(moved, b, 0o644))
+	first, err := models.Resolve(moved, cache)
+	require.NoError(t, err)
+	unchanged, err := models.Resolve(moved, cache)
+	require.NoError(t, err)
+	assert.Equal(t, first, unchanged)
+	later := time.Now().Add(time.Hour)
+	require.NoError(t, os.Chtimes(moved, later, later))
+	changed, err := models.Resolve(moved, cache)
+	require.NoError(t, err)
+	assert.NotEqual(t, first, changed)
+	assert.FileExists(t, changed)
 
 	garbage := filepath.Join(t.TempDir(), "garbage.pth")
 	require.NoError(t, os.WriteFile(garbage, []byte("not a pickle"), 0o644))

@@ -18,7 +18,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/stepwise-sd/stepwise/binding"
-	"github.com/stepwise-sd/stepwise/models"
+	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
@@ -395,27 +395,23 @@ func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-func (s *Server) modelKey(r *http.Request) (binding.Key, error) {
+func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
 	var req struct {
 		Kind string `json:"kind"` // "sd" or "seg"
 	}
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-		return binding.Key{}, badRequest("invalid JSON: %v", err)
+		return modelcache.Key{}, badRequest("invalid JSON: %v", err)
 	}
 	switch req.Kind {
 	case "sd":
-		return s.engine.Cache.KeyFor(binding.KindSD, s.cfg.Model, "", s.cfg.DType)
+		return s.engine.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: s.cfg.Model, DType: s.cfg.DType})
 	case "seg":
 		if s.cfg.SegModel == "" {
-			return binding.Key{}, badRequest("no segmentation model is configured")
+			return modelcache.Key{}, badRequest("no segmentation model is configured")
 		}
-		path, err := models.Resolve(s.cfg.SegModel, s.engine.ConvertDir)
-		if err != nil {
-			return binding.Key{}, err
-		}
-		return s.engine.Cache.KeyFor(binding.KindSeg, path, "", binding.DTypeAuto)
+		return s.engine.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: s.cfg.SegModel})
 	}
-	return binding.Key{}, badRequest(`kind must be "sd" or "seg"`)
+	return modelcache.Key{}, badRequest(`kind must be "sd" or "seg"`)
 }
 
 func (s *Server) handleModelLoad(w http.ResponseWriter, r *http.Request) {

@@ -60,20 +60,23 @@ func TestGenerateBadInput(t *testing.T) {
 	base := []string{"generate", "--lib", testenv.LibPath(), "--model", sdDir, "--out", filepath.Join(dir, "o.png")}
 	tests := []struct {
 		args []string
+		code int
 		want string
 	}{
-		{[]string{"generate", "--prompt", "x"}, "missing --model"},
-		{append(base, "--prompt", "x", "--sampler", "nope"), `unknown sampler "nope"`},
-		{append(base, "--prompt", "x", "--width", "100", "--height", "64", "--steps", "1"), "multiples of 8"},
-		{append(base, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "0"), "steps must be between"},
-		{append(base, "--prompt", "x", "--dtype", "int8"), `unknown dtype "int8"`},
-		{append(base, "--prompt", "x", "--init", notImage), "not a PNG or JPEG"},
-		{append(base, "--prompt", "x", "--mask", notImage), "--mask needs --init"},
-		{append(base[:4], "/nonexistent/model", "--out", "o.png", "--prompt", "x"), "no such file"},
+		{[]string{"generate", "--prompt", "x"}, exitUsage, `required flag(s) "model", "out" not set`},
+		{append(base, "--prompt", "x", "extra"), exitUsage, `unknown command "extra" for "stepwise generate"`},
+		{append(base, "--prompt", "x", "--steps", "many"), exitUsage, `invalid argument "many" for "--steps"`},
+		{append(base, "--prompt", "x", "--sampler", "nope"), exitError, `unknown sampler "nope"`},
+		{append(base, "--prompt", "x", "--width", "100", "--height", "64", "--steps", "1"), exitError, "multiples of 8"},
+		{append(base, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "0"), exitError, "steps must be between"},
+		{append(base, "--prompt", "x", "--dtype", "int8"), exitError, `unknown dtype "int8"`},
+		{append(base, "--prompt", "x", "--init", notImage), exitError, "not a PNG or JPEG"},
+		{append(base, "--prompt", "x", "--mask", notImage), exitError, "a mask needs an init image"},
+		{append(base[:4], "/nonexistent/model", "--out", "o.png", "--prompt", "x"), exitError, "no such file"},
 	}
 	for _, tt := range tests {
 		code, _, stderr := runCLI(tt.args...)
-		assert.Equal(t, 1, code, "%v", tt.args)
+		assert.Equal(t, tt.code, code, "%v", tt.args)
 		assert.Contains(t, stderr, tt.want, "%v", tt.args)
 	}
 }

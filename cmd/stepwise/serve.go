@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -14,32 +13,52 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
 )
 
-func runServe(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("serve", stderr)
-	var ef engineFlags
-	ef.register(fs)
-	addr := fs.String("addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
-	data := fs.String("data", defaultDataDir(), "data folder: runs/, cache/ and the demo models")
-	model := fs.String("model", "", "Stable Diffusion model (default: the tiny demo model)")
-	segModel := fs.String("seg-model", "", "segmentation U-Net (default: the tiny demo model)")
-	dtypeName := fs.String("dtype", "auto", "weights dtype: auto, f32, f16, bf16")
-	token := fs.String("token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
-	origins := fs.String("allow-origin", "", "comma-separated origins whose pages may use the API (the server's own always may)")
-	concurrency := fs.Int("concurrency", 1, "jobs running at once on the device")
-	maxQueue := fs.Int("max-queue", 64, "jobs waiting at most")
-	maxSteps := fs.Int("max-steps", 150, "steps a job may ask for")
-	maxSide := fs.Int("max-size", 2048, "width or height a job may ask for")
-	retention := fs.Duration("retention", pipeline.DefaultRetention, "how long run folders are kept")
-	cancelOnShutdown := fs.Bool("cancel-on-shutdown", false, "cancel running jobs on shutdown instead of letting them finish")
-	grace := fs.Duration("shutdown-grace", 2*time.Minute, "how long shutdown waits for running jobs")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
+// serveFlags are serve's flags.
+type serveFlags struct {
+	engine                                             engineFlags
+	addr, data, model, segModel, dtype, token, origins *string
+	concurrency, maxQueue, maxSteps, maxSide           *int
+	retention, grace                                   *time.Duration
+	cancelOnShutdown                                   *bool
+}
+
+func newServeCommand() *cobra.Command {
+	return newFlaggedCommand("serve", "serve the HTTP + websocket API and the page (127.0.0.1:7860)", cobra.NoArgs, &serveFlags{})
+}
+
+func (f *serveFlags) register(cmd *cobra.Command) {
+	f.engine.register(cmd)
+	fs := cmd.Flags()
+	f.addr = fs.String("addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
+	f.data = fs.String("data", defaultDataDir(), "data folder: runs/, cache/ and the demo models")
+	f.model = fs.String("model", "", "Stable Diffusion model (default: the tiny demo model)")
+	f.segModel = fs.String("seg-model", "", "segmentation U-Net (default: the tiny demo model)")
+	f.dtype = fs.String("dtype", "auto", "weights dtype: auto, f32, f16, bf16")
+	f.token = fs.String("token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
+	f.origins = fs.String("allow-origin", "", "comma-separated origins whose pages may use the API (the server's own always may)")
+	f.concurrency = fs.Int("concurrency", 1, "jobs running at once on the device")
+	f.maxQueue = fs.Int("max-queue", 64, "jobs waiting at most")
+	f.maxSteps = fs.Int("max-steps", 150, "steps a job may ask for")
+	f.maxSide = fs.Int("max-size", 2048, "width or height a job may ask for")
+	f.retention = fs.Duration("retention", pipeline.DefaultRetention, "how long run folders are kept")
+	f.cancelOnShutdown = fs.Bool("cancel-on-shutdown", false, "cancel running jobs on shutdown instead of letting them finish")
+	f.grace = fs.Duration("shutdown-grace", 2*time.Minute, "how long shutdown waits for running jobs")
+	_ = cmd.MarkFlagDirname("data")
+	completeDTypes(cmd, "dtype")
+}
+
+func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
+	ef, stdout, stderr := &f.engine, cmd.OutOrStdout(), cmd.ErrOrStderr()
+	addr, data, model, segModel, dtypeName, token, origins := f.addr, f.data, f.model, f.segModel, f.dtype, f.token, f.origins
+	concurrency, maxQueue, maxSteps, maxSide := f.concurrency, f.maxQueue, f.maxSteps, f.maxSide
+	retention, cancelOnShutdown, grace := f.retention, f.cancelOnShutdown, f.grace
 	dtype, err := binding.ParseDType(*dtypeName)
 	if err != nil {
 		return err
@@ -66,8 +85,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	engine := &pipeline.Engine{Cache: binding.NewCache(lib, binding.CacheOptions{Logger: lg}), Runs: runs,
-		ConvertDir: filepath.Join(*data, "cache"), Version: version}
+	engine := newEngine(lib, *data, "", runs, lg)
 	defer engine.Cache.Close()
 	var allowed []string
 	for _, o := range strings.Split(*origins, ",") {
