@@ -162,6 +162,25 @@ func TestGenerateEntryPoints(t *testing.T) {
 	assert.Equal(t, nrgba(again.Images[0]).Pix, nrgba(rendered.Images[0]).Pix, "Render draws what Generate draws")
 	assert.Equal(t, []int{1, 4, 8, 9}, rendered.Latents.Shape)
 	assert.Equal(t, again.Params.Width, rendered.Params.Width)
+
+	// The mask is feathered before inpainting: a wide blur fades a small
+	// square below the engine's threshold, so that square is not repainted.
+	m = image.NewGray(image.Rect(0, 0, 72, 64))
+	for y := 40; y < 48; y++ {
+		for x := 16; x < 24; x++ {
+			m.Pix[y*72+x] = 255
+		}
+	}
+	mask.Reset()
+	require.NoError(t, png.Encode(&mask, m))
+	o.Mask = mask.Bytes()
+	o.MaskBlur = 0
+	sharp, err := e.Render(ctx, o)
+	require.NoError(t, err)
+	o.MaskBlur = 12
+	soft, err := e.Render(ctx, o)
+	require.NoError(t, err)
+	assert.False(t, bytes.Equal(nrgba(sharp.Images[0]).Pix, nrgba(soft.Images[0]).Pix), "mask blur changes the inpainting")
 }
 
 func TestResolveModelConvertsPickleCheckpointsOnce(t *testing.T) {
