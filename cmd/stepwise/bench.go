@@ -70,25 +70,23 @@ func (f *benchFlags) register(cmd *cobra.Command) {
 // runBench calls the engine directly, not the pipeline: it times the engine.
 func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 	ef, stdout, stderr := &f.engine, cmd.OutOrStdout(), cmd.ErrOrStderr()
-	model, tokenizer, cache, sizes, dtypes, previewName := &f.model, &f.tokenizer, &f.cache, &f.sizes, &f.dtypes, &f.preview
-	steps, cfg, asJSON := &f.steps, &f.cfg, &f.asJSON
-	if *steps < 2 {
+	if f.steps < 2 {
 		return fmt.Errorf("--steps must be at least 2 (one warm-up, one timed)")
 	}
 	var sizeList []int
-	for _, s := range strings.Split(*sizes, ",") {
+	for _, s := range strings.Split(f.sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n <= 0 || n%8 != 0 {
 			return fmt.Errorf("bad size %q: want positive multiples of 8", s)
 		}
 		sizeList = append(sizeList, n)
 	}
-	preview, err := binding.ParsePreview(*previewName)
+	preview, err := binding.ParsePreview(f.preview)
 	if err != nil {
 		return err
 	}
 	var dtypeList []binding.DType
-	for _, s := range strings.Split(*dtypes, ",") {
+	for _, s := range strings.Split(f.dtypes, ",") {
 		d, err := binding.ParseDType(s)
 		if err != nil {
 			return err
@@ -99,9 +97,9 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	path, name := *model, *model
+	path, name := f.model, f.model
 	if path == "" {
-		path, name = filepath.Join(*cache, "sd15-random"), "sd15-sized (random)"
+		path, name = filepath.Join(f.cache, "sd15-random"), "sd15-sized (random)"
 		if _, err := os.Stat(filepath.Join(path, "unet", "diffusion_pytorch_model.safetensors")); err != nil {
 			fmt.Fprintf(stderr, "making a random-weight SD 1.5-sized model in %s (once)...\n", path)
 			if err := models.MakeRandomSD(lib, path, models.SD15Arch(), 1); err != nil {
@@ -119,7 +117,7 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 	var rows []benchRow
 	for _, dt := range dtypeList {
 		t0 := time.Now()
-		m, err := lib.OpenSD(binding.SDOptions{Path: path, TokenizerDir: *tokenizer, DType: dt})
+		m, err := lib.OpenSD(binding.SDOptions{Path: path, TokenizerDir: f.tokenizer, DType: dt})
 		if err != nil {
 			return err
 		}
@@ -128,8 +126,8 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 			var stepTimes []float64
 			var last time.Duration
 			req := binding.GenerateRequest{
-				Prompt: "a photograph of an astronaut riding a horse", Width: size, Height: size, Steps: *steps,
-				BatchSize: 1, CFGScale: *cfg, Sampler: binding.Euler, Seed: 1, Preview: preview, PreviewEvery: 1,
+				Prompt: "a photograph of an astronaut riding a horse", Width: size, Height: size, Steps: f.steps,
+				BatchSize: 1, CFGScale: f.cfg, Sampler: binding.Euler, Seed: 1, Preview: preview, PreviewEvery: 1,
 				OnStep: func(s binding.Step) {
 					if s.Step > 1 {
 						stepTimes = append(stepTimes, (s.Elapsed - last).Seconds())
@@ -144,13 +142,13 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 			}
 			sort.Float64s(stepTimes)
 			row := benchRow{
-				Model: name, Device: m.Info().Device, DType: m.Info().DType.String(), Size: size, Steps: *steps,
-				CFG: *cfg > 1, LoadSeconds: load, TextSeconds: res.Text.Seconds(), StepSeconds: stepTimes[len(stepTimes)/2],
+				Model: name, Device: m.Info().Device, DType: m.Info().DType.String(), Size: size, Steps: f.steps,
+				CFG: f.cfg > 1, LoadSeconds: load, TextSeconds: res.Text.Seconds(), StepSeconds: stepTimes[len(stepTimes)/2],
 				StepMin: stepTimes[0], DecodeSec: res.Decode.Seconds(), PeakRSS: peakRSS(), Threads: threads,
 				Preview: preview.String(),
 			}
 			rows = append(rows, row)
-			if *asJSON {
+			if f.asJSON {
 				if err := json.NewEncoder(stdout).Encode(row); err != nil {
 					return err
 				}
@@ -160,7 +158,7 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 		}
 		m.Close()
 	}
-	if *asJSON {
+	if f.asJSON {
 		return nil
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)

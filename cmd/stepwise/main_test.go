@@ -92,3 +92,29 @@ func TestBadInvocations(t *testing.T) {
 		assert.Contains(t, errOut, tt.want, "%v", tt.args)
 	}
 }
+
+func TestBenchOnTheTinyModel(t *testing.T) {
+	sdDir, _ := testenv.Tiny(t)
+	code, out, errOut := runCLI("bench", "--lib", testenv.LibPath(), "--model", sdDir, "--sizes", "64", "--steps", "2", "--json")
+	require.Equal(t, exitOK, code, errOut)
+	var row map[string]any
+	require.NoError(t, json.Unmarshal([]byte(out), &row))
+	assert.Equal(t, sdDir, row["model"])
+	assert.EqualValues(t, 64, row["size"])
+	assert.EqualValues(t, 2, row["steps"])
+	assert.Equal(t, "f32", row["dtype"])
+	assert.Equal(t, true, row["cfg"], "the default CFG scale guides")
+
+	code, _, errOut = runCLI("bench", "--lib", testenv.LibPath(), "--model", sdDir, "--steps", "1")
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, errOut, "stepwise bench: --steps must be at least 2")
+}
+
+func TestServeReportsAnAddressItCannotListenOn(t *testing.T) {
+	dir := t.TempDir()
+	code, _, errOut := runCLI("serve", "--lib", testenv.LibPath(), "--data", dir, "--addr", "256.0.0.1:0",
+		"--allow-origin", "http://a.example, http://b.example")
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, errOut, "stepwise serve: listen tcp: ")
+	assert.FileExists(t, filepath.Join(dir, "models", "tiny-seg.safetensors"), "the demo models were made first")
+}
