@@ -44,12 +44,21 @@ func TestGenerateWritesImagesAndLatents(t *testing.T) {
 	// img2img from the image just made, and inpaint with a mask.
 	mask := filepath.Join(dir, "mask.png")
 	require.NoError(t, os.WriteFile(mask, whitePNG(t, 64, 48), 0o644))
-	code, _, stderr = runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a dog",
-		"--init", filepath.Join(dir, "cat-0.png"), "--strength", "0.5", "--steps", "4", "--out", filepath.Join(dir, "dog.png"))
+	code, stdout, stderr = runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a dog",
+		"--init", filepath.Join(dir, "cat-0.png"), "--strength", "0.5", "--steps", "4", "--seed", "2", "--out", filepath.Join(dir, "dog.png"))
 	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "seed 2, euler_a, 4 steps", "the sampler left out is the pipeline's default")
 	code, _, stderr = runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a dog",
 		"--init", filepath.Join(dir, "cat-0.png"), "--mask", mask, "--steps", "2", "--out", filepath.Join(dir, "dog2.png"))
 	require.Equal(t, 0, code, stderr)
+	for _, name := range []string{"dog.png", "dog2.png"} {
+		f, err := os.Open(filepath.Join(dir, name))
+		require.NoError(t, err)
+		cfg, err := png.DecodeConfig(f)
+		f.Close()
+		require.NoError(t, err)
+		assert.Equal(t, [2]int{64, 48}, [2]int{cfg.Width, cfg.Height}, "%s has the init image's size", name)
+	}
 }
 
 func TestGenerateBadInput(t *testing.T) {
