@@ -42,15 +42,7 @@ func newEngine(t *testing.T) (*pipeline.Engine, string) {
 
 func photo(t *testing.T, w, h int) []byte { return testenv.Photo(t, w, h) }
 
-func decodePNG(t *testing.T, path string) image.Image {
-	t.Helper()
-	f, err := os.Open(path)
-	require.NoError(t, err)
-	defer f.Close()
-	img, err := png.Decode(f)
-	require.NoError(t, err)
-	return img
-}
+func decodePNG(t *testing.T, path string) image.Image { return testenv.ReadPNG(t, path) }
 
 func nrgba(img image.Image) *image.NRGBA {
 	out := image.NewNRGBA(img.Bounds())

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"image/png"
 	"os"
 	"path/filepath"
 	"testing"
@@ -25,13 +24,7 @@ func TestGenerateWritesImagesAndLatents(t *testing.T) {
 	require.Equal(t, 0, code, stderr)
 	assert.Contains(t, stdout, "seed 5, euler_a, 3 steps")
 	for _, name := range []string{"cat-0.png", "cat-1.png"} {
-		f, err := os.Open(filepath.Join(dir, name))
-		require.NoError(t, err)
-		img, err := png.Decode(f)
-		f.Close()
-		require.NoError(t, err)
-		assert.Equal(t, 64, img.Bounds().Dx())
-		assert.Equal(t, 48, img.Bounds().Dy())
+		assert.Equal(t, [2]int{64, 48}, pngSize(t, filepath.Join(dir, name)), name)
 	}
 	previews, _ := filepath.Glob(filepath.Join(prev, "step-*.png"))
 	assert.Len(t, previews, 6, "3 steps x 2 images")
@@ -52,13 +45,14 @@ func TestGenerateWritesImagesAndLatents(t *testing.T) {
 		"--init", filepath.Join(dir, "cat-0.png"), "--mask", mask, "--steps", "2", "--out", filepath.Join(dir, "dog2.png"))
 	require.Equal(t, 0, code, stderr)
 	for _, name := range []string{"dog.png", "dog2.png"} {
-		f, err := os.Open(filepath.Join(dir, name))
-		require.NoError(t, err)
-		cfg, err := png.DecodeConfig(f)
-		f.Close()
-		require.NoError(t, err)
-		assert.Equal(t, [2]int{64, 48}, [2]int{cfg.Width, cfg.Height}, "%s has the init image's size", name)
+		assert.Equal(t, [2]int{64, 48}, pngSize(t, filepath.Join(dir, name)), "%s has the init image's size", name)
 	}
+}
+
+// pngSize is the width and height of the PNG at path.
+func pngSize(t *testing.T, path string) [2]int {
+	b := testenv.ReadPNG(t, path).Bounds()
+	return [2]int{b.Dx(), b.Dy()}
 }
 
 func TestGenerateBadInput(t *testing.T) {

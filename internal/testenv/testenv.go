@@ -120,3 +120,18 @@ func Photo(t testing.TB, w, h int) []byte {
 	}
 	return buf.Bytes()
 }
+
+// ReadPNG decodes the PNG file at path.
+func ReadPNG(t testing.TB, path string) image.Image {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatalf("read PNG: %v", err)
+	}
+	defer f.Close()
+	img, err := png.Decode(f)
+	if err != nil {
+		t.Fatalf("decode %s: %v", path, err)
+	}
+	return img
+}
