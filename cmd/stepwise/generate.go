@@ -32,7 +32,7 @@ type generateFlags struct {
 func (f *generateFlags) register(cmd *cobra.Command) {
 	f.engine.register(cmd)
 	fs := cmd.Flags()
-	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a diffusers folder, a single-file .safetensors or a .ckpt checkpoint")
+	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a diffusers folder, a single-file .safetensors or a .ckpt checkpoint (required)")
 	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder (vocab.json, merges.txt), for single-file checkpoints")
 	f.gen.register(cmd, "what to draw")
 	fs.IntVar(&f.width, "width", 0, fmt.Sprintf("image width, a multiple of 8 (default %d, or the init image's)", pipeline.DefaultSize))
@@ -47,7 +47,7 @@ func (f *generateFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.preview, "preview", "none", "per-step previews: none, latent2rgb, vae")
 	fs.IntVar(&f.previewEvery, "preview-every", pipeline.DefaultPreviewEvery, "with --preview vae: decode every N steps")
 	fs.StringVar(&f.previewDir, "preview-dir", "", "write each preview here as step-NNN[-i].png")
-	fs.StringVar(&f.out, "out", "", "output PNG (batches: NAME-0.png, NAME-1.png, ...)")
+	fs.StringVar(&f.out, "out", "", "output PNG (batches: NAME-0.png, NAME-1.png, ...) (required)")
 	fs.StringVar(&f.latent, "save-latents", "", "also write float32 tensors 'latents' and 'image' to this .safetensors file")
 	fs.StringVar(&f.data, "data", defaultDataDir(), "data folder (conversions of .ckpt files are cached here)")
 	for _, name := range []string{"model", "out"} {

@@ -20,7 +20,7 @@ type genFlags struct {
 
 func (g *genFlags) register(cmd *cobra.Command, promptHelp string) {
 	fs := cmd.Flags()
-	fs.StringVar(&g.prompt, "prompt", "", promptHelp)
+	fs.StringVar(&g.prompt, "prompt", "", promptHelp+" (required)")
 	fs.StringVar(&g.negative, "negative-prompt", "", "what to avoid")
 	fs.IntVar(&g.steps, "steps", pipeline.DefaultSteps, "denoising steps")
 	fs.Float32Var(&g.cfg, "cfg-scale", pipeline.DefaultCFGScale, "classifier-free guidance scale (<= 1 disables guidance)")
