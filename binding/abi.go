@@ -8,7 +8,7 @@ import (
 
 // ABIVersion is the SW_ABI_VERSION this package was written for. A library
 // reporting another version is refused.
-const ABIVersion = 1
+const ABIVersion = 2
 
 // Mirrors of the structs in stepwise.h. Field order, sizes and padding match
 // the C layout on 64-bit platforms; they change only with ABIVersion.
@@ -42,6 +42,7 @@ type cSDModelParams struct {
 	TokenizerDir *byte
 	Device       *byte
 	DType        int32
+	VAEPath      *byte
 }
 
 type cSegModelParams struct {

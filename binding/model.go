@@ -27,10 +27,16 @@ func modelInfo(ci *cModelInfo) ModelInfo {
 
 // SDOptions say which Stable Diffusion model to open and how.
 type SDOptions struct {
-	Path         string // a diffusers folder
-	TokenizerDir string // overrides the model's tokenizer folder
+	// Path is a diffusers folder or a single-file .safetensors checkpoint.
+	Path string
+	// TokenizerDir overrides the tokenizer. Empty: a diffusers folder's own
+	// tokenizer/, else the CLIP vocabulary built into the engine.
+	TokenizerDir string
 	Device       string // empty: the library's selected device
 	DType        DType
+	// VAEPath replaces the model's VAE: a .safetensors file (LDM or diffusers
+	// keys) or a diffusers VAE folder, of the model's VAE architecture.
+	VAEPath string
 }
 
 // SDModel is an open Stable Diffusion model. Generation calls on one model are
@@ -65,6 +71,11 @@ func (l *Library) OpenSD(o SDOptions) (*SDModel, error) {
 		pin.Pin(&tok[0])
 		p.TokenizerDir = &tok[0]
 	}
+	if o.VAEPath != "" {
+		vae := cStr(o.VAEPath)
+		pin.Pin(&vae[0])
+		p.VAEPath = &vae[0]
+	}
 	var h uintptr
 	var ce cError
 	if err := check("sw_sd_model_open", l.fn.sdOpen(&p, &h, &ce), &ce); err != nil {
@@ -83,7 +94,7 @@ func (l *Library) OpenSD(o SDOptions) (*SDModel, error) {
 // Info describes the loaded model.
 func (m *SDModel) Info() ModelInfo { return m.info }
 
-// Path is the folder the model was loaded from.
+// Path is the folder or file the model was loaded from.
 func (m *SDModel) Path() string { return m.path }
 
 // Close frees the model; it waits for a call in progress. Closing twice is a no-op.

@@ -234,8 +234,12 @@ func TestBrokenSDFoldersGiveClearErrors(t *testing.T) {
 	}{
 		{"no model_index.json", func(d string) { os.Remove(filepath.Join(d, "model_index.json")) },
 			binding.StatusUnsupported, "not a diffusers folder"},
-		{"missing tokenizer", func(d string) { os.RemoveAll(filepath.Join(d, "tokenizer")) },
+		{"tokenizer folder without vocab.json", func(d string) { os.Remove(filepath.Join(d, "tokenizer/vocab.json")) },
 			binding.StatusNotFound, "vocab.json"},
+		// Without a tokenizer folder the built-in CLIP vocabulary is used, and
+		// the tiny text encoder is too small for it.
+		{"no tokenizer folder, text encoder smaller than CLIP's vocabulary", func(d string) { os.RemoveAll(filepath.Join(d, "tokenizer")) },
+			binding.StatusFormat, "the built-in CLIP vocabulary has 49408 tokens"},
 		{"missing unet weights", func(d string) { os.Remove(filepath.Join(d, "unet/diffusion_pytorch_model.safetensors")) },
 			binding.StatusNotFound, "diffusion_pytorch_model.safetensors"},
 		{"bad unet config", func(d string) { os.WriteFile(filepath.Join(d, "unet/config.json"), []byte("{"), 0o644) },
@@ -295,8 +299,10 @@ func TestSingleFileCheckpoint(t *testing.T) {
 	defer folder.Close()
 	assert.Equal(t, folder.Info().Params, m.Info().Params)
 
+	// Without --tokenizer the built-in CLIP vocabulary is tried; this tiny
+	// model's text encoder has its own small vocabulary.
 	_, err = lib.OpenSD(binding.SDOptions{Path: file})
-	assert.ErrorIs(t, err, binding.ErrInvalidArgument)
+	assert.ErrorIs(t, err, binding.ErrFormat)
 	assert.ErrorContains(t, err, "--tokenizer")
 
 	// A segmentation U-Net is not a Stable Diffusion checkpoint.

@@ -2,21 +2,18 @@ package models
 
 import (
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"math"
+	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 
-	"github.com/nlpodyssey/gopickle/pickle"
-	"github.com/nlpodyssey/gopickle/pytorch"
 	"github.com/nlpodyssey/gopickle/types"
 
+	"github.com/stepwise-sd/stepwise/internal/regfile"
 	"github.com/stepwise-sd/stepwise/internal/safetensors"
 )
 
@@ -33,26 +30,67 @@ func IsPickle(path string) bool {
 // tensors, dicts, lists and scalars.
 var ErrUnsafePickle = errors.New("checkpoint holds objects other than tensors, dicts, lists and scalars")
 
-// safeFindClass resolves only the classes a state_dict needs; torch's tensor
-// and storage classes are resolved by gopickle's torch layer before this.
-func safeFindClass(module, name string) (any, error) {
-	if module == "collections" && name == "OrderedDict" {
-		return &types.OrderedDictClass{}, nil
-	}
-	return nil, fmt.Errorf("%w: refusing class %s.%s", ErrUnsafePickle, module, name)
-}
+// ErrBadCheckpoint is returned for a checkpoint that is malformed or past one
+// of the limits below: truncated or inconsistent pickles, sizes, strides or
+// offsets that reach outside their storage, a zip that inflates past the
+// budget, nesting past MaxPickleDepth.
+var ErrBadCheckpoint = errors.New("malformed or oversized checkpoint")
+
+// errPanicked marks a panic recovered while reading: a bound that is missing.
+var errPanicked = errors.New("the reader failed on it")
+
+// The limits a pickle checkpoint is read under. A crafted .pth/.ckpt must
+// fail with ErrBadCheckpoint, never crash the process or make it allocate
+// what a size field claims.
+const (
+	// MaxCheckpointExpansion bounds the memory a conversion may take, as a
+	// multiple of the file's size: the storages read plus the tensors
+	// converted (float16 doubles to float32, uint8 grows 8× to int64) plus
+	// the pickle program. A storage or a view (stride 0 repeats elements)
+	// claiming more is refused before anything is allocated; so is a zip
+	// entry inflating past it.
+	MaxCheckpointExpansion = 16
+	// MaxPickleBytes bounds the pickle program (data.pkl, or the pickles at
+	// the head of a legacy file), which is read into memory whole. A state
+	// dict's pickle takes about 150 bytes per tensor.
+	MaxPickleBytes = 64 << 20
+	// MaxPickleDepth bounds how deeply marks nest in the pickle program and
+	// containers nest in the non-tensor entries: the entries are walked
+	// recursively, and a Go stack overflow cannot be recovered.
+	MaxPickleDepth = 100
+	// MaxPickleLine bounds a newline-terminated text argument (protocol 0
+	// strings, class names).
+	MaxPickleLine = 4096
+	// MaxPickleNumber bounds the digits of a text number and the bytes of a
+	// LONG4: parsing big integers costs the square of their length.
+	MaxPickleNumber = 64
+	// MaxTensorDims bounds a tensor's dimensions.
+	MaxTensorDims = 64
+)
 
 // ReadPickleStateDict reads a state_dict saved with torch.save (zip or legacy
 // format) without running any code from it. Tensors come back in safetensors
-// form; other top-level entries (lists, numbers, strings — e.g. the
-// segmentation project's mask_values) come back as JSON. A checkpoint that
-// wraps its weights in "state_dict" is unwrapped.
-func ReadPickleStateDict(path string) (map[string]safetensors.Tensor, map[string]string, error) {
-	obj, err := pytorch.LoadWithUnpickler(path, func(r io.Reader) pickle.Unpickler {
-		u := pickle.NewUnpickler(r)
-		u.FindClass = safeFindClass
-		return u
-	})
+// form (floats as F32, integers as I64, bools as BOOL); other top-level
+// entries (lists, numbers, strings — e.g. the segmentation project's
+// mask_values) come back as JSON. A checkpoint that wraps its weights in
+// "state_dict" is unwrapped. path must name a regular file. Errors wrap
+// ErrBadCheckpoint or ErrUnsafePickle (or regfile.ErrNotRegular).
+func ReadPickleStateDict(path string) (tensors map[string]safetensors.Tensor, extra map[string]string, err error) {
+	// Every bound is checked explicitly; this only turns a bug in the
+	// unpickler into an error instead of a dead server.
+	defer func() {
+		if r := recover(); r != nil {
+			tensors, extra = nil, nil
+			err = fmt.Errorf("read %s: %w: %w: %v", path, ErrBadCheckpoint, errPanicked, r)
+		}
+	}()
+	f, info, err := regfile.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	c := newCheckpoint(f, info.Size())
+	obj, err := c.load()
 	if err != nil {
 		return nil, nil, fmt.Errorf("read %s: %w", path, err)
 	}
@@ -65,26 +103,26 @@ func ReadPickleStateDict(path string) (map[string]safetensors.Tensor, map[string
 			entries = e
 		}
 	}
-	tensors := map[string]safetensors.Tensor{}
-	extra := map[string]string{}
+	tensors = map[string]safetensors.Tensor{}
+	extra = map[string]string{}
 	for k, v := range entries {
 		switch t := v.(type) {
-		case *pytorch.Tensor:
-			st, err := convertTensor(t)
+		case *tensorRef:
+			st, err := c.convert(t)
 			if err != nil {
-				return nil, nil, fmt.Errorf("read %s: tensor %s: %w", path, k, err)
+				return nil, nil, fmt.Errorf("read %s: tensor %.200s: %w", path, k, err)
 			}
 			tensors[k] = st
 		default:
 			j, err := plainJSON(v)
 			if err != nil {
-				return nil, nil, fmt.Errorf("read %s: entry %s: %w", path, k, err)
+				return nil, nil, fmt.Errorf("read %s: entry %.200s: %w", path, k, err)
 			}
 			extra[k] = j
 		}
 	}
 	if len(tensors) == 0 {
-		return nil, nil, fmt.Errorf("read %s: no tensors in the checkpoint", path)
+		return nil, nil, fmt.Errorf("read %s: %w: no tensors in the checkpoint", path, ErrBadCheckpoint)
 	}
 	return tensors, extra, nil
 }
@@ -96,11 +134,11 @@ func dictEntries(obj any) (map[string]any, error) {
 		for el := d.List.Front(); el != nil; el = el.Next() {
 			e, ok := el.Value.(*types.OrderedDictEntry)
 			if !ok {
-				return nil, fmt.Errorf("malformed OrderedDict")
+				return nil, fmt.Errorf("%w: malformed OrderedDict", ErrBadCheckpoint)
 			}
 			k, ok := e.Key.(string)
 			if !ok {
-				return nil, fmt.Errorf("non-string key %v", e.Key)
+				return nil, fmt.Errorf("%w: a key is a %T, not a string", ErrBadCheckpoint, e.Key)
 			}
 			out[k] = e.Value
 		}
@@ -108,113 +146,60 @@ func dictEntries(obj any) (map[string]any, error) {
 		for _, e := range *d {
 			k, ok := e.Key.(string)
 			if !ok {
-				return nil, fmt.Errorf("non-string key %v", e.Key)
+				return nil, fmt.Errorf("%w: a key is a %T, not a string", ErrBadCheckpoint, e.Key)
 			}
 			out[k] = e.Value
 		}
 	default:
-		return nil, fmt.Errorf("top level is %T, not a dict", obj)
+		return nil, fmt.Errorf("%w: top level is a %T, not a dict", ErrBadCheckpoint, obj)
 	}
 	return out, nil
 }
 
-// plainJSON encodes lists, tuples, numbers, strings and booleans.
+// plainJSON encodes lists, tuples, numbers, strings and booleans. Containers
+// may nest MaxPickleDepth deep and appear once: the memo lets a pickle share
+// a list or put it inside itself, which a tree walk would follow forever.
 func plainJSON(v any) (string, error) {
-	var conv func(any) (any, error)
-	conv = func(v any) (any, error) {
+	seen := map[any]bool{}
+	var conv func(any, int) (any, error)
+	items := func(container any, n int, get func(int) any, depth int) (any, error) {
+		if depth >= MaxPickleDepth {
+			return nil, fmt.Errorf("%w: containers nest more than %d deep", ErrBadCheckpoint, MaxPickleDepth)
+		}
+		if seen[container] {
+			return nil, fmt.Errorf("%w: a container appears twice (shared or inside itself)", ErrBadCheckpoint)
+		}
+		seen[container] = true
+		out := make([]any, 0, n)
+		for i := 0; i < n; i++ {
+			c, err := conv(get(i), depth+1)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, c)
+		}
+		return out, nil
+	}
+	conv = func(v any, depth int) (any, error) {
 		switch t := v.(type) {
-		case nil, bool, int, int64, float64, string:
+		case nil, bool, int, int64, float64, string, *big.Int:
 			return t, nil
 		case *types.List:
-			out := make([]any, 0, len(*t))
-			for _, e := range *t {
-				c, err := conv(e)
-				if err != nil {
-					return nil, err
-				}
-				out = append(out, c)
-			}
-			return out, nil
+			return items(t, t.Len(), t.Get, depth)
 		case *types.Tuple:
-			out := make([]any, 0, t.Len())
-			for i := 0; i < t.Len(); i++ {
-				c, err := conv(t.Get(i))
-				if err != nil {
-					return nil, err
-				}
-				out = append(out, c)
-			}
-			return out, nil
+			return items(t, t.Len(), t.Get, depth)
 		}
 		return nil, fmt.Errorf("%w: %T", ErrUnsafePickle, v)
 	}
-	c, err := conv(v)
+	c, err := conv(v, 0)
 	if err != nil {
 		return "", err
 	}
 	b, err := json.Marshal(c)
-	return string(b), err
-}
-
-// convertTensor gathers a (possibly strided) tensor into contiguous
-// little-endian bytes: float tensors as F32, integers as I64, bools as BOOL.
-func convertTensor(t *pytorch.Tensor) (safetensors.Tensor, error) {
-	shape := make([]int64, len(t.Size))
-	numel := 1
-	for i, s := range t.Size {
-		shape[i] = int64(s)
-		numel *= s
+	if err != nil {
+		return "", fmt.Errorf("%w: %v", ErrBadCheckpoint, err)
 	}
-	// Element index of every position, honouring strides and the offset.
-	index := func(flat int) int {
-		off := t.StorageOffset
-		for d := len(t.Size) - 1; d >= 0; d-- {
-			off += (flat % t.Size[d]) * t.Stride[d]
-			flat /= t.Size[d]
-		}
-		return off
-	}
-	check := func(n int) error {
-		if numel > 0 && index(numel-1) >= n {
-			return fmt.Errorf("tensor reaches past its storage")
-		}
-		return nil
-	}
-	f32 := func(get func(int) float32, n int) (safetensors.Tensor, error) {
-		if err := check(n); err != nil {
-			return safetensors.Tensor{}, err
-		}
-		b := make([]byte, 4*numel)
-		for i := 0; i < numel; i++ {
-			binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(get(index(i))))
-		}
-		return safetensors.Tensor{DType: "F32", Shape: shape, Data: b}, nil
-	}
-	i64 := func(get func(int) int64, n int) (safetensors.Tensor, error) {
-		if err := check(n); err != nil {
-			return safetensors.Tensor{}, err
-		}
-		b := make([]byte, 8*numel)
-		for i := 0; i < numel; i++ {
-			binary.LittleEndian.PutUint64(b[8*i:], uint64(get(index(i))))
-		}
-		return safetensors.Tensor{DType: "I64", Shape: shape, Data: b}, nil
-	}
-	switch s := t.Source.(type) {
-	case *pytorch.FloatStorage:
-		return f32(func(i int) float32 { return s.Data[i] }, len(s.Data))
-	case *pytorch.HalfStorage:
-		return f32(func(i int) float32 { return s.Data[i] }, len(s.Data))
-	case *pytorch.BFloat16Storage:
-		return f32(func(i int) float32 { return s.Data[i] }, len(s.Data))
-	case *pytorch.DoubleStorage:
-		return f32(func(i int) float32 { return float32(s.Data[i]) }, len(s.Data))
-	case *pytorch.LongStorage:
-		return i64(func(i int) int64 { return s.Data[i] }, len(s.Data))
-	case *pytorch.IntStorage:
-		return i64(func(i int) int64 { return int64(s.Data[i]) }, len(s.Data))
-	}
-	return safetensors.Tensor{}, fmt.Errorf("unsupported storage %T", t.Source)
+	return string(b), nil
 }
 
 // ConvertPickle converts a pickle checkpoint to safetensors at dst; non-tensor
@@ -234,16 +219,27 @@ func ConvertPickle(src, dst string) error {
 // Resolve returns a safetensors path for path: path itself, or for a pickle
 // checkpoint its conversion, made once under cacheDir. A conversion is named
 // by the checkpoint's absolute path, size and modification time, so finding
-// it again costs a stat, not a read of a multi-gigabyte file.
+// it again costs a stat, not a read of a multi-gigabyte file. path must be a
+// regular file or a folder (a diffusers model): a FIFO, device or socket is
+// refused at once (regfile.ErrNotRegular).
 func Resolve(path, cacheDir string) (string, error) {
 	if !IsPickle(path) {
+		info, err := os.Stat(path)
+		if err != nil {
+			return "", err
+		}
+		if !info.IsDir() {
+			if _, err := regfile.Check(path); err != nil {
+				return "", err
+			}
+		}
 		return path, nil
 	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return "", fmt.Errorf("model path %s: %w", path, err)
 	}
-	fi, err := os.Stat(abs)
+	fi, err := regfile.Check(abs)
 	if err != nil {
 		return "", err
 	}
@@ -252,7 +248,7 @@ func Resolve(path, cacheDir string) (string, error) {
 	sum := hex.EncodeToString(h.Sum(nil))[:16]
 	stem := strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
 	dst := filepath.Join(cacheDir, "converted", stem+"-"+sum+".safetensors")
-	if _, err := os.Stat(dst); err == nil {
+	if _, err := regfile.Check(dst); err == nil {
 		return dst, nil
 	}
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {

@@ -90,5 +90,5 @@ func TestResolveConvertsOnceAndRefusesUnsafePickles(t *testing.T) {
 	garbage := filepath.Join(t.TempDir(), "garbage.pth")
 	require.NoError(t, os.WriteFile(garbage, []byte("not a pickle"), 0o644))
 	_, err = models.Resolve(garbage, cache)
-	require.Error(t, err)
+	require.ErrorIs(t, err, models.ErrBadCheckpoint)
 }

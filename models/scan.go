@@ -1,12 +1,20 @@
 package models
 
 import (
+	"encoding/binary"
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/stepwise-sd/stepwise/internal/regfile"
 )
+
+// maxIndexBytes bounds a model_index.json read while scanning: a real one is
+// under a kilobyte.
+const maxIndexBytes = 1 << 20
 
 // Found is a model found on disk.
 type Found struct {
@@ -18,6 +26,7 @@ type Found struct {
 
 // Scan lists the models directly inside dir: diffusers folders (with
 // model_index.json), single-file checkpoints and segmentation U-Nets.
+// Symlinks are followed; FIFOs, devices and sockets are skipped unopened.
 func Scan(dir string) ([]Found, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -26,18 +35,21 @@ func Scan(dir string) ([]Found, error) {
 	var out []Found
 	for _, e := range ents {
 		p := filepath.Join(dir, e.Name())
-		if e.IsDir() {
+		info, err := os.Stat(p)
+		if err != nil {
+			continue
+		}
+		if info.IsDir() {
 			if f, ok := diffusersFolder(p); ok {
 				out = append(out, f)
 			}
 			continue
 		}
+		if !info.Mode().IsRegular() {
+			continue
+		}
 		switch strings.ToLower(filepath.Ext(e.Name())) {
 		case ".safetensors", ".ckpt", ".pth":
-			info, err := e.Info()
-			if err != nil {
-				continue
-			}
 			kind := "sd-checkpoint"
 			if looksLikeSeg(p) {
 				kind = "seg"
@@ -50,7 +62,7 @@ func Scan(dir string) ([]Found, error) {
 }
 
 func diffusersFolder(dir string) (Found, bool) {
-	b, err := os.ReadFile(filepath.Join(dir, "model_index.json"))
+	b, err := regfile.ReadFile(filepath.Join(dir, "model_index.json"), maxIndexBytes)
 	if err != nil {
 		return Found{}, false
 	}
@@ -60,7 +72,7 @@ func diffusersFolder(dir string) (Found, bool) {
 	_ = json.Unmarshal(b, &idx)
 	var size int64
 	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && filepath.Ext(p) == ".safetensors" {
+		if err == nil && d.Type().IsRegular() && filepath.Ext(p) == ".safetensors" {
 			if fi, err := d.Info(); err == nil {
 				size += fi.Size()
 			}
@@ -76,24 +88,18 @@ func looksLikeSeg(path string) bool {
 	if strings.EqualFold(filepath.Ext(path), ".pth") {
 		return true
 	}
-	f, err := os.Open(path)
+	f, _, err := regfile.Open(path)
 	if err != nil {
 		return false
 	}
 	defer f.Close()
 	var n [8]byte
-	if _, err := f.Read(n[:]); err != nil {
+	if _, err := io.ReadFull(f, n[:]); err != nil {
 		return false
 	}
-	size := uint64(0)
-	for i := 7; i >= 0; i-- {
-		size = size<<8 | uint64(n[i])
-	}
-	if size > 1<<20 {
-		size = 1 << 20 // the names we look for come early enough
-	}
+	size := min(binary.LittleEndian.Uint64(n[:]), 1<<20) // the names we look for come early enough
 	head := make([]byte, size)
-	m, _ := f.Read(head)
+	m, _ := io.ReadFull(f, head)
 	s := string(head[:m])
 	return strings.Contains(s, `"inc.double_conv.0.weight"`) || strings.Contains(s, `"outc.conv.weight"`)
 }

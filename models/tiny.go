@@ -72,6 +72,7 @@ func SD15Arch() SDArch {
 		VAE: vaeConfig([]int{128, 256, 512, 512}, 2),
 		TextEncoder: map[string]any{
 			"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+			"vocab_size": 49408, // CLIP's, so the engine's built-in tokenizer fits it
 		},
 	}
 }

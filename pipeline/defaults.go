@@ -40,6 +40,15 @@ func DefaultEditOptions() EditOptions {
 		Segment: SegmentOptions{Scale: DefaultSegmentScale, Threshold: DefaultSegmentThreshold}}
 }
 
+// DefaultStrength is the denoising strength when none is given: inpainting
+// repaints its region whole, img2img keeps a quarter of the image.
+func DefaultStrength(inpaint bool) float32 {
+	if inpaint {
+		return DefaultInpaintStrength
+	}
+	return DefaultImg2ImgStrength
+}
+
 // normalize fills the fields whose zero cannot mean anything: the size (the
 // init image's, rounded down to 8, else DefaultSize), the strength (by mode),
 // the batch size and the preview interval. init is the init image's bounds,
@@ -58,10 +67,8 @@ func (o *GenerateOptions) normalize(init image.Rectangle, mask bool) {
 	switch {
 	case init.Empty():
 		o.Strength = 0 // txt2img has none; params.json leaves it out
-	case o.Strength == 0 && mask:
-		o.Strength = DefaultInpaintStrength
 	case o.Strength == 0:
-		o.Strength = DefaultImg2ImgStrength
+		o.Strength = DefaultStrength(mask)
 	}
 	if o.BatchSize == 0 {
 		o.BatchSize = DefaultBatchSize

@@ -13,7 +13,7 @@ import (
 	"image/jpeg"
 	"image/png"
 	"io"
-	"os"
+	"math"
 	"path/filepath"
 	"strings"
 
@@ -21,37 +21,163 @@ import (
 
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/internal/atomicfile"
+	"github.com/stepwise-sd/stepwise/internal/regfile"
 )
 
 // DefaultMaxPixels bounds the images a request may decode (about 64 MP).
 const DefaultMaxPixels = 8192 * 8192
 
+// MaxImageSide bounds each side of an image, whatever the pixel limit: the
+// most JPEG can encode. It keeps a 1-pixel-high sliver of a million columns
+// out, and with int64 arithmetic the product of two sides cannot overflow.
+const MaxImageSide = 65535
+
+// MaxJPEGScans bounds the scans of a JPEG. Each progressive scan costs a
+// pass over the whole image however few bytes it takes, so a small file of
+// many scans would cost hours; real encoders write about ten.
+const MaxJPEGScans = 256
+
 // ErrBadImage marks input that is not a usable image.
 var ErrBadImage = errors.New("bad image")
 
-// DecodeImage reads a PNG or JPEG, refusing images with more than maxPixels
-// pixels before decoding them (0 means DefaultMaxPixels). JPEG EXIF
-// orientation is applied.
-func DecodeImage(data []byte, maxPixels int) (image.Image, error) {
+// CheckImage reads only the header of an encoded image and checks it against
+// the limits, decoding nothing: it must be PNG or JPEG (by its signature —
+// other decoders that imported packages register are never consulted), each
+// side at most MaxImageSide, at most maxPixels pixels (0 means
+// DefaultMaxPixels), and a JPEG at most MaxJPEGScans scans. It returns the
+// size from the header and the format, "png" or "jpeg". Errors wrap
+// ErrBadImage.
+func CheckImage(data []byte, maxPixels int) (image.Config, string, error) {
 	if maxPixels <= 0 {
 		maxPixels = DefaultMaxPixels
 	}
-	cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
+	var cfg image.Config
+	var err error
+	format := sniffFormat(data)
+	switch format {
+	case "png":
+		cfg, err = png.DecodeConfig(bytes.NewReader(data))
+	case "jpeg":
+		if err = checkJPEGScans(data); err == nil {
+			cfg, err = jpeg.DecodeConfig(bytes.NewReader(data))
+		}
+	case "":
+		return image.Config{}, "", fmt.Errorf("%w: not a PNG or JPEG image", ErrBadImage)
+	default:
+		return image.Config{}, "", fmt.Errorf("%w: %s images are not supported (want PNG or JPEG)", ErrBadImage, format)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrBadImage, describeDecodeError(err))
+		return image.Config{}, "", fmt.Errorf("%w: %s", ErrBadImage, describeDecodeError(err))
 	}
-	if format != "png" && format != "jpeg" {
-		return nil, fmt.Errorf("%w: %s images are not supported (want PNG or JPEG)", ErrBadImage, format)
+	if err := checkSize(cfg.Width, cfg.Height, int64(maxPixels)); err != nil {
+		return image.Config{}, "", err
 	}
-	if cfg.Width <= 0 || cfg.Height <= 0 {
-		return nil, fmt.Errorf("%w: empty image", ErrBadImage)
+	return cfg, format, nil
+}
+
+// checkSize checks a header's size in int64: two sides under MaxImageSide
+// multiply past a 32-bit int.
+func checkSize(w, h int, maxPixels int64) error {
+	if w <= 0 || h <= 0 {
+		return fmt.Errorf("%w: empty image (%dx%d)", ErrBadImage, w, h)
 	}
-	if int64(cfg.Width)*int64(cfg.Height) > int64(maxPixels) {
-		return nil, fmt.Errorf("%w: %dx%d is more than the %d pixels allowed", ErrBadImage, cfg.Width, cfg.Height, maxPixels)
+	if w > MaxImageSide || h > MaxImageSide {
+		return fmt.Errorf("%w: %dx%d has a side over %d pixels", ErrBadImage, w, h, MaxImageSide)
+	}
+	if px := int64(w) * int64(h); px > maxPixels || px > math.MaxInt/8 {
+		// math.MaxInt/8: a 16-bit RGBA buffer of that many pixels must
+		// be addressable (it is not, on 32-bit, past 256 M pixels).
+		return fmt.Errorf("%w: %dx%d is more than the %d pixels allowed", ErrBadImage, w, h, maxPixels)
+	}
+	return nil
+}
+
+// sniffFormat names an encoded image's format by its signature: "png",
+// "jpeg", the name of a format that is refused, or "".
+func sniffFormat(data []byte) string {
+	has := func(p string) bool { return bytes.HasPrefix(data, []byte(p)) }
+	switch {
+	case has("\x89PNG\r\n\x1a\n"):
+		return "png"
+	case has("\xff\xd8"):
+		return "jpeg"
+	case has("GIF87a"), has("GIF89a"):
+		return "gif"
+	case has("BM"):
+		return "bmp"
+	case has("II*\x00"), has("MM\x00*"):
+		return "tiff"
+	case len(data) >= 12 && has("RIFF") && string(data[8:12]) == "WEBP":
+		return "webp"
+	}
+	return ""
+}
+
+// checkJPEGScans walks a JPEG's markers (not its pixels) and refuses more
+// than MaxJPEGScans scans.
+func checkJPEGScans(data []byte) error {
+	scans := 0
+	i := 2 // after SOI
+	for i < len(data) {
+		for i < len(data) && data[i] != 0xff { // extraneous bytes, skipped as the decoder does
+			i++
+		}
+		for i < len(data) && data[i] == 0xff { // fill bytes
+			i++
+		}
+		if i >= len(data) {
+			break
+		}
+		m := data[i]
+		i++
+		switch {
+		case m == 0xd9: // EOI
+			return nil
+		case m >= 0xd0 && m <= 0xd7, m == 0x01: // RSTn, TEM: no length
+			continue
+		}
+		if i+2 > len(data) {
+			break
+		}
+		n := int(data[i])<<8 | int(data[i+1])
+		if n < 2 {
+			return fmt.Errorf("%w: malformed JPEG segment", ErrBadImage)
+		}
+		i += n
+		if m != 0xda { // not SOS
+			continue
+		}
+		if scans++; scans > MaxJPEGScans {
+			return fmt.Errorf("%w: JPEG of more than %d scans", ErrBadImage, MaxJPEGScans)
+		}
+		// Entropy-coded data runs to the next marker that is neither a
+		// stuffed 0xff00 nor a restart marker.
+		for i < len(data) {
+			if data[i] == 0xff && i+1 < len(data) && data[i+1] != 0 && (data[i+1] < 0xd0 || data[i+1] > 0xd7) {
+				break
+			}
+			i++
+		}
+	}
+	return nil // truncated: the decoder says so
+}
+
+// DecodeImage decodes a PNG or JPEG that passes CheckImage (so nothing past
+// the limits is ever allocated) and applies JPEG EXIF orientation. The
+// result is the header's size, or its transpose after rotation; anything
+// else is refused. Errors wrap ErrBadImage.
+func DecodeImage(data []byte, maxPixels int) (image.Image, error) {
+	cfg, _, err := CheckImage(data, maxPixels)
+	if err != nil {
+		return nil, err
 	}
 	img, err := imaging.Decode(bytes.NewReader(data), imaging.AutoOrientation(true))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrBadImage, describeDecodeError(err))
+	}
+	got := img.Bounds().Size()
+	if got != image.Pt(cfg.Width, cfg.Height) && got != image.Pt(cfg.Height, cfg.Width) {
+		return nil, fmt.Errorf("%w: decoded %v, the header says %dx%d", ErrBadImage, got, cfg.Width, cfg.Height)
 	}
 	return img, nil
 }
@@ -66,9 +192,10 @@ func describeDecodeError(err error) string {
 	return err.Error()
 }
 
-// ReadImageFile decodes the image at path with DecodeImage's limits.
+// ReadImageFile decodes the image at path with DecodeImage's limits; path
+// must name a regular file.
 func ReadImageFile(path string, maxPixels int) (image.Image, error) {
-	data, err := os.ReadFile(path)
+	data, err := regfile.ReadFile(path, 0)
 	if err != nil {
 		return nil, err
 	}

@@ -52,44 +52,89 @@ func (m *Mask) Clone() *Mask {
 }
 
 // Grow dilates (r > 0) or erodes (r < 0) the mask by |r| pixels with a square
-// structuring element, as two separable max/min passes.
+// structuring element, as two separable max/min passes. Each pass costs the
+// same whatever r is (van Herk/Gil-Werman), and a radius past the mask's size
+// is the same as one that just covers it.
 func (m *Mask) Grow(r int) {
-	if r == 0 {
+	if r == 0 || m.Width == 0 || m.Height == 0 {
 		return
 	}
 	dilate := r > 0
 	if r < 0 {
 		r = -r
 	}
-	pick := func(a, b byte) byte {
-		if (a > b) == dilate {
-			return a
-		}
-		return b
-	}
-	tmp := make([]byte, len(m.Pix))
+	r = min(r, max(m.Width, m.Height))
 	w, h := m.Width, m.Height
+	f := newLineFilter(max(w, h), r, dilate)
+	line := make([]byte, max(w, h))
 	for y := 0; y < h; y++ {
-		for x := 0; x < w; x++ {
-			v := m.Pix[y*w+x]
-			for dx := -r; dx <= r; dx++ {
-				if xx := x + dx; xx >= 0 && xx < w {
-					v = pick(v, m.Pix[y*w+xx])
-				}
-			}
-			tmp[y*w+x] = v
+		row := m.Pix[y*w : (y+1)*w]
+		f.apply(row, line[:w])
+		copy(row, line[:w])
+	}
+	col := make([]byte, h)
+	for x := 0; x < w; x++ {
+		for y := 0; y < h; y++ {
+			col[y] = m.Pix[y*w+x]
+		}
+		f.apply(col, line[:h])
+		for y := 0; y < h; y++ {
+			m.Pix[y*w+x] = line[y]
 		}
 	}
-	for y := 0; y < h; y++ {
-		for x := 0; x < w; x++ {
-			v := tmp[y*w+x]
-			for dy := -r; dy <= r; dy++ {
-				if yy := y + dy; yy >= 0 && yy < h {
-					v = pick(v, tmp[yy*w+x])
-				}
-			}
-			m.Pix[y*w+x] = v
+}
+
+// lineFilter is a running max (dilate) or min (erode) over windows of 2r+1.
+type lineFilter struct {
+	r         int
+	dilate    bool
+	pad       byte // the identity of the operation, beyond the line's ends
+	buf, g, h []byte
+}
+
+func newLineFilter(n, r int, dilate bool) *lineFilter {
+	pad := byte(255)
+	if dilate {
+		pad = 0
+	}
+	size := n + 2*r
+	return &lineFilter{r: r, dilate: dilate, pad: pad, buf: make([]byte, size), g: make([]byte, size), h: make([]byte, size)}
+}
+
+func (f *lineFilter) op(a, b byte) byte {
+	if (a > b) == f.dilate {
+		return a
+	}
+	return b
+}
+
+// apply writes to dst the filter of src (same length).
+func (f *lineFilter) apply(src, dst []byte) {
+	n, r, k := len(src), f.r, 2*f.r+1
+	size := n + 2*r
+	buf, g, h := f.buf[:size], f.g[:size], f.h[:size]
+	for i := range buf {
+		buf[i] = f.pad
+	}
+	copy(buf[r:], src)
+	// g: running op from each block's start; h: from each block's end.
+	for i := 0; i < size; i++ {
+		if i%k == 0 {
+			g[i] = buf[i]
+		} else {
+			g[i] = f.op(g[i-1], buf[i])
 		}
+	}
+	for i := size - 1; i >= 0; i-- {
+		if i == size-1 || (i+1)%k == 0 {
+			h[i] = buf[i]
+		} else {
+			h[i] = f.op(h[i+1], buf[i])
+		}
+	}
+	// The window [i, i+k-1] of buf spans at most two blocks.
+	for i := 0; i < n; i++ {
+		dst[i] = f.op(h[i], g[i+k-1])
 	}
 }
 

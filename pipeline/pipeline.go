@@ -29,6 +29,7 @@ type Engine struct {
 // ModelRef names a model and how to load it.
 type ModelRef struct {
 	Path   string
+	VAE    string        // a VAE that replaces the model's own; empty: its own
 	Device string        // empty: the library's device
 	DType  binding.DType // auto: the device's default
 }
@@ -39,6 +40,9 @@ type ModelRef struct {
 // ConvertDir and found again by a stat, then the path, device and dtype are
 // resolved.
 func (e *Engine) ResolveModel(kind modelcache.Kind, m ModelRef) (modelcache.Key, error) {
+	if m.VAE != "" {
+		return modelcache.Key{}, fmt.Errorf("%w: a separate VAE (%s)", binding.ErrUnsupported, m.VAE)
+	}
 	path, err := models.Resolve(m.Path, e.ConvertDir)
 	if err != nil {
 		return modelcache.Key{}, err

@@ -90,14 +90,15 @@ func (r *Runs) Begin() (*Run, error) {
 	if err := os.MkdirAll(stage, 0o755); err != nil {
 		return nil, fmt.Errorf("create run %s: %w", id, err)
 	}
-	// The owner's pid, so another process's cleanup knows the run is live.
-	if err := os.WriteFile(filepath.Join(stage, ".owner"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+	// The owner, so another process's cleanup knows the run is live.
+	if err := os.WriteFile(filepath.Join(stage, ".owner"), []byte(ownerID(os.Getpid())), 0o644); err != nil {
 		os.RemoveAll(stage)
 		return nil, fmt.Errorf("create run %s: %w", id, err)
 	}
 	r.mu.Lock()
 	r.active[id] = true
 	r.mu.Unlock()
+	liveStages.Store(stage, true)
 	return &Run{ID: id, runs: r, stage: stage}, nil
 }
 
@@ -161,7 +162,12 @@ func (run *Run) Abort() {
 	run.runs.release(run.ID)
 }
 
+// liveStages holds the staging folders this process is writing, whichever
+// Runs began them.
+var liveStages sync.Map
+
 func (r *Runs) release(id string) {
+	liveStages.Delete(filepath.Join(r.dir, stagePrefix+id))
 	r.mu.Lock()
 	delete(r.active, id)
 	r.mu.Unlock()
@@ -187,9 +193,10 @@ func runTime(id string) (time.Time, bool) {
 	return t, err == nil
 }
 
-// Cleanup removes runs older than the retention. Runs in progress — staged by
-// this process, or by another process that is still alive — are never touched;
-// staging folders left by a process that died are removed once old.
+// Cleanup removes runs older than the retention, and staging folders whose
+// writer has died (a process killed mid-run) at any age. Runs in progress —
+// staged by this process, or by another process that is still alive — are
+// never touched.
 func (r *Runs) Cleanup() ([]string, error) {
 	ents, err := os.ReadDir(r.dir)
 	if err != nil {
@@ -204,10 +211,14 @@ func (r *Runs) Cleanup() ([]string, error) {
 		name := e.Name()
 		id := strings.TrimPrefix(name, stagePrefix)
 		created, ok := runTime(id)
-		if !ok || !created.Before(cutoff) {
+		if !ok {
 			continue
 		}
-		if name != id && r.inProgress(id, filepath.Join(r.dir, name)) {
+		staged := name != id
+		if staged && r.inProgress(id, filepath.Join(r.dir, name)) {
+			continue
+		}
+		if !staged && !created.Before(cutoff) {
 			continue
 		}
 		if err := os.RemoveAll(filepath.Join(r.dir, name)); err != nil {
@@ -218,9 +229,35 @@ func (r *Runs) Cleanup() ([]string, error) {
 	}
 	sort.Strings(removed)
 	if len(removed) > 0 {
-		r.log.Info("removed old runs", "count", len(removed), "older_than", r.retention)
+		r.log.Info("removed old runs and abandoned staging folders", "count", len(removed), "older_than", r.retention)
 	}
 	return removed, nil
+}
+
+// ownerID names a process for as long as it lives: its pid and its start
+// time, so a pid reused by a later process (a restarted container's pid 1)
+// does not keep a dead process's staging folder alive.
+func ownerID(pid int) string {
+	return strconv.Itoa(pid) + " " + processStart(pid)
+}
+
+// processStart is the start time of pid in clock ticks since boot (field 22
+// of /proc/PID/stat), or "" where /proc does not say.
+func processStart(pid int) string {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return ""
+	}
+	// The command name (field 2) may hold spaces; fields resume after its ')'.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return ""
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return ""
+	}
+	return f[19]
 }
 
 func (r *Runs) inProgress(id, stage string) bool {
@@ -232,14 +269,29 @@ func (r *Runs) inProgress(id, stage string) bool {
 	}
 	b, err := os.ReadFile(filepath.Join(stage, ".owner"))
 	if err != nil {
+		// No owner yet: a run being created this instant; leave it until old.
+		created, ok := runTime(id)
+		return ok && !created.Before(r.now().Add(-r.retention))
+	}
+	owner := strings.Fields(string(b))
+	if len(owner) == 0 {
 		return false
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	pid, err := strconv.Atoi(owner[0])
 	if err != nil || pid <= 0 {
 		return false
 	}
+	if pid == os.Getpid() {
+		// Ours only if some Runs of this process is writing it now; otherwise
+		// an earlier process with our pid left it.
+		_, live := liveStages.Load(stage)
+		return live
+	}
 	// Signal 0 checks that the process exists without touching it.
-	return syscall.Kill(pid, 0) == nil || pid == os.Getpid()
+	if syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	return len(owner) < 2 || owner[1] == processStart(pid)
 }
 
 // StartJanitor runs Cleanup now and then every interval until ctx ends.

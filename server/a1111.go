@@ -1,18 +1,13 @@
 package server
 
 import (
-	"crypto/sha256"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
-	"path/filepath"
-	"strings"
 
 	"github.com/stepwise-sd/stepwise/binding"
-	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
 // The AUTOMATIC1111 web UI API subset existing clients use, with its field
@@ -24,6 +19,11 @@ func (s *Server) a1111Routes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /sdapi/v1/interrupt", s.a1111Interrupt)
 	mux.HandleFunc("GET /sdapi/v1/sd-models", s.a1111Models)
 	mux.HandleFunc("GET /sdapi/v1/samplers", s.a1111Samplers)
+	mux.HandleFunc("GET /sdapi/v1/sd-vae", s.a1111VAEs)
+	mux.HandleFunc("POST /sdapi/v1/refresh-checkpoints", s.a1111Refresh)
+	mux.HandleFunc("POST /sdapi/v1/refresh-vae", s.a1111Refresh)
+	mux.HandleFunc("GET /sdapi/v1/options", s.a1111Options)
+	mux.HandleFunc("POST /sdapi/v1/options", s.a1111SetOptions)
 }
 
 // a1111Request is the part of StableDiffusionProcessingTxt2Img/Img2Img stepwise honours.
@@ -43,6 +43,11 @@ type a1111Request struct {
 	InitImages        []string `json:"init_images"`
 	Mask              string   `json:"mask"`
 	InpaintingInvert  int      `json:"inpainting_mask_invert"`
+	// OverrideSettings may switch the checkpoint and VAE for this request alone.
+	OverrideSettings struct {
+		Checkpoint string `json:"sd_model_checkpoint"`
+		VAE        string `json:"sd_vae"`
+	} `json:"override_settings"`
 }
 
 func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
@@ -50,7 +55,8 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 		kind := endpoint
 		body, err := io.ReadAll(r.Body)
 		if err != nil {
-			writeError(w, statusOf(err), err.Error())
+			err = bodyError(err)
+			writeA1111Error(w, statusOf(err), err.Error())
 			return
 		}
 		var req a1111Request
@@ -86,6 +92,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 		if req.Seed != nil {
 			p.Seed = *req.Seed
 		}
+		p.Model, p.VAE = req.OverrideSettings.Checkpoint, req.OverrideSettings.VAE
 		if kind == "img2img" {
 			if len(req.InitImages) == 0 {
 				writeA1111Error(w, http.StatusUnprocessableEntity, "init_images is empty")
@@ -103,14 +110,8 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 			if req.Mask != "" {
 				kind = "inpaint"
 				p.Mask = req.Mask
-				if req.InpaintingInvert != 0 {
-					inv, err := invertMaskB64(p.Mask)
-					if err != nil {
-						writeA1111Error(w, http.StatusUnprocessableEntity, err.Error())
-						return
-					}
-					p.Mask = inv
-				}
+				// Inverted on a worker, after the mask passed the limits.
+				p.InvertMask = req.InpaintingInvert != 0
 			}
 		}
 		j, err := s.Submit(kind, p, "sdapi", true)
@@ -123,7 +124,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 		}
 		v := j.View()
 		if v.State != StateCompleted {
-			writeA1111Error(w, http.StatusInternalServerError, v.State+": "+v.Error)
+			writeA1111Error(w, statusOf(j.Err()), v.State+": "+v.Error)
 			return
 		}
 		imgs := j.takeImages()
@@ -135,6 +136,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 		if sd, ok := v.Result["seed"].(uint64); ok {
 			seed = int64(sd)
 		}
+		model := s.describe(j.modelPath())
 		params := map[string]any{}
 		json.Unmarshal(body, &params)
 		params["seed"] = seed
@@ -142,7 +144,7 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 			"prompt": p.Prompt, "negative_prompt": p.NegativePrompt, "seed": seed, "all_seeds": []int64{seed},
 			"width": v.Result["width"], "height": v.Result["height"], "sampler_name": p.SamplerName, "steps": p.Steps,
 			"cfg_scale": p.CFGScale, "batch_size": p.BatchSize, "denoising_strength": p.DenoisingStrength,
-			"sd_model_name": filepath.Base(s.cfg.Model), "job_id": j.ID, "run_id": v.RunID,
+			"sd_model_name": model.Name, "sd_model_hash": model.Hash, "job_id": j.ID, "run_id": v.RunID,
 		})
 		writeJSON(w, http.StatusOK, map[string]any{"images": out, "parameters": params, "info": string(info)})
 	}
@@ -186,10 +188,7 @@ func (s *Server) a1111Progress(w http.ResponseWriter, r *http.Request) {
 		}
 		resp["textinfo"] = fmt.Sprintf("step %d/%d", v.Step, v.Steps)
 		if !skipImage {
-			cur.mu.Lock()
-			jpeg := cur.preview
-			cur.mu.Unlock()
-			if jpeg != nil {
+			if jpeg, _ := cur.latestPreview(); jpeg != nil {
 				resp["current_image"] = base64.StdEncoding.EncodeToString(jpeg)
 			}
 		}
@@ -207,16 +206,6 @@ func (s *Server) a1111Interrupt(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{})
 }
 
-func (s *Server) a1111Models(w http.ResponseWriter, r *http.Request) {
-	name := strings.TrimSuffix(filepath.Base(s.cfg.Model), filepath.Ext(s.cfg.Model))
-	sum := sha256.Sum256([]byte(s.cfg.Model))
-	h := hex.EncodeToString(sum[:])
-	writeJSON(w, http.StatusOK, []map[string]any{{
-		"title": name + " [" + h[:10] + "]", "model_name": name, "hash": h[:8], "sha256": h,
-		"filename": s.cfg.Model, "config": nil,
-	}})
-}
-
 func (s *Server) a1111Samplers(w http.ResponseWriter, r *http.Request) {
 	out := make([]map[string]any, 0, len(binding.Samplers))
 	for _, si := range binding.Samplers {
@@ -224,19 +213,4 @@ func (s *Server) a1111Samplers(w http.ResponseWriter, r *http.Request) {
 		out = append(out, map[string]any{"name": si.Display, "aliases": aliases, "options": map[string]string{}})
 	}
 	writeJSON(w, http.StatusOK, out)
-}
-
-// invertMaskB64 swaps a mask's inside and outside (inpainting_mask_invert).
-func invertMaskB64(b64 string) (string, error) {
-	data, err := decodeB64("mask", b64)
-	if err != nil {
-		return "", err
-	}
-	decoded, err := pipeline.DecodeImage(data, 0)
-	if err != nil {
-		return "", err
-	}
-	img := pipeline.MaskFromImage(decoded, 0)
-	img.Invert()
-	return pngBase64(img.Image()), nil
 }

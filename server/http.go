@@ -6,18 +6,20 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"image"
 	"io"
-	"mime"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
-	"strconv"
+	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/gorilla/websocket"
 
-	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
@@ -27,10 +29,8 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", s.handlePage)
 	mux.HandleFunc("GET /healthz", s.handleHealth)
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		s.writeMetrics(w)
-	})
+	mux.HandleFunc("GET /favicon.ico", handleFavicon)
+	mux.Handle("GET /metrics", s.metrics.handler())
 	mux.HandleFunc("POST /v1/jobs", s.handleSubmit)
 	mux.HandleFunc("GET /v1/jobs", s.handleList)
 	mux.HandleFunc("GET /v1/jobs/{id}", s.handleGet)
@@ -51,15 +51,19 @@ func (s *Server) Handler() http.Handler {
 }
 
 // guard applies the local server's safety rules to every request: size
-// limit, origin, token.
+// limit, Host, Origin, token.
 func (s *Server) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
+		if !s.hostAllowed(r.Host) {
+			writeError(w, http.StatusForbidden, "host "+r.Host+" is not served here (stepwise serve --allow-host)")
+			return
+		}
 		if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin, r.Host) {
 			writeError(w, http.StatusForbidden, "origin "+origin+" is not allowed")
 			return
 		}
-		public := r.URL.Path == "/" || r.URL.Path == "/healthz"
+		public := r.URL.Path == "/" || r.URL.Path == "/healthz" || r.URL.Path == "/favicon.ico"
 		if s.cfg.Token != "" && !public && !s.tokenOK(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="stepwise"`)
 			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")
@@ -67,6 +71,33 @@ func (s *Server) guard(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// hostAllowed accepts IP addresses, loopback names and the configured names.
+// A DNS-rebinding page reaches the server under its own domain name, which is
+// none of these.
+func (s *Server) hostAllowed(hostport string) bool {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.Trim(host, "[]"), ".")
+	if host == "" {
+		return false
+	}
+	if net.ParseIP(host) != nil {
+		return true
+	}
+	host = strings.ToLower(host)
+	if host == "localhost" || strings.HasSuffix(host, ".localhost") {
+		return true
+	}
+	for _, h := range s.cfg.AllowedHosts {
+		if h == "*" || strings.EqualFold(h, host) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) tokenOK(r *http.Request) bool {
@@ -104,88 +135,8 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]any{"error": msg, "status": status})
 }
 
-// statusOf maps an error to an HTTP status.
-func statusOf(err error) int {
-	var ae *apiError
-	var mbe *http.MaxBytesError
-	switch {
-	case errors.As(err, &ae):
-		return ae.status
-	case errors.As(err, &mbe):
-		return http.StatusRequestEntityTooLarge
-	case errors.Is(err, ErrQueueFull):
-		return http.StatusTooManyRequests
-	case errors.Is(err, ErrShuttingDown):
-		return http.StatusServiceUnavailable
-	case errors.Is(err, pipeline.ErrBadImage), errors.Is(err, pipeline.ErrNoSubject),
-		errors.Is(err, binding.ErrInvalidArgument):
-		return http.StatusBadRequest
-	}
-	return http.StatusInternalServerError
-}
-
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "queue": s.queue.length(), "running": s.metrics.running.Load()})
-}
-
-// readJob parses a job request: JSON ({"kind": ..., params}) or multipart
-// (form fields and "image" / "mask" files).
-func readJob(r *http.Request) (string, JobParams, error) {
-	p := DefaultParams()
-	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	if ct == "multipart/form-data" {
-		if err := r.ParseMultipartForm(8 << 20); err != nil {
-			return "", p, badRequest("bad multipart form: %v", err)
-		}
-		form := map[string]any{}
-		for k, v := range r.MultipartForm.Value {
-			if len(v) == 0 {
-				continue
-			}
-			if n, err := strconv.ParseFloat(v[0], 64); err == nil && k != "prompt" && k != "negative_prompt" {
-				form[k] = n
-			} else if v[0] == "true" || v[0] == "false" {
-				form[k] = v[0] == "true"
-			} else {
-				form[k] = v[0]
-			}
-		}
-		for _, name := range []string{"image", "mask"} {
-			if fh := r.MultipartForm.File[name]; len(fh) > 0 {
-				f, err := fh[0].Open()
-				if err != nil {
-					return "", p, badRequest("read %s: %v", name, err)
-				}
-				b, err := io.ReadAll(f)
-				f.Close()
-				if err != nil {
-					return "", p, err
-				}
-				form[name] = base64.StdEncoding.EncodeToString(b)
-			}
-		}
-		b, _ := json.Marshal(form)
-		if err := json.Unmarshal(b, &p); err != nil {
-			return "", p, badRequest("bad form field: %v", err)
-		}
-		kind, _ := form["kind"].(string)
-		return kind, p, nil
-	}
-	body, err := io.ReadAll(r.Body)
-	if err != nil {
-		return "", p, err
-	}
-	var head struct {
-		Kind string `json:"kind"`
-	}
-	if err := json.Unmarshal(body, &head); err != nil {
-		return "", p, badRequest("invalid JSON: %v", err)
-	}
-	dec := json.NewDecoder(strings.NewReader(string(body)))
-	if err := dec.Decode(&p); err != nil {
-		return "", p, badRequest("invalid parameters: %v", err)
-	}
-	return head.Kind, p, nil
 }
 
 // submitFrom reads a job from the request and queues it; kind overrides the
@@ -256,18 +207,36 @@ func (s *Server) handleRunFile(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	f, err := os.Open(path)
+	f, err := openRegular(path)
 	if err != nil {
 		writeError(w, http.StatusNotFound, "no such run file")
 		return
 	}
 	defer f.Close()
 	st, err := f.Stat()
-	if err != nil || st.IsDir() {
+	if err != nil {
 		writeError(w, http.StatusNotFound, "no such run file")
 		return
 	}
 	http.ServeContent(w, r, st.Name(), st.ModTime(), f)
+}
+
+// openRegular opens a run file only if neither it nor its run folder is a
+// symbolic link and it is a regular file: whatever was planted under the
+// data folder, the server hands out only what runs wrote.
+func openRegular(path string) (*os.File, error) {
+	if st, err := os.Lstat(filepath.Dir(path)); err != nil || !st.IsDir() {
+		return nil, errors.New("not a run folder")
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		f.Close()
+		return nil, errors.New("not a regular file")
+	}
+	return f, nil
 }
 
 func (s *Server) upgrader() *websocket.Upgrader {
@@ -278,27 +247,6 @@ func (s *Server) upgrader() *websocket.Upgrader {
 			return o == "" || s.originAllowed(o, r.Host)
 		},
 	}
-}
-
-// latestFrame keeps a job's newest preview frame for late joiners.
-func (s *Server) latestFrame(j *Job, frame []byte) {
-	j.mu.Lock()
-	j.previewFrame = frame
-	j.mu.Unlock()
-}
-
-// stateEvent is the event that describes a job as it is now.
-func (s *Server) stateEvent(j *Job) Event {
-	v := j.View()
-	typ := v.State
-	if typ == StateRunning {
-		typ = "progress"
-		if v.Step == 0 {
-			typ = "started"
-		}
-	}
-	return Event{Type: typ, JobID: j.ID, Kind: j.Kind, State: v.State, Position: v.Position, Step: v.Step, Steps: v.Steps,
-		Progress: v.Progress, Elapsed: v.Elapsed, ETA: v.ETA, Files: v.Files, Result: v.Result, Error: v.Error}
 }
 
 func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
@@ -317,6 +265,12 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
+	if n := s.websockets.Add(1); n > int64(s.cfg.MaxWebsockets) {
+		s.websockets.Add(-1)
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("too many websocket connections (%d)", s.cfg.MaxWebsockets))
+		return
+	}
+	defer s.websockets.Add(-1)
 	conn, err := s.upgrader().Upgrade(w, r, nil)
 	if err != nil {
 		return // the upgrader wrote the error
@@ -324,11 +278,8 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 	sub := newSubscriber(conn, id)
 	var initial []frame
 	for _, j := range jobs {
-		initial = append(initial, textFrame(s.stateEvent(j)))
-		j.mu.Lock()
-		pf := j.previewFrame
-		j.mu.Unlock()
-		if pf != nil {
+		initial = append(initial, textFrame(j.event("")))
+		if _, pf := j.latestPreview(); pf != nil {
 			initial = append(initial, binaryFrame(pf))
 		}
 	}
@@ -345,10 +296,7 @@ func (s *Server) handleSync(kind string) http.HandlerFunc {
 		}
 		v := j.View()
 		if v.State != StateCompleted {
-			status := http.StatusInternalServerError
-			if strings.Contains(v.Error, "bad image") || strings.Contains(v.Error, "no subject") || strings.Contains(v.Error, "needs at least") {
-				status = http.StatusBadRequest
-			}
+			status := statusOf(j.Err())
 			writeJSON(w, status, map[string]any{"error": v.Error, "status": status, "job": v})
 			return
 		}
@@ -388,23 +336,41 @@ func pngBase64(img image.Image) string {
 }
 
 func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{
-		"configured": map[string]string{"sd": s.cfg.Model, "seg": s.cfg.SegModel},
-		"loaded":     s.engine.Cache.Loaded(),
-		"memory":     s.engine.Cache.Stats(),
-	})
+	current, _ := s.resolveModel("")
+	vae, _ := s.resolveVAE("")
+	out := map[string]any{
+		"configured":  map[string]string{"sd": s.cfg.Model, "seg": s.cfg.SegModel, "vae": s.cfg.VAE},
+		"current":     map[string]string{"sd": current, "vae": vae},
+		"checkpoints": s.checkpoints(),
+		"loaded":      s.engine.Cache.Loaded(),
+		"memory":      s.engine.Cache.Stats(),
+	}
+	if s.catalog != nil {
+		out["models_dir"] = s.catalog.Dir()
+		out["vaes"] = s.catalog.List(catalog.KindVAE)
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
 	var req struct {
-		Kind string `json:"kind"` // "sd" or "seg"
+		Kind  string `json:"kind"`  // "sd" or "seg"
+		Model string `json:"model"` // sd: a name from the models folder; empty: the current model
 	}
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return modelcache.Key{}, bodyError(err)
+	}
+	if err := json.Unmarshal(body, &req); err != nil {
 		return modelcache.Key{}, badRequest("invalid JSON: %v", err)
 	}
 	switch req.Kind {
 	case "sd":
-		return s.engine.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: s.cfg.Model, DType: s.cfg.DType})
+		path, err := s.resolveModel(req.Model)
+		if err != nil {
+			return modelcache.Key{}, err
+		}
+		return s.engine.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: path, DType: s.cfg.DType})
 	case "seg":
 		if s.cfg.SegModel == "" {
 			return modelcache.Key{}, badRequest("no segmentation model is configured")

@@ -78,7 +78,8 @@ type hub struct {
 	subs         map[*subscriber]bool
 	log          *slog.Logger
 	previewBytes atomic.Int64
-	dropped      atomic.Int64
+	dropped      atomic.Int64 // previews replaced before a slow client took them
+	slowClients  atomic.Int64 // subscribers dropped for letting their event queue fill
 }
 
 func newHub(log *slog.Logger) *hub { return &hub{subs: map[*subscriber]bool{}, log: log} }
@@ -140,6 +141,7 @@ func (h *hub) publish(ev Event) {
 		case s.events <- f:
 		default:
 			h.log.Warn("dropping a websocket client that does not read its events", "job", ev.JobID)
+			h.slowClients.Add(1)
 			h.remove(s)
 		}
 	}

@@ -43,6 +43,7 @@ func TestHubNeverBlocksOnAStalledSubscriber(t *testing.T) {
 	default:
 		t.Fatal("a subscriber whose event queue overflowed is dropped")
 	}
+	assert.Equal(t, int64(1), h.slowClients.Load(), "the drop is counted")
 	assert.Equal(t, 1, h.count(), "the other subscriber stays")
 	assert.Empty(t, other.events, "events of other jobs do not reach it")
 }

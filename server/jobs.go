@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"errors"
 	"image"
 	"sync"
 	"time"
@@ -17,7 +16,9 @@ const (
 	StateCancelled = "cancelled"
 )
 
-// Job is one request's life: queued, running, then completed, failed or cancelled.
+// Job is one request's life: queued, running, then completed, failed or
+// cancelled. Its state changes only through the methods in this file, each
+// under the job's lock.
 type Job struct {
 	ID     string
 	Kind   string
@@ -27,31 +28,35 @@ type Job struct {
 	// keepImages holds the final images in memory for a handler that answers
 	// with them; other jobs' results live only in their run directory.
 	keepImages bool
-	// inputs are the parameters as validated and decoded at submission.
-	inputs *decoded
+	// sdPath is the checkpoint the job runs with, resolved at submission.
+	sdPath string
 
-	mu           sync.Mutex
-	state        string
-	position     int // in the queue, 0 = next; -1 when not queued
-	created      time.Time
-	started      time.Time
-	finished     time.Time
-	step         int
-	steps        int
-	elapsed      time.Duration
-	err          string
-	runID        string
-	files        []string
-	result       map[string]any
-	images       []image.Image // the final images, for synchronous answers
-	preview      []byte        // the latest encoded preview (JPEG), for /sdapi/v1/progress
-	previewFrame []byte        // the same as a websocket frame, for late joiners
+	mu       sync.Mutex
+	inputs   *decoded // as validated and decoded at submission; dropped when the job ends
+	state    string
+	position int // in the queue, 0 = next; -1 when not queued
+	created  time.Time
+	started  time.Time
+	finished time.Time
+	step     int
+	steps    int
+	elapsed  time.Duration
+	err      error
+	runID    string
+	files    []string
+	result   map[string]any
+	images   []image.Image // the final images, for synchronous answers
+	// preview is the latest encoded preview (JPEG) for /sdapi/v1/progress, and
+	// previewFrame the same as a websocket frame for late joiners.
+	preview      []byte
+	previewFrame []byte
 	cancel       context.CancelFunc
 	done         chan struct{}
 }
 
-func newJob(id, kind string, p JobParams) *Job {
-	return &Job{ID: id, Kind: kind, Params: p, state: StateQueued, created: time.Now(), position: -1, done: make(chan struct{})}
+func newJob(id, kind string, p JobParams, d *decoded) *Job {
+	return &Job{ID: id, Kind: kind, Params: p, inputs: d, sdPath: d.sdPath, state: StateQueued, created: time.Now(), position: -1,
+		done: make(chan struct{})}
 }
 
 // JobView is a job as the API shows it.
@@ -81,10 +86,17 @@ type JobView struct {
 func (j *Job) View() JobView {
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	return j.viewLocked()
+}
+
+func (j *Job) viewLocked() JobView {
 	v := JobView{
 		ID: j.ID, Kind: j.Kind, State: j.state, Step: j.step, Steps: j.steps, Elapsed: j.elapsed.Seconds(),
-		Error: j.err, RunID: j.runID, Result: j.result, Created: j.created,
+		RunID: j.runID, Result: j.result, Created: j.created,
 		EventsURL: "/v1/jobs/" + j.ID + "/events", CancelURL: "/v1/jobs/" + j.ID + "/cancel", Parameters: j.Params,
+	}
+	if j.err != nil {
+		v.Error = j.err.Error()
 	}
 	for _, f := range j.files {
 		v.Files = append(v.Files, "/v1/runs/"+j.runID+"/"+f)
@@ -114,13 +126,22 @@ func (j *Job) View() JobView {
 	return v
 }
 
-// takeImages hands the final images over once and forgets them.
-func (j *Job) takeImages() []image.Image {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	imgs := j.images
-	j.images = nil
-	return imgs
+// event is the job as an event of type typ; with typ "" the type says the
+// job's state as a late joiner sees it.
+func (j *Job) event(typ string) Event {
+	v := j.View()
+	if typ == "" {
+		typ = v.State
+		if typ == StateRunning {
+			typ = "progress"
+			if v.Step == 0 {
+				typ = "started"
+			}
+		}
+	}
+	return Event{Type: typ, JobID: j.ID, Kind: j.Kind, State: v.State, Position: v.Position, Step: v.Step, Steps: v.Steps,
+		Progress: v.Progress, Elapsed: v.Elapsed, ETA: v.ETA, Files: v.Files, Result: v.Result, Error: v.Error,
+		Time: time.Now()}
 }
 
 // State reports the job's state.
@@ -130,122 +151,121 @@ func (j *Job) State() string {
 	return j.state
 }
 
+// Err is why the job failed or was cancelled; nil otherwise.
+func (j *Job) Err() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.err
+}
+
 // Done is closed when the job has finished, however it ended.
 func (j *Job) Done() <-chan struct{} { return j.done }
 
-func (j *Job) ended() bool {
+func (j *Job) endedLocked() bool {
 	return j.state == StateCompleted || j.state == StateFailed || j.state == StateCancelled
 }
 
-// ErrQueueFull is returned when the queue holds its maximum.
-var ErrQueueFull = errors.New("the job queue is full")
-
-// ErrShuttingDown is returned for jobs submitted during shutdown.
-var ErrShuttingDown = errors.New("the server is shutting down")
-
-// queue is a bounded FIFO of jobs served by a fixed number of workers.
-type queue struct {
-	mu      sync.Mutex
-	cond    *sync.Cond
-	pending []*Job
-	max     int
-	closed  bool
-	onMove  func(*Job) // told when a waiting job's position changes
-}
-
-func newQueue(max int, onMove func(*Job)) *queue {
-	q := &queue{max: max, onMove: onMove}
-	q.cond = sync.NewCond(&q.mu)
-	return q
-}
-
-func (q *queue) push(j *Job) error {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if q.closed {
-		return ErrShuttingDown
-	}
-	if len(q.pending) >= q.max {
-		return ErrQueueFull
-	}
-	q.pending = append(q.pending, j)
+func (j *Job) ended() bool {
 	j.mu.Lock()
-	j.position = len(q.pending) - 1
-	j.mu.Unlock()
-	q.cond.Signal()
-	return nil
+	defer j.mu.Unlock()
+	return j.endedLocked()
 }
 
-// pop waits for the next job; nil once the queue is closed and empty.
-func (q *queue) pop() *Job {
-	q.mu.Lock()
-	for len(q.pending) == 0 && !q.closed {
-		q.cond.Wait()
-	}
-	if len(q.pending) == 0 {
-		q.mu.Unlock()
-		return nil
-	}
-	j := q.pending[0]
-	q.pending = q.pending[1:]
-	moved := q.renumber()
-	q.mu.Unlock()
-	for _, m := range moved {
-		q.onMove(m)
-	}
-	return j
-}
-
-// remove takes a queued job out (cancel); it reports whether it was queued.
-func (q *queue) remove(j *Job) bool {
-	q.mu.Lock()
-	idx := -1
-	for i, p := range q.pending {
-		if p == j {
-			idx = i
-			break
-		}
-	}
-	if idx < 0 {
-		q.mu.Unlock()
-		return false
-	}
-	q.pending = append(q.pending[:idx], q.pending[idx+1:]...)
-	moved := q.renumber()
-	q.mu.Unlock()
-	for _, m := range moved {
-		q.onMove(m)
-	}
-	return true
-}
-
-// renumber sets every waiting job's position; it returns the ones that moved.
-func (q *queue) renumber() []*Job {
-	var moved []*Job
-	for i, p := range q.pending {
-		p.mu.Lock()
-		if p.position != i {
-			p.position = i
-			moved = append(moved, p)
-		}
-		p.mu.Unlock()
-	}
+// setPosition records the job's place in the queue; it reports whether it moved.
+func (j *Job) setPosition(i int) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	moved := j.position != i
+	j.position = i
 	return moved
 }
 
-func (q *queue) length() int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return len(q.pending)
+// start moves a queued job to running and hands over its inputs; ok is false
+// when the job ended while it waited.
+func (j *Job) start(cancel context.CancelFunc) (p JobParams, d *decoded, ok bool) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.endedLocked() {
+		return p, nil, false
+	}
+	j.state, j.started, j.cancel, j.position = StateRunning, time.Now(), cancel, -1
+	return j.Params, j.inputs, true
 }
 
-// drain closes the queue and returns what was still waiting.
-func (q *queue) drain() []*Job {
-	q.mu.Lock()
-	q.closed = true
-	rest := q.pending
-	q.pending = nil
-	q.cond.Broadcast()
-	q.mu.Unlock()
-	return rest
+// progress records a step; it returns the time the step itself took.
+func (j *Job) progress(step, steps int, elapsed time.Duration) time.Duration {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	took := elapsed - j.elapsed
+	j.step, j.steps, j.elapsed = step, steps, elapsed
+	return took
+}
+
+func (j *Job) setRun(id string) {
+	j.mu.Lock()
+	j.runID = id
+	j.mu.Unlock()
+}
+
+func (j *Job) setPreview(jpeg, frame []byte) {
+	j.mu.Lock()
+	j.preview, j.previewFrame = jpeg, frame
+	j.mu.Unlock()
+}
+
+// latestPreview returns the newest preview as JPEG and as a websocket frame.
+func (j *Job) latestPreview() (jpeg, frame []byte) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.preview, j.previewFrame
+}
+
+// requestCancel cancels a running job's context; it reports whether the job
+// was running.
+func (j *Job) requestCancel() bool {
+	j.mu.Lock()
+	cancel, running := j.cancel, j.state == StateRunning
+	j.mu.Unlock()
+	if running && cancel != nil {
+		cancel()
+	}
+	return running && cancel != nil
+}
+
+// complete records a successful job's outputs; finish must follow.
+func (j *Job) complete(runID string, files []string, result map[string]any, images []image.Image) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if runID != "" {
+		j.runID = runID
+	}
+	j.files, j.result = files, result
+	if j.keepImages {
+		j.images = images
+	}
+}
+
+// finish ends the job in state with err (nil when completed); it reports
+// false when the job had already ended. A finished job keeps no inputs.
+func (j *Job) finish(state string, err error) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.endedLocked() {
+		return false
+	}
+	j.state, j.err, j.finished, j.cancel, j.inputs, j.position = state, err, time.Now(), nil, nil, -1
+	close(j.done)
+	return true
+}
+
+// modelPath is the checkpoint the job was resolved to at submission.
+func (j *Job) modelPath() string { return j.sdPath }
+
+// takeImages hands the final images over once and forgets them.
+func (j *Job) takeImages() []image.Image {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	imgs := j.images
+	j.images = nil
+	return imgs
 }

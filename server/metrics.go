@@ -1,75 +1,84 @@
 package server
 
 import (
-	"fmt"
-	"io"
-	"sync"
+	"net/http"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// metrics are the counters /metrics exposes in Prometheus' text format.
+// stepBuckets span a tiny test model's milliseconds to SD 1.5 on a slow CPU
+// (tens of seconds per step).
+var stepBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60}
+
+// metrics are what /metrics exposes. Each Server owns its registry, so several
+// servers in one process (the tests) do not collide on the global one.
 type metrics struct {
+	// submitted and running are plain counters because /healthz reads running
+	// too; the registry reads them through CounterFunc and GaugeFunc.
 	submitted atomic.Int64
 	running   atomic.Int64
 
-	mu       sync.Mutex
-	byState  map[string]int64
-	steps    int64
-	stepSecs float64
+	registry *prometheus.Registry
+	finishes *prometheus.CounterVec
+	steps    prometheus.Histogram
 }
 
-func newMetrics() *metrics { return &metrics{byState: map[string]int64{}} }
-
-func (m *metrics) finished(state string) {
-	m.mu.Lock()
-	m.byState[state]++
-	m.mu.Unlock()
+// newMetrics registers s's series, the Go runtime's and the process's on a
+// registry of their own. The funcs read s when scraped, so s's queue, hub and
+// engine may be set after this call.
+func newMetrics(s *Server) *metrics {
+	m := &metrics{registry: prometheus.NewRegistry()}
+	m.finishes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "stepwise_jobs_finished_total", Help: "Jobs finished, by final state.",
+	}, []string{"state"})
+	for _, st := range []string{StateCompleted, StateFailed, StateCancelled} {
+		m.finishes.WithLabelValues(st) // every state shows, at 0 until it happens
+	}
+	m.steps = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "stepwise_step_seconds", Help: "Seconds per denoising step.", Buckets: stepBuckets,
+	})
+	gauge := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
+	}
+	counter := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, f)
+	}
+	m.registry.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.finishes, m.steps,
+		gauge("stepwise_queue_length", "Jobs waiting in the queue.",
+			func() float64 { return float64(s.queue.length()) }),
+		gauge("stepwise_jobs_running", "Jobs running now.",
+			func() float64 { return float64(m.running.Load()) }),
+		counter("stepwise_jobs_submitted_total", "Jobs accepted.",
+			func() float64 { return float64(m.submitted.Load()) }),
+		counter("stepwise_preview_bytes_sent_total", "Bytes of preview frames written to websocket clients.",
+			func() float64 { return float64(s.hub.previewBytes.Load()) }),
+		counter("stepwise_previews_skipped_total", "Previews a slow client never received (a newer one replaced them).",
+			func() float64 { return float64(s.hub.dropped.Load()) }),
+		gauge("stepwise_websocket_clients", "Connected websocket clients.",
+			func() float64 { return float64(s.hub.count()) }),
+		counter("stepwise_websocket_clients_dropped_total", "Websocket clients disconnected because they did not read their events.",
+			func() float64 { return float64(s.hub.slowClients.Load()) }),
+		gauge("stepwise_models_loaded", "Models loaded.",
+			func() float64 { return float64(s.engine.Cache.Stats().Loaded) }),
+		gauge("stepwise_model_bytes", "Bytes of loaded model weights.",
+			func() float64 { return float64(s.engine.Cache.Stats().BytesInUse) }),
+	)
+	return m
 }
+
+func (m *metrics) finished(state string) { m.finishes.WithLabelValues(state).Inc() }
 
 // observeStep records one step's duration.
-func (m *metrics) observeStep(d time.Duration) {
-	m.mu.Lock()
-	m.steps++
-	m.stepSecs += d.Seconds()
-	m.mu.Unlock()
-}
+func (m *metrics) observeStep(d time.Duration) { m.steps.Observe(d.Seconds()) }
 
-func (s *Server) writeMetrics(w io.Writer) {
-	m := s.metrics
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	fmt.Fprintln(w, "# HELP stepwise_queue_length Jobs waiting in the queue.")
-	fmt.Fprintln(w, "# TYPE stepwise_queue_length gauge")
-	fmt.Fprintf(w, "stepwise_queue_length %d\n", s.queue.length())
-	fmt.Fprintln(w, "# HELP stepwise_jobs_running Jobs running now.")
-	fmt.Fprintln(w, "# TYPE stepwise_jobs_running gauge")
-	fmt.Fprintf(w, "stepwise_jobs_running %d\n", m.running.Load())
-	fmt.Fprintln(w, "# HELP stepwise_jobs_submitted_total Jobs accepted.")
-	fmt.Fprintln(w, "# TYPE stepwise_jobs_submitted_total counter")
-	fmt.Fprintf(w, "stepwise_jobs_submitted_total %d\n", m.submitted.Load())
-	fmt.Fprintln(w, "# HELP stepwise_jobs_finished_total Jobs finished, by final state.")
-	fmt.Fprintln(w, "# TYPE stepwise_jobs_finished_total counter")
-	for _, st := range []string{StateCompleted, StateFailed, StateCancelled} {
-		fmt.Fprintf(w, "stepwise_jobs_finished_total{state=%q} %d\n", st, m.byState[st])
-	}
-	fmt.Fprintln(w, "# HELP stepwise_step_seconds Seconds per denoising step.")
-	fmt.Fprintln(w, "# TYPE stepwise_step_seconds summary")
-	fmt.Fprintf(w, "stepwise_step_seconds_sum %g\nstepwise_step_seconds_count %d\n", m.stepSecs, m.steps)
-	fmt.Fprintln(w, "# HELP stepwise_preview_bytes_sent_total Bytes of preview frames written to websocket clients.")
-	fmt.Fprintln(w, "# TYPE stepwise_preview_bytes_sent_total counter")
-	fmt.Fprintf(w, "stepwise_preview_bytes_sent_total %d\n", s.hub.previewBytes.Load())
-	fmt.Fprintln(w, "# HELP stepwise_previews_skipped_total Previews a slow client never received (a newer one replaced them).")
-	fmt.Fprintln(w, "# TYPE stepwise_previews_skipped_total counter")
-	fmt.Fprintf(w, "stepwise_previews_skipped_total %d\n", s.hub.dropped.Load())
-	fmt.Fprintln(w, "# HELP stepwise_websocket_clients Connected websocket clients.")
-	fmt.Fprintln(w, "# TYPE stepwise_websocket_clients gauge")
-	fmt.Fprintf(w, "stepwise_websocket_clients %d\n", s.hub.count())
-	cs := s.engine.Cache.Stats()
-	fmt.Fprintln(w, "# HELP stepwise_models_loaded Models loaded.")
-	fmt.Fprintln(w, "# TYPE stepwise_models_loaded gauge")
-	fmt.Fprintf(w, "stepwise_models_loaded %d\n", cs.Loaded)
-	fmt.Fprintln(w, "# HELP stepwise_model_bytes Bytes of loaded model weights.")
-	fmt.Fprintln(w, "# TYPE stepwise_model_bytes gauge")
-	fmt.Fprintf(w, "stepwise_model_bytes %d\n", cs.BytesInUse)
+// handler serves the registry in whichever exposition format the scraper asks for.
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{Registry: m.registry})
 }

@@ -49,10 +49,7 @@ func (e *previewEncoder) loop() {
 			frame := previewFrame(PreviewMeta{JobID: e.j.ID, Step: st.Step, Steps: st.Steps, Index: i, Format: "jpeg",
 				Width: p.Width, Height: p.Height}, data)
 			if i == 0 {
-				e.j.mu.Lock()
-				e.j.preview = data
-				e.j.mu.Unlock()
-				e.s.latestFrame(e.j, frame)
+				e.j.setPreview(data, frame)
 			}
 			e.s.hub.publishPreview(e.j.ID, frame)
 		}

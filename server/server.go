@@ -5,35 +5,44 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"image"
 	"log/slog"
-	"net/http"
-	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/catalog"
+	"github.com/stepwise-sd/stepwise/models"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
-// Config is the server's configuration; zero values take the defaults.
+// Config is the server's configuration; zero values take the defaults, which
+// live in defaults() and nowhere else (docs/api.md lists them with their flags).
 type Config struct {
-	Model    string // Stable Diffusion model path
+	Model    string // Stable Diffusion model path: what requests that name no model get
 	SegModel string // segmentation model path
-	DType    binding.DType
+	// VAE, when set, replaces the models' own VAE for requests that name none.
+	VAE string
+	// Catalog, when set, lists the models requests may name (--models-dir).
+	Catalog *catalog.Catalog
+	DType   binding.DType
 	// Token, when set, must come as "Authorization: Bearer <token>" (or
 	// ?token= on websockets, which browsers cannot give headers).
 	Token string
 	// AllowedOrigins lists the origins, besides the server's own, whose pages
 	// may open websockets and call the API.
 	AllowedOrigins []string
+	// AllowedHosts lists the Host names, besides loopback names and IP
+	// addresses, that requests may name ("*": any). It defeats DNS rebinding:
+	// a page on another domain that resolves to this server still sends its
+	// own name as Host.
+	AllowedHosts   []string
 	MaxQueue       int   // waiting jobs (64)
 	Concurrency    int   // jobs running at once on the device (1)
 	MaxBodyBytes   int64 // request size (32 MiB)
@@ -41,9 +50,14 @@ type Config struct {
 	MaxSide        int   // width/height of a generation (2048)
 	MaxSteps       int   // denoising steps (150)
 	MaxBatch       int   // images per job (8)
+	MaxPromptBytes int   // bytes of a prompt or negative prompt (4096)
+	MaxConns       int   // open HTTP connections (256)
+	MaxWebsockets  int   // open websocket connections (128)
+	// ReadTimeout bounds reading one request, body included (60 s).
+	ReadTimeout time.Duration
 	// CancelOnShutdown cancels running jobs at shutdown instead of letting them finish.
 	CancelOnShutdown bool
-	// KeepJobs is how many finished jobs stay listed (200).
+	// KeepJobs is how many finished jobs stay listed (200); older ones are forgotten.
 	KeepJobs int
 	Logger   *slog.Logger
 }
@@ -60,14 +74,28 @@ func (c *Config) defaults() {
 	def(&c.MaxSide, 2048)
 	def(&c.MaxSteps, 150)
 	def(&c.MaxBatch, 8)
+	def(&c.MaxPromptBytes, 4096)
+	def(&c.MaxConns, 256)
+	def(&c.MaxWebsockets, 128)
 	def(&c.KeepJobs, 200)
 	if c.MaxBodyBytes <= 0 {
 		c.MaxBodyBytes = 32 << 20
+	}
+	if c.ReadTimeout <= 0 {
+		c.ReadTimeout = 60 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
 }
+
+// cancelGrace is how long Shutdown waits for jobs it has cancelled before it
+// returns without them.
+const cancelGrace = 10 * time.Second
+
+// concurrentDecodes bounds the images decoded at once while requests are
+// validated, and so the memory that takes.
+const concurrentDecodes = 2
 
 // Server runs jobs and serves the API.
 type Server struct {
@@ -77,6 +105,20 @@ type Server struct {
 	hub     *hub
 	queue   *queue
 	metrics *metrics
+	decodes chan struct{}
+	// websockets counts open websocket connections against MaxWebsockets.
+	websockets atomic.Int64
+
+	catalog   *catalog.Catalog
+	choice    modelChoice
+	described struct {
+		mu sync.Mutex
+		m  map[string]catalog.Entry
+	}
+
+	segClassesOnce sync.Once
+	segClassCount  int
+	segClassesErr  error
 
 	mu      sync.Mutex
 	jobs    map[string]*Job
@@ -91,8 +133,10 @@ func New(cfg Config, engine *pipeline.Engine) *Server {
 	cfg.defaults()
 	ctx, stop := context.WithCancel(context.Background())
 	s := &Server{cfg: cfg, engine: engine, log: cfg.Logger, hub: newHub(cfg.Logger), jobs: map[string]*Job{},
-		baseCtx: ctx, stop: stop, metrics: newMetrics()}
-	s.queue = newQueue(cfg.MaxQueue, func(j *Job) { s.publishState(j, "queued") })
+		baseCtx: ctx, stop: stop, decodes: make(chan struct{}, concurrentDecodes), catalog: cfg.Catalog}
+	s.metrics = newMetrics(s)
+	s.described.m = map[string]catalog.Entry{}
+	s.queue = newQueue(cfg.MaxQueue, func(j *Job) { s.hub.publish(j.event("queued")) })
 	for i := 0; i < cfg.Concurrency; i++ {
 		s.wg.Add(1)
 		go s.worker()
@@ -100,161 +144,17 @@ func New(cfg Config, engine *pipeline.Engine) *Server {
 	return s
 }
 
-// JobParams are a job's parameters; names follow the A1111 API where it has one.
-type JobParams struct {
-	Prompt            string  `json:"prompt"`
-	NegativePrompt    string  `json:"negative_prompt"`
-	Width             int     `json:"width"`
-	Height            int     `json:"height"`
-	Steps             int     `json:"steps"`
-	CFGScale          float32 `json:"cfg_scale"`
-	Seed              int64   `json:"seed"`
-	SamplerName       string  `json:"sampler_name"`
-	DenoisingStrength float32 `json:"denoising_strength"`
-	BatchSize         int     `json:"batch_size"`
-	MaskBlur          float64 `json:"mask_blur"`
-	Preview           string  `json:"preview"`
-	PreviewEvery      int     `json:"preview_every"`
-	// Image and Mask are base64 (optionally a data: URL); multipart uploads fill them too.
-	Image string `json:"image,omitempty"`
-	Mask  string `json:"mask,omitempty"`
-	// Edit and segment.
-	RepaintSubject bool    `json:"repaint_subject,omitempty"`
-	Grow           int     `json:"grow,omitempty"`
-	SegmentScale   float64 `json:"segment_scale,omitempty"`
-	Classes        []int   `json:"classes,omitempty"`
-	WorkingSize    int     `json:"working_size,omitempty"`
-}
-
-// DefaultParams are what a request leaves out: requests are decoded on top
-// of them, so an explicit 0 stays 0 (and is refused where it is invalid).
-// The values are the pipeline's defaults; previews default on for the page.
-func DefaultParams() JobParams {
-	d := pipeline.DefaultGenerateOptions()
-	return JobParams{Steps: d.Steps, CFGScale: d.CFGScale, Seed: -1, SamplerName: d.Sampler.String(),
-		BatchSize: d.BatchSize, Preview: binding.PreviewLatent2RGB.String(), PreviewEvery: d.PreviewEvery, MaskBlur: d.MaskBlur}
-}
-
-// Kinds of job.
-var jobKinds = map[string]bool{"txt2img": true, "img2img": true, "inpaint": true, "segment": true, "edit": true}
-
-// apiError is an error with its HTTP status.
-type apiError struct {
-	status int
-	msg    string
-}
-
-func (e *apiError) Error() string { return e.msg }
-
-func badRequest(format string, a ...any) error {
-	return &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf(format, a...)}
-}
-
-// decoded holds a validated job's decoded inputs.
-type decoded struct {
-	sampler binding.Sampler
-	preview binding.Preview
-	image   []byte
-	mask    []byte
-	seed    uint64
-}
-
-func decodeB64(name, s string) ([]byte, error) {
-	if i := strings.Index(s, ";base64,"); strings.HasPrefix(s, "data:") && i >= 0 {
-		s = s[i+len(";base64,"):]
-	}
-	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(s))
-	if err != nil {
-		return nil, badRequest("%s is not valid base64", name)
-	}
-	return b, nil
-}
-
-// validate checks a job's parameters against the server's limits and fills
-// defaults; its errors are 400s.
-func (s *Server) validate(kind string, p *JobParams) (*decoded, error) {
-	if !jobKinds[kind] {
-		return nil, badRequest("unknown kind %q (want txt2img, img2img, inpaint, segment or edit)", kind)
-	}
-	d := &decoded{}
-	var err error
-	if p.Image != "" {
-		if d.image, err = decodeB64("image", p.Image); err != nil {
-			return nil, err
+// segClasses is the segmentation model's class count, read once from its
+// weights' header (no model is loaded for it).
+func (s *Server) segClasses() (int, error) {
+	s.segClassesOnce.Do(func() {
+		path, err := models.Resolve(s.cfg.SegModel, s.engine.ConvertDir)
+		if err == nil {
+			s.segClassCount, err = pipeline.SegModelClasses(path)
 		}
-	}
-	if p.Mask != "" {
-		if d.mask, err = decodeB64("mask", p.Mask); err != nil {
-			return nil, err
-		}
-	}
-	for _, img := range [][]byte{d.image, d.mask} {
-		if img == nil {
-			continue
-		}
-		cfg, format, err := image.DecodeConfig(bytes.NewReader(img))
-		if err != nil || (format != "png" && format != "jpeg") {
-			return nil, badRequest("uploaded file is not a PNG or JPEG image")
-		}
-		if int64(cfg.Width)*int64(cfg.Height) > int64(s.cfg.MaxPixels) {
-			return nil, badRequest("image is %dx%d, more than the %d pixels allowed", cfg.Width, cfg.Height, s.cfg.MaxPixels)
-		}
-	}
-	switch kind {
-	case "img2img", "segment", "edit":
-		if d.image == nil {
-			return nil, badRequest("%s needs an image", kind)
-		}
-	case "inpaint":
-		if d.image == nil || d.mask == nil {
-			return nil, badRequest("inpaint needs an image and a mask")
-		}
-	}
-	if kind == "edit" || kind == "segment" {
-		if s.cfg.SegModel == "" {
-			return nil, badRequest("no segmentation model is configured (stepwise serve --seg-model)")
-		}
-	}
-	if kind != "segment" && strings.TrimSpace(p.Prompt) == "" {
-		return nil, badRequest("prompt is empty")
-	}
-	if p.Width < 0 || p.Height < 0 || p.Width > s.cfg.MaxSide || p.Height > s.cfg.MaxSide || p.Width%8 != 0 || p.Height%8 != 0 {
-		return nil, badRequest("width and height must be multiples of 8 up to %d (got %dx%d)", s.cfg.MaxSide, p.Width, p.Height)
-	}
-	if p.Steps < 1 || p.Steps > s.cfg.MaxSteps {
-		return nil, badRequest("steps must be between 1 and %d (got %d)", s.cfg.MaxSteps, p.Steps)
-	}
-	if p.BatchSize < 1 || p.BatchSize > s.cfg.MaxBatch {
-		return nil, badRequest("batch_size must be between 1 and %d", s.cfg.MaxBatch)
-	}
-	if p.CFGScale < 0 || p.CFGScale > 30 {
-		return nil, badRequest("cfg_scale must be between 0 and 30")
-	}
-	if p.DenoisingStrength < 0 || p.DenoisingStrength > 1 {
-		return nil, badRequest("denoising_strength must be in (0, 1]")
-	}
-	if p.MaskBlur < 0 || p.MaskBlur > 64 {
-		return nil, badRequest("mask_blur must be between 0 and 64")
-	}
-	if p.WorkingSize < 0 || p.WorkingSize > s.cfg.MaxSide || p.WorkingSize%8 != 0 {
-		return nil, badRequest("working_size must be a multiple of 8 up to %d", s.cfg.MaxSide)
-	}
-	if d.sampler, err = binding.ParseSampler(p.SamplerName); err != nil {
-		return nil, badRequest("%v", err)
-	}
-	if d.preview, err = binding.ParsePreview(p.Preview); err != nil {
-		return nil, badRequest("%v", err)
-	}
-	if p.PreviewEvery < 1 || p.PreviewEvery > 1000 {
-		return nil, badRequest("preview_every must be between 1 and 1000")
-	}
-	if p.Seed < 0 {
-		var b [4]byte
-		rand.Read(b[:])
-		p.Seed = int64(b[0])<<24 | int64(b[1])<<16 | int64(b[2])<<8 | int64(b[3])
-	}
-	d.seed = uint64(p.Seed)
-	return d, nil
+		s.segClassesErr = err
+	})
+	return s.segClassCount, s.segClassesErr
 }
 
 func newID() string {
@@ -271,8 +171,8 @@ func (s *Server) Submit(kind string, p JobParams, source string, keepImages bool
 		return nil, err
 	}
 	p.Image, p.Mask = "", "" // decoded into d; the base64 need not wait in the queue too
-	j := newJob(newID(), kind, p)
-	j.Source, j.keepImages, j.inputs = source, keepImages, d
+	j := newJob(newID(), kind, p, d)
+	j.Source, j.keepImages = source, keepImages
 	s.mu.Lock()
 	s.jobs[j.ID] = j
 	s.order = append(s.order, j.ID)
@@ -285,7 +185,7 @@ func (s *Server) Submit(kind string, p JobParams, source string, keepImages bool
 		return nil, err
 	}
 	s.metrics.submitted.Add(1)
-	s.publishState(j, "queued")
+	s.hub.publish(j.event("queued"))
 	return j, nil
 }
 
@@ -294,8 +194,7 @@ func (s *Server) forgetOldLocked() {
 	for len(s.order) > s.cfg.KeepJobs {
 		dropped := false
 		for i, id := range s.order {
-			j := s.jobs[id]
-			if j == nil || func() bool { j.mu.Lock(); defer j.mu.Unlock(); return j.ended() }() {
+			if j := s.jobs[id]; j == nil || j.ended() {
 				delete(s.jobs, id)
 				s.order = append(s.order[:i], s.order[i+1:]...)
 				dropped = true
@@ -331,17 +230,10 @@ func (s *Server) Jobs() []*Job {
 // Cancel cancels a queued or running job; it reports whether the job could be.
 func (s *Server) Cancel(j *Job) bool {
 	if s.queue.remove(j) {
-		s.finish(j, StateCancelled, "cancelled while queued")
+		s.finish(j, StateCancelled, fmt.Errorf("%w while queued", errCancelled))
 		return true
 	}
-	j.mu.Lock()
-	cancel, state := j.cancel, j.state
-	j.mu.Unlock()
-	if state == StateRunning && cancel != nil {
-		cancel()
-		return true
-	}
-	return false
+	return j.requestCancel()
 }
 
 func (s *Server) worker() {
@@ -355,120 +247,120 @@ func (s *Server) worker() {
 	}
 }
 
-func (s *Server) publishState(j *Job, typ string) {
-	v := j.View()
-	ev := Event{Type: typ, JobID: j.ID, Kind: j.Kind, State: v.State, Position: v.Position, Step: v.Step, Steps: v.Steps,
-		Progress: v.Progress, Elapsed: v.Elapsed, ETA: v.ETA, Files: v.Files, Result: v.Result, Error: v.Error, Time: time.Now()}
-	s.hub.publish(ev)
-}
-
-func (s *Server) finish(j *Job, state, msg string) {
-	j.mu.Lock()
-	if j.ended() {
-		j.mu.Unlock()
+func (s *Server) finish(j *Job, state string, err error) {
+	if !j.finish(state, err) {
 		return
 	}
-	j.state, j.err, j.finished, j.cancel, j.inputs = state, msg, time.Now(), nil, nil
-	j.mu.Unlock()
 	s.metrics.finished(state)
 	typ := map[string]string{StateCompleted: "completed", StateFailed: "failed", StateCancelled: "cancelled"}[state]
-	s.publishState(j, typ)
-	close(j.done)
+	s.hub.publish(j.event(typ))
+}
+
+// output is what a finished job hands back.
+type output struct {
+	runID  string
+	files  []string
+	images []image.Image
+	result map[string]any
 }
 
 // run executes one job on the worker's goroutine.
 func (s *Server) run(j *Job) {
 	ctx, cancel := context.WithCancel(s.baseCtx)
 	defer cancel()
-	j.mu.Lock()
-	if j.ended() {
-		j.mu.Unlock()
+	p, d, ok := j.start(cancel)
+	if !ok {
 		return
 	}
-	j.state, j.started, j.cancel, j.position = StateRunning, time.Now(), cancel, -1
-	p, d := j.Params, j.inputs
-	j.mu.Unlock()
 	s.metrics.running.Add(1)
 	defer s.metrics.running.Add(-1)
-	s.publishState(j, "started")
+	s.hub.publish(j.event("started"))
 
-	var err error
 	previews := newPreviewEncoder(s, j)
 	defer previews.close()
 	onStep := func(st binding.Step) {
-		j.mu.Lock()
-		previous := j.elapsed
-		j.step, j.steps, j.elapsed = st.Step, st.Steps, st.Elapsed
-		j.mu.Unlock()
-		s.metrics.observeStep(st.Elapsed - previous)
-		s.publishState(j, "progress")
+		s.metrics.observeStep(j.progress(st.Step, st.Steps, st.Elapsed))
+		s.hub.publish(j.event("progress"))
 		if len(st.Previews) > 0 {
 			previews.offer(st)
 		}
 	}
-	onRun := func(id string) {
-		j.mu.Lock()
-		j.runID = id
-		j.mu.Unlock()
+	out, err := s.execute(ctx, j.Kind, p, d, onStep, j.setRun)
+	switch {
+	case err == nil:
+		j.complete(out.runID, out.files, out.result, out.images)
+		s.finish(j, StateCompleted, nil)
+	case errors.Is(err, binding.ErrCancelled) || errors.Is(err, context.Canceled):
+		s.finish(j, StateCancelled, errCancelled)
+	default:
+		s.log.Warn("job failed", "job", j.ID, "kind", j.Kind, "err", err)
+		s.finish(j, StateFailed, err)
 	}
-	sdRef := pipeline.ModelRef{Path: s.cfg.Model, DType: s.cfg.DType}
+}
+
+// execute runs one job's work through the pipeline.
+func (s *Server) execute(ctx context.Context, kind string, p JobParams, d *decoded, onStep func(binding.Step),
+	onRun func(string)) (*output, error) {
+	sdRef := pipeline.ModelRef{Path: d.sdPath, VAE: d.vaePath, DType: s.cfg.DType}
 	segOpts := pipeline.SegmentOptions{Model: pipeline.ModelRef{Path: s.cfg.SegModel}, Scale: p.SegmentScale, Classes: p.Classes}
-	var files []string
-	var images []image.Image
-	result := map[string]any{"seed": d.seed}
-	switch j.Kind {
+	out := &output{result: map[string]any{"seed": d.seed}}
+	switch kind {
 	case "txt2img", "img2img", "inpaint":
-		o := pipeline.GenerateOptions{
+		mask := d.mask
+		if mask != nil && p.InvertMask {
+			var err error
+			if mask, err = invertMask(mask, s.cfg.MaxPixels); err != nil {
+				return nil, err
+			}
+		}
+		res, err := s.engine.Generate(ctx, pipeline.GenerateOptions{
 			SD: sdRef, Prompt: p.Prompt, NegativePrompt: p.NegativePrompt, Width: p.Width, Height: p.Height,
 			Steps: p.Steps, CFGScale: p.CFGScale, Seed: d.seed, Sampler: d.sampler, BatchSize: p.BatchSize,
-			Init: d.image, Mask: d.mask, Strength: p.DenoisingStrength, MaskBlur: p.MaskBlur,
+			Init: d.image, Mask: mask, Strength: p.DenoisingStrength, MaskBlur: p.MaskBlur,
 			Preview: d.preview, PreviewEvery: p.PreviewEvery, OnStep: onStep, OnRun: onRun,
+		})
+		if err != nil {
+			return nil, err
 		}
-		var res *pipeline.GenerateResult
-		res, err = s.engine.Generate(ctx, o)
-		if err == nil {
-			files, images = res.Files, res.Images
-			if res.Params.Truncated {
-				result["warning"] = fmt.Sprintf("the prompt has %d tokens; only the first 75 were used", res.Params.Tokens)
-			}
-			result["width"], result["height"] = res.Params.Width, res.Params.Height
+		out.files, out.images = res.Files, res.Images
+		if res.Params.Truncated {
+			out.result["warning"] = fmt.Sprintf("the prompt has %d tokens; only the first 75 were used", res.Params.Tokens)
 		}
+		out.result["width"], out.result["height"] = res.Params.Width, res.Params.Height
 	case "edit":
-		var res *pipeline.EditResult
-		res, err = s.engine.Edit(ctx, d.image, pipeline.EditOptions{
+		res, err := s.engine.Edit(ctx, d.image, pipeline.EditOptions{
 			SD: sdRef, Segment: segOpts, Prompt: p.Prompt, NegativePrompt: p.NegativePrompt, Steps: p.Steps,
 			CFGScale: p.CFGScale, Seed: d.seed, Sampler: d.sampler, WorkingSize: p.WorkingSize,
 			RepaintSubject: p.RepaintSubject, Grow: p.Grow, MaskBlur: p.MaskBlur,
 			Preview: d.preview, PreviewEvery: p.PreviewEvery, OnStep: onStep, OnRun: onRun,
 		})
-		if err == nil {
-			files = []string{"edited.png", "mask.png", "edited_mask.png", "input.png", "params.json"}
-			images = []image.Image{res.Edited, res.Mask.Image(), res.EditedMask.Image()}
-			result["subject_iou"] = res.IoU
+		if err != nil {
+			return nil, err
 		}
+		out.files = []string{"edited.png", "mask.png", "edited_mask.png", "input.png", "params.json"}
+		out.images = []image.Image{res.Edited, res.Mask.Image(), res.EditedMask.Image()}
+		out.result["subject_iou"] = res.IoU
 	case "segment":
-		var runID string
-		runID, images, err = s.segmentJob(ctx, d.image, segOpts)
-		if err == nil {
-			onRun(runID)
-			files = []string{"mask.png", "input.png", "params.json"}
+		runID, images, err := s.segmentJob(ctx, d.image, segOpts)
+		if err != nil {
+			return nil, err
 		}
+		out.runID, out.images = runID, images
+		out.files = []string{"mask.png", "input.png", "params.json"}
 	}
-	switch {
-	case err == nil:
-		j.mu.Lock()
-		j.files, j.result = files, result
-		if j.keepImages {
-			j.images = images
-		}
-		j.mu.Unlock()
-		s.finish(j, StateCompleted, "")
-	case errors.Is(err, binding.ErrCancelled) || errors.Is(err, context.Canceled):
-		s.finish(j, StateCancelled, "cancelled")
-	default:
-		s.log.Warn("job failed", "job", j.ID, "kind", j.Kind, "err", err)
-		s.finish(j, StateFailed, err.Error())
+	return out, nil
+}
+
+// invertMask swaps a mask's inside and outside (inpainting_mask_invert). It
+// runs on a worker, after the mask passed the limits at submission.
+func invertMask(data []byte, maxPixels int) ([]byte, error) {
+	decoded, err := pipeline.DecodeImage(data, maxPixels)
+	if err != nil {
+		return nil, err
 	}
+	m := pipeline.MaskFromImage(decoded, 0)
+	m.Invert()
+	return pipeline.EncodePNG(m.Image())
 }
 
 func (s *Server) segmentJob(ctx context.Context, input []byte, o pipeline.SegmentOptions) (string, []image.Image, error) {
@@ -506,10 +398,11 @@ func (s *Server) segmentJob(ctx context.Context, input []byte, o pipeline.Segmen
 
 // Shutdown stops taking jobs, cancels the queued ones, lets running jobs finish
 // (or cancels them when CancelOnShutdown is set) and waits for the workers up
-// to ctx's deadline, then cancels what is left.
+// to ctx's deadline. Then it cancels what is left and waits at most
+// cancelGrace more: it returns whatever a job does, so the process can exit.
 func (s *Server) Shutdown(ctx context.Context) error {
 	for _, j := range s.queue.drain() {
-		s.finish(j, StateCancelled, "server shutting down")
+		s.finish(j, StateCancelled, fmt.Errorf("%w: the server is shutting down", errCancelled))
 	}
 	if s.cfg.CancelOnShutdown {
 		s.stop()
@@ -520,8 +413,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-done:
 		return nil
 	case <-ctx.Done():
-		s.stop()
-		<-done
+	}
+	s.stop()
+	select {
+	case <-done:
 		return ctx.Err()
+	case <-time.After(cancelGrace):
+		s.log.Error("running jobs did not stop within the grace after being cancelled; leaving them", "grace", cancelGrace)
+		return fmt.Errorf("shutdown: running jobs did not stop %s after cancel: %w", cancelGrace, ctx.Err())
 	}
 }

@@ -3,12 +3,14 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/internal/testenv"
 )
 
@@ -22,7 +24,7 @@ func TestVersion(t *testing.T) {
 	code, out, errOut := runCLI("version", "--lib", testenv.LibPath(), "--device", "cpu")
 	require.Equal(t, 0, code, errOut)
 	assert.Contains(t, out, "engine   ")
-	assert.Contains(t, out, "(ABI 1)")
+	assert.Contains(t, out, fmt.Sprintf("(ABI %d)", binding.ABIVersion))
 	assert.Contains(t, out, "libtorch ")
 	assert.Contains(t, out, "* cpu")
 
@@ -30,7 +32,8 @@ func TestVersion(t *testing.T) {
 	require.Equal(t, 0, code, errOut)
 	var v map[string]any
 	require.NoError(t, json.Unmarshal([]byte(out), &v))
-	assert.EqualValues(t, 1, v["abi"])
+	assert.EqualValues(t, binding.ABIVersion, v["abi"])
+	assert.EqualValues(t, binding.ABIVersion, v["abi_expected"])
 	assert.NotEmpty(t, v["devices"])
 }
 

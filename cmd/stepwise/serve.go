@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -16,18 +14,23 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
 )
 
 // serveFlags are serve's flags.
 type serveFlags struct {
-	engine                                    engineFlags
-	addr, data, model, segModel, dtype, token string
-	origins                                   []string
-	concurrency, maxQueue, maxSteps, maxSide  int
-	retention, grace                          time.Duration
-	cancelOnShutdown                          bool
+	engine                                        engineFlags
+	addr, data, model, modelsDir, vae, segModel   string
+	dtype, token                                  string
+	origins, hosts                                []string
+	concurrency, maxQueue, maxSteps, maxSide      int
+	maxConns, maxWebsockets, maxPrompt, maxPixels int
+	keepJobs                                      int
+	maxBody                                       int64
+	retention, grace, readTimeout                 time.Duration
+	cancelOnShutdown                              bool
 }
 
 func newServeCommand() *cobra.Command {
@@ -39,7 +42,9 @@ func (f *serveFlags) register(cmd *cobra.Command) {
 	fs := cmd.Flags()
 	fs.StringVar(&f.addr, "addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
 	fs.StringVar(&f.data, "data", defaultDataDir(), "data folder: runs/, cache/ and the demo models")
-	fs.StringVar(&f.model, "model", "", "Stable Diffusion model (default: the tiny demo model)")
+	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a path, or a name in --models-dir (default: the folder's first, else the tiny demo model)")
+	fs.StringVar(&f.modelsDir, "models-dir", "", "folder of checkpoints (diffusers folders, .safetensors, .ckpt, VAEs) that requests may choose from")
+	fs.StringVar(&f.vae, "vae", "", "VAE replacing the models' own: a path, or a name in --models-dir")
 	fs.StringVar(&f.segModel, "seg-model", "", "segmentation U-Net (default: the tiny demo model)")
 	fs.StringVar(&f.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16")
 	fs.StringVar(&f.token, "token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
@@ -51,12 +56,22 @@ func (f *serveFlags) register(cmd *cobra.Command) {
 	fs.DurationVar(&f.retention, "retention", pipeline.DefaultRetention, "how long run folders are kept")
 	fs.BoolVar(&f.cancelOnShutdown, "cancel-on-shutdown", false, "cancel running jobs on shutdown instead of letting them finish")
 	fs.DurationVar(&f.grace, "shutdown-grace", 2*time.Minute, "how long shutdown waits for running jobs")
+	fs.StringSliceVar(&f.hosts, "allow-host", nil, "comma-separated Host names the server answers to besides IP addresses and localhost (\"*\": any)")
+	fs.IntVar(&f.maxConns, "max-conns", 256, "open HTTP connections at most")
+	fs.IntVar(&f.maxWebsockets, "max-websockets", 128, "open websocket connections at most")
+	fs.IntVar(&f.maxPrompt, "max-prompt", 4096, "bytes of a prompt or negative prompt")
+	fs.IntVar(&f.maxPixels, "max-pixels", 16<<20, "pixels of an uploaded image")
+	fs.Int64Var(&f.maxBody, "max-body", 32<<20, "bytes of a request body")
+	fs.DurationVar(&f.readTimeout, "read-timeout", time.Minute, "time to read one request, body included")
+	fs.IntVar(&f.keepJobs, "keep-jobs", 200, "finished jobs kept listed by /v1/jobs")
 	_ = cmd.MarkFlagDirname("data")
+	_ = cmd.MarkFlagDirname("models-dir")
 	completeDTypes(cmd, "dtype")
 }
 
 func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	stdout, stderr := cmd.OutOrStdout(), cmd.ErrOrStderr()
+	model, vae, segModel := f.model, f.vae, f.segModel
 	dtype, err := binding.ParseDType(f.dtype)
 	if err != nil {
 		return err
@@ -66,7 +81,21 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	lg := f.engine.log
-	model, segModel := f.model, f.segModel
+	var cat *catalog.Catalog
+	if f.modelsDir != "" {
+		if cat, err = catalog.Open(f.modelsDir, filepath.Join(f.data, "cache")); err != nil {
+			return err
+		}
+		if model, err = pickModel(cat, catalog.KindCheckpoint, model); err != nil {
+			return err
+		}
+		if vae, err = pickModel(cat, catalog.KindVAE, vae); err != nil {
+			return err
+		}
+		if segModel, err = pickModel(cat, catalog.KindSeg, segModel); err != nil {
+			return err
+		}
+	}
 	if model == "" || segModel == "" {
 		sd, seg, err := demoModels(lib, f.data, stderr)
 		if err != nil {
@@ -86,26 +115,23 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	}
 	engine := newEngine(lib, f.data, "", runs, lg)
 	defer engine.Cache.Close()
-	var allowed []string
-	for _, o := range f.origins {
-		if o = strings.TrimSpace(o); o != "" {
-			allowed = append(allowed, o)
-		}
-	}
 	srv := server.New(server.Config{
-		Model: model, SegModel: segModel, DType: dtype, Token: f.token, AllowedOrigins: allowed,
+		Model: model, SegModel: segModel, VAE: vae, Catalog: cat, DType: dtype, Token: f.token,
+		AllowedOrigins: splitList(f.origins), AllowedHosts: splitList(f.hosts),
 		Concurrency: f.concurrency, MaxQueue: f.maxQueue, MaxSteps: f.maxSteps, MaxSide: f.maxSide,
+		MaxConns: f.maxConns, MaxWebsockets: f.maxWebsockets, MaxPromptBytes: f.maxPrompt, MaxPixels: f.maxPixels,
+		MaxBodyBytes: f.maxBody, ReadTimeout: f.readTimeout, KeepJobs: f.keepJobs,
 		CancelOnShutdown: f.cancelOnShutdown, Logger: lg,
 	}, engine)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	runs.StartJanitor(ctx, time.Hour)
-	ln, err := net.Listen("tcp", f.addr)
+	ln, err := srv.Listen(ctx, f.addr)
 	if err != nil {
 		return err
 	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
+	hs := srv.HTTPServer()
 	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (device %s, model %s)\n", version, ln.Addr(), lib.Device().ID, model)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
@@ -124,4 +150,37 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	return jobErr
+}
+
+// pickModel resolves a model flag against a models folder: an existing path
+// stays, a name is looked up; an empty checkpoint or segmentation flag takes
+// the folder's first of its kind (no VAE unless one is named).
+func pickModel(cat *catalog.Catalog, kind, flag string) (string, error) {
+	if flag != "" {
+		if _, err := os.Stat(flag); err == nil {
+			return flag, nil
+		}
+		e, err := cat.Find(kind, flag)
+		if err != nil {
+			return "", err
+		}
+		return e.Path, nil
+	}
+	if kind != catalog.KindVAE {
+		if list := cat.List(kind); len(list) > 0 {
+			return list[0].Path, nil
+		}
+	}
+	return "", nil
+}
+
+// splitList trims the entries of a list flag and drops the empty ones.
+func splitList(v []string) []string {
+	var out []string
+	for _, s := range v {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
 }

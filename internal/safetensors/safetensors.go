@@ -7,12 +7,14 @@ package safetensors
 import (
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
-	"os"
 	"sort"
+	"unicode/utf8"
 
 	"github.com/stepwise-sd/stepwise/internal/atomicfile"
+	"github.com/stepwise-sd/stepwise/internal/regfile"
 )
 
 // Tensor is one named tensor: its dtype name ("F32", "I64", ...), shape and
@@ -30,61 +32,153 @@ type File struct {
 }
 
 type headerEntry struct {
-	DType       string   `json:"dtype"`
-	Shape       []int64  `json:"shape"`
-	DataOffsets [2]int64 `json:"data_offsets"`
+	DType       string  `json:"dtype"`
+	Shape       []int64 `json:"shape"`
+	DataOffsets []int64 `json:"data_offsets"`
 }
 
-var elemSize = map[string]int64{"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+// MaxHeaderBytes bounds the JSON header, as the reference implementation
+// does: a header is a few hundred bytes per tensor, and a length read from
+// the file must not decide how much is allocated.
+const MaxHeaderBytes = 100_000_000
 
-// Read parses a whole file.
+// ErrMalformed marks a file that is not valid safetensors: a header length
+// past the file or over MaxHeaderBytes, a header that is not the expected
+// JSON, an unknown dtype, a negative dimension, or data offsets that do not
+// match the shape or do not tile the data section exactly.
+var ErrMalformed = errors.New("malformed safetensors file")
+
+// elemSize is every dtype the format defines, with its size in bytes.
+var elemSize = map[string]int64{
+	"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E5M2": 1, "F8_E4M3": 1,
+	"I64": 8, "I32": 4, "I16": 2, "I8": 1,
+	"U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+
+// ElemSize returns the size in bytes of one element of dtype, and whether
+// the dtype is known.
+func ElemSize(dtype string) (int64, bool) {
+	n, ok := elemSize[dtype]
+	return n, ok
+}
+
+// ByteSize returns how many bytes a tensor of dtype and shape holds, or an
+// error for an unknown dtype, a negative dimension or a size past int64.
+func ByteSize(dtype string, shape []int64) (int64, error) {
+	size, ok := elemSize[dtype]
+	if !ok {
+		return 0, fmt.Errorf("unknown dtype %q", dtype)
+	}
+	n := size
+	for _, d := range shape {
+		if d < 0 {
+			return 0, fmt.Errorf("negative dimension %d in shape %v", d, shape)
+		}
+	}
+	for _, d := range shape {
+		if d == 0 {
+			return 0, nil
+		}
+		if n > math.MaxInt64/d {
+			return 0, fmt.Errorf("shape %v is too large", shape)
+		}
+		n *= d
+	}
+	return n, nil
+}
+
+// Read parses a whole file; path must name a regular file.
 func Read(path string) (*File, error) {
-	b, err := os.ReadFile(path)
+	b, err := regfile.ReadFile(path, 0)
 	if err != nil {
 		return nil, err
 	}
 	return Parse(b, path)
 }
 
-// Parse parses the bytes of a file; name is used in errors.
+// Parse parses the bytes of a file; name is used in errors. Every error
+// wraps ErrMalformed. The tensors' Data alias b.
 func Parse(b []byte, name string) (*File, error) {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%s: %w: %s", name, ErrMalformed, fmt.Sprintf(format, args...))
+	}
 	if len(b) < 8 {
-		return nil, fmt.Errorf("%s: truncated safetensors file", name)
+		return nil, bad("%d bytes, shorter than the header length", len(b))
 	}
 	n := binary.LittleEndian.Uint64(b)
+	if n > MaxHeaderBytes {
+		return nil, bad("header of %d bytes, over the %d allowed", n, MaxHeaderBytes)
+	}
 	if n > uint64(len(b)-8) {
-		return nil, fmt.Errorf("%s: truncated safetensors header", name)
+		return nil, bad("header of %d bytes past the end of the file (%d bytes)", n, len(b))
+	}
+	header := b[8 : 8+n]
+	if !utf8.Valid(header) {
+		return nil, bad("header is not UTF-8")
 	}
 	var raw map[string]json.RawMessage
-	if err := json.Unmarshal(b[8:8+n], &raw); err != nil {
-		return nil, fmt.Errorf("%s: bad safetensors header: %w", name, err)
+	if err := json.Unmarshal(header, &raw); err != nil {
+		return nil, bad("header is not a JSON object: %v", err)
+	}
+	if raw == nil {
+		return nil, bad("header is not a JSON object")
 	}
 	data := b[8+n:]
 	f := &File{Tensors: map[string]Tensor{}, Metadata: map[string]string{}}
+	type span struct {
+		name   string
+		lo, hi int64
+	}
+	spans := make([]span, 0, len(raw))
 	for k, v := range raw {
 		if k == "__metadata__" {
 			if err := json.Unmarshal(v, &f.Metadata); err != nil {
-				return nil, fmt.Errorf("%s: bad __metadata__: %w", name, err)
+				return nil, bad("__metadata__ is not an object of strings: %v", err)
+			}
+			if f.Metadata == nil {
+				f.Metadata = map[string]string{}
 			}
 			continue
 		}
 		var e headerEntry
 		if err := json.Unmarshal(v, &e); err != nil {
-			return nil, fmt.Errorf("%s: tensor %s: %w", name, k, err)
+			return nil, bad("tensor %q: %v", k, err)
 		}
-		size, ok := elemSize[e.DType]
-		if !ok {
-			return nil, fmt.Errorf("%s: tensor %s: unsupported dtype %s", name, k, e.DType)
+		if e.Shape == nil || len(e.DataOffsets) != 2 {
+			return nil, bad("tensor %q: needs dtype, shape and two data_offsets", k)
 		}
-		numel := int64(1)
-		for _, d := range e.Shape {
-			numel *= d
+		size, err := ByteSize(e.DType, e.Shape)
+		if err != nil {
+			return nil, bad("tensor %q: %v", k, err)
 		}
 		lo, hi := e.DataOffsets[0], e.DataOffsets[1]
-		if lo < 0 || hi < lo || hi > int64(len(data)) || hi-lo != numel*size {
-			return nil, fmt.Errorf("%s: tensor %s: bad data_offsets", name, k)
+		if lo < 0 || hi < lo || hi > int64(len(data)) {
+			return nil, bad("tensor %q: data_offsets [%d, %d] outside the %d data bytes", k, lo, hi, len(data))
 		}
-		f.Tensors[k] = Tensor{DType: e.DType, Shape: e.Shape, Data: data[lo:hi]}
+		if hi-lo != size {
+			return nil, bad("tensor %q: data_offsets span %d bytes, its dtype and shape need %d", k, hi-lo, size)
+		}
+		spans = append(spans, span{k, lo, hi})
+		f.Tensors[k] = Tensor{DType: e.DType, Shape: e.Shape, Data: data[lo:hi:hi]}
+	}
+	// The tensors tile the data section: in offset order, each starts where
+	// the previous one ended and the last ends at the end of the file. No
+	// overlap (one write changing two tensors), no hidden bytes.
+	sort.Slice(spans, func(i, j int) bool {
+		if spans[i].lo != spans[j].lo {
+			return spans[i].lo < spans[j].lo
+		}
+		return spans[i].hi < spans[j].hi
+	})
+	var end int64
+	for _, s := range spans {
+		if s.lo != end {
+			return nil, bad("tensor %q starts at %d, the previous data ends at %d (overlap or gap)", s.name, s.lo, end)
+		}
+		end = s.hi
+	}
+	if end != int64(len(data)) {
+		return nil, bad("the tensors end at %d, the data section holds %d bytes", end, len(data))
 	}
 	return f, nil
 }
@@ -103,7 +197,21 @@ func Encode(tensors map[string]Tensor, metadata map[string]string) ([]byte, erro
 	var off int64
 	for _, k := range names {
 		t := tensors[k]
-		header[k] = headerEntry{DType: t.DType, Shape: t.Shape, DataOffsets: [2]int64{off, off + int64(len(t.Data))}}
+		if k == "__metadata__" {
+			return nil, fmt.Errorf("a tensor cannot be named __metadata__")
+		}
+		size, err := ByteSize(t.DType, t.Shape)
+		if err != nil {
+			return nil, fmt.Errorf("tensor %q: %w", k, err)
+		}
+		if size != int64(len(t.Data)) {
+			return nil, fmt.Errorf("tensor %q: %d bytes of data, its dtype and shape need %d", k, len(t.Data), size)
+		}
+		shape := t.Shape
+		if shape == nil {
+			shape = []int64{} // a scalar: the header needs [] not null
+		}
+		header[k] = headerEntry{DType: t.DType, Shape: shape, DataOffsets: []int64{off, off + int64(len(t.Data))}}
 		off += int64(len(t.Data))
 	}
 	h, err := json.Marshal(header)

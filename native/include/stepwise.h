@@ -49,7 +49,7 @@ extern "C" {
 #endif
 
 /* Bumped on every change of a struct layout or a function signature. */
-#define SW_ABI_VERSION 1
+#define SW_ABI_VERSION 2
 
 /* ---- status and errors ------------------------------------------------- */
 
@@ -150,13 +150,16 @@ typedef struct sw_model_info {
 typedef struct sw_sd_model sw_sd_model;
 
 typedef struct sw_sd_model_params {
-    const char *path;          /* a diffusers folder (model_index.json) */
-    const char *tokenizer_dir; /* overrides the model's tokenizer folder; NULL: the model's */
+    const char *path;          /* a diffusers folder (model_index.json) or a single-file .safetensors checkpoint */
+    const char *tokenizer_dir; /* overrides the model's tokenizer; NULL: a diffusers folder's tokenizer/, else
+                                  the built-in CLIP vocabulary (padded with "!" for SD 2.x) */
     const char *device;        /* "cpu", "cuda", "cuda:N", "mps"; NULL: "cpu" */
     int32_t dtype;             /* an sw_dtype */
+    const char *vae_path;      /* replaces the model's VAE: a .safetensors file (LDM or diffusers keys) or a
+                                  diffusers VAE folder, of the same architecture; NULL: the model's own */
 } sw_sd_model_params;
 
-/* [any thread] Fills p with defaults (path NULL, device "cpu", dtype AUTO). */
+/* [any thread] Fills p with defaults (path NULL, device "cpu", dtype AUTO, vae_path NULL). */
 SW_API void sw_sd_model_default_params(sw_sd_model_params *p);
 
 /* [any thread] Loads every component of a Stable Diffusion model (text encoder,

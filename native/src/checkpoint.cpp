@@ -225,31 +225,53 @@ nlohmann::json unet_config(const SafeTensorsFile &f, const std::map<std::string,
             {"upcast_attention", context == 1024 && c0 == 320}};
 }
 
-nlohmann::json vae_config(const SafeTensorsFile &f, const std::map<std::string, std::string> &yaml, int64_t *levels) {
-    const auto p = [&](const std::string &k) { return kVAE + k; };
-    if (!f.has(p("encoder.conv_in.weight")) || !f.has(p("post_quant_conv.weight")))
-        fail(SW_ERR_UNSUPPORTED, f.path() + ": no VAE (first_stage_model) in the checkpoint");
-    *levels = count_indices(f, p("encoder.down."));
+// The VAE config read from shapes: keys under prefix, in the LDM layout
+// (encoder.down.N.block.M) or, when ldm is false, diffusers' (down_blocks.N.resnets.M).
+nlohmann::json vae_config(const SafeTensorsFile &f, const std::string &prefix, bool ldm, double scale, int64_t *levels) {
+    const auto p = [&](const std::string &k) { return prefix + k; };
+    const std::string down = ldm ? "encoder.down." : "encoder.down_blocks.";
+    const std::string block = ldm ? ".block." : ".resnets.";
+    *levels = count_indices(f, p(down));
+    if (*levels == 0) fail(SW_ERR_UNSUPPORTED, f.path() + ": no VAE encoder blocks under " + p(down));
     std::vector<int64_t> channels;
-    for (int64_t l = 0; l < *levels; l++) channels.push_back(dim(f, p("encoder.down." + std::to_string(l) + ".block.0.conv1.weight"), 0));
+    for (int64_t l = 0; l < *levels; l++) channels.push_back(dim(f, p(down + std::to_string(l) + block + "0.conv1.weight"), 0));
     return {{"in_channels", dim(f, p("encoder.conv_in.weight"), 1)},
             {"out_channels", dim(f, p("decoder.conv_out.weight"), 0)},
             {"latent_channels", dim(f, p("post_quant_conv.weight"), 0)},
-            {"layers_per_block", count_indices(f, p("encoder.down.0.block."))},
+            {"layers_per_block", count_indices(f, p(down + "0" + block))},
             {"block_out_channels", channels},
             {"norm_num_groups", 32},
-            {"scaling_factor", yaml.count("scale_factor") ? std::stod(yaml.at("scale_factor")) : 0.18215},
+            {"scaling_factor", scale},
             {"down_block_types", std::vector<std::string>(static_cast<size_t>(*levels), "DownEncoderBlock2D")},
             {"up_block_types", std::vector<std::string>(static_cast<size_t>(*levels), "UpDecoderBlock2D")}};
+}
+
+// Module names -> file keys for an LDM VAE under prefix.
+std::map<std::string, std::string> ldm_vae_keys(const SafeTensorsFile &f, const std::string &prefix, int64_t levels) {
+    std::map<std::string, std::string> keys;
+    for (const auto &[key, e] : f.entries())
+        if (starts_with(key, prefix)) keys[vae_key_to_diffusers(key.substr(prefix.size()), levels)] = key;
+    return keys;
+}
+
+Resolver from_map(const std::map<std::string, std::string> &keys, const std::string &prefix) {
+    return [&keys, prefix](const std::string &name) {
+        auto it = keys.find(name);
+        return Source{it == keys.end() ? prefix + name : it->second};
+    };
+}
+
+std::string join(const std::vector<int64_t> &v) {
+    std::string s = "[";
+    for (size_t i = 0; i < v.size(); i++) s += (i ? ", " : "") + std::to_string(v[i]);
+    return s + "]";
 }
 
 int64_t clip_heads(int64_t hidden) { return hidden >= 64 && hidden % 64 == 0 ? hidden / 64 : std::max<int64_t>(1, hidden / 8); }
 
 }  // namespace
 
-void open_single_file(sw_sd_model &m, const std::string &path, const std::string &tokenizer_dir) {
-    if (tokenizer_dir.empty())
-        fail(SW_ERR_INVALID_ARGUMENT, path + ": a single-file checkpoint carries no tokenizer; pass its folder (--tokenizer DIR)");
+void open_single_file(sw_sd_model &m, const std::string &path) {
     SafeTensorsFile f(path);
     const std::string yaml_file = yaml_path_for(path);
     const auto yaml = path_exists(yaml_file) ? read_yaml_hints(yaml_file) : std::map<std::string, std::string>{};
@@ -257,7 +279,10 @@ void open_single_file(sw_sd_model &m, const std::string &path, const std::string
 
     int64_t n = 0, levels = 0;
     const UNetConfig unet_cfg = UNetConfig::from(Config(unet_config(f, yaml, &n), path + " (UNet from shapes)"));
-    const VAEConfig vae_cfg = VAEConfig::from(Config(vae_config(f, yaml, &levels), path + " (VAE from shapes)"));
+    if (!f.has(kVAE + "encoder.conv_in.weight") || !f.has(kVAE + "post_quant_conv.weight"))
+        fail(SW_ERR_UNSUPPORTED, f.path() + ": no VAE (first_stage_model) in the checkpoint");
+    const double scale = yaml.count("scale_factor") ? std::stod(yaml.at("scale_factor")) : 0.18215;
+    const VAEConfig vae_cfg = VAEConfig::from(Config(vae_config(f, kVAE, true, scale, &levels), path + " (VAE from shapes)"));
 
     // The text encoder: SD 1.x's transformers CLIP, or SD 2.x's OpenCLIP.
     std::string clip_root = "cond_stage_model.transformer.text_model.";
@@ -306,21 +331,14 @@ void open_single_file(sw_sd_model &m, const std::string &path, const std::string
     m.vae = VAE(vae_cfg);
 
     // Module names -> file keys.
-    std::map<std::string, std::string> unet_keys, vae_keys;
+    std::map<std::string, std::string> unet_keys;
     for (const auto &[key, e] : f.entries()) {
         if (starts_with(key, kUNet)) {
             const auto d = unet_key_to_diffusers(key.substr(kUNet.size()), n);
             if (!d.empty()) unet_keys[d] = key;
-        } else if (starts_with(key, kVAE)) {
-            vae_keys[vae_key_to_diffusers(key.substr(kVAE.size()), levels)] = key;
         }
     }
-    auto from_map = [&](const std::map<std::string, std::string> &keys, const std::string &prefix) {
-        return [&keys, prefix](const std::string &name) {
-            auto it = keys.find(name);
-            return Source{it == keys.end() ? prefix + name : it->second};
-        };
-    };
+    const auto vae_keys = ldm_vae_keys(f, kVAE, levels);
     WeightStats total;
     auto add = [&](const WeightStats &s) {
         total.params += s.params;
@@ -341,6 +359,37 @@ void open_single_file(sw_sd_model &m, const std::string &path, const std::string
     }
     m.params = total.params;
     m.bytes = total.bytes;
+}
+
+void check_vae_fits(const VAEConfig &got, const VAEConfig &want, const std::string &what) {
+    std::string diff;
+    auto differ = [&](const std::string &name, const std::string &g, const std::string &w) {
+        if (g != w) diff += (diff.empty() ? "" : "; ") + name + " " + g + " (the model's: " + w + ")";
+    };
+    differ("block_out_channels", join(got.block_out), join(want.block_out));
+    differ("layers_per_block", std::to_string(got.layers_per_block), std::to_string(want.layers_per_block));
+    differ("latent_channels", std::to_string(got.latent_channels), std::to_string(want.latent_channels));
+    differ("in_channels", std::to_string(got.in_channels), std::to_string(want.in_channels));
+    differ("out_channels", std::to_string(got.out_channels), std::to_string(want.out_channels));
+    differ("norm_num_groups", std::to_string(got.groups), std::to_string(want.groups));
+    if (!diff.empty()) fail(SW_ERR_INVALID_ARGUMENT, what + ": this VAE does not fit the model: " + diff);
+}
+
+WeightStats load_vae_file(VAE &vae, const std::string &path, torch::ScalarType dtype, const torch::Device &device) {
+    SafeTensorsFile f(path);
+    std::string prefix;
+    if (f.has(kVAE + "encoder.conv_in.weight"))
+        prefix = kVAE;
+    else if (!f.has("encoder.conv_in.weight"))
+        fail(SW_ERR_UNSUPPORTED, path + ": not a VAE checkpoint (no encoder.conv_in.weight, bare or under " + kVAE + ")");
+    const bool ldm = !f.has(prefix + "encoder.down_blocks.0.resnets.0.conv1.weight");
+    int64_t levels = 0;
+    const auto cfg = VAEConfig::from(
+        Config(vae_config(f, prefix, ldm, vae->config.scaling_factor, &levels), path + " (VAE from shapes)"));
+    check_vae_fits(cfg, vae->config, path);
+    if (!ldm) return load_weights(*vae, f, prefix, dtype, device);
+    const auto keys = ldm_vae_keys(f, prefix, levels);
+    return load_weights(*vae, f, from_map(keys, prefix), dtype, device);
 }
 
 }  // namespace sw

@@ -14,7 +14,7 @@
 
 struct sw_sd_model {
     std::string path;
-    std::string tokenizer_dir;
+    std::string tokenizer_dir;  // empty: the built-in CLIP vocabulary
     torch::Device device{torch::kCPU};
     sw_dtype dtype = SW_DTYPE_F32;
     sw::ClipTextModel text_encoder{nullptr};

@@ -6,6 +6,7 @@
 #include "models.h"
 #include "safetensors.h"
 #include "sampler.h"
+#include "tokenizer.h"
 #include "weights.h"
 
 namespace sw {
@@ -32,10 +33,60 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string &dir) {
     return std::make_unique<Tokenizer>(dir);
 }
 
-std::string sd_family(const ClipTextConfig &clip, const UNetConfig &unet) {
-    (void)clip;
-    const bool v2 = unet.linear_projection || unet.cross_attention_dim == 1024;
-    return std::string(v2 ? "sd2" : "sd1") + (unet.in_channels == 9 ? "-inpaint" : "");
+// SD 2.x is told from its UNet: linear projections and 1024-wide context
+// (OpenCLIP ViT-H). It decides the family name and the built-in tokenizer's padding.
+bool is_sd2(const UNetConfig &unet) { return unet.linear_projection || unet.cross_attention_dim == 1024; }
+
+std::string sd_family(const UNetConfig &unet) {
+    return std::string(is_sd2(unet) ? "sd2" : "sd1") + (unet.in_channels == 9 ? "-inpaint" : "");
+}
+
+bool is_pickle(const std::string &path) {
+    const auto dot = path.find_last_of('.');
+    const std::string ext = dot == std::string::npos ? "" : path.substr(dot);
+    return ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin";
+}
+
+bool is_regular_file(const std::string &path) {
+    struct stat st;
+    return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+WeightStats module_stats(torch::nn::Module &module) {
+    WeightStats s;
+    for (const auto &t : module.parameters()) {
+        s.params += t.numel();
+        s.bytes += t.numel() * static_cast<int64_t>(t.element_size());
+    }
+    for (const auto &t : module.buffers()) s.bytes += t.numel() * static_cast<int64_t>(t.element_size());
+    return s;
+}
+
+// Replaces m's VAE with the one at path: a diffusers VAE folder (config.json +
+// weights; its config, scaling factor included, is used) or a single
+// .safetensors file (the model's VAE config is used). Either must have the
+// architecture of the model's own VAE.
+void replace_vae(sw_sd_model &m, const std::string &path, torch::ScalarType st) {
+    if (!path_exists(path)) fail(SW_ERR_NOT_FOUND, path + ": no such VAE file or folder");
+    VAE vae{nullptr};
+    WeightStats stats;
+    if (!is_regular_file(path)) {
+        const auto cfg = VAEConfig::from(component_config(path));
+        check_vae_fits(cfg, m.vae->config, path);
+        vae = VAE(cfg);
+        SafeTensorsFile f(component_weights(path, "diffusion_pytorch_model"));
+        stats = load_weights(*vae, f, "", st, m.device);
+    } else {
+        if (is_pickle(path))
+            fail(SW_ERR_UNSUPPORTED, path + ": pickle VAE files are not read directly; convert it to .safetensors "
+                                            "(stepwise models convert)");
+        vae = VAE(m.vae->config);
+        stats = load_vae_file(vae, path, st, m.device);
+    }
+    const auto own = module_stats(*m.vae);
+    m.params += stats.params - own.params;
+    m.bytes += stats.bytes - own.bytes;
+    m.vae = vae;
 }
 
 }  // namespace
@@ -45,8 +96,7 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     if (p.path == nullptr || *p.path == '\0') fail(SW_ERR_INVALID_ARGUMENT, "model path is empty");
     const std::string root = p.path;
     if (!path_exists(root)) fail(SW_ERR_NOT_FOUND, root + ": no such file or folder");
-    struct stat st_buf;
-    const bool is_file = ::stat(root.c_str(), &st_buf) == 0 && S_ISREG(st_buf.st_mode);
+    const bool is_file = is_regular_file(root);
 
     auto m = std::make_unique<sw_sd_model>();
     m->path = root;
@@ -54,22 +104,28 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     m->dtype = resolve_dtype(p.dtype, m->device);
     const auto st = scalar_type(m->dtype);
     const std::string tokenizer_arg = (p.tokenizer_dir && *p.tokenizer_dir) ? p.tokenizer_dir : "";
+    const std::string vae_arg = (p.vae_path && *p.vae_path) ? p.vae_path : "";
 
+    // The tokenizer: --tokenizer, else a diffusers folder's own, else (single
+    // files, folders without one) the built-in CLIP vocabulary, once the
+    // architecture says how to pad.
+    if (!tokenizer_arg.empty()) {
+        m->tokenizer_dir = tokenizer_arg;
+        m->tokenizer = load_tokenizer(tokenizer_arg);
+    }
     if (is_file) {
-        const auto dot = root.find_last_of('.');
-        const std::string ext = dot == std::string::npos ? "" : root.substr(dot);
-        if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin")
+        if (is_pickle(root))
             fail(SW_ERR_UNSUPPORTED, root + ": pickle checkpoints are not read directly; convert it to .safetensors "
                                             "(stepwise models convert)");
-        m->tokenizer_dir = tokenizer_arg;
-        m->tokenizer = tokenizer_arg.empty() ? nullptr : load_tokenizer(tokenizer_arg);
-        open_single_file(*m, root, tokenizer_arg);
+        open_single_file(*m, root);
     } else {
         if (!path_exists(root + "/model_index.json"))
             fail(SW_ERR_UNSUPPORTED, root + ": not a diffusers folder (no model_index.json)");
         Config::from_file(root + "/model_index.json");  // validates the JSON
-        m->tokenizer_dir = tokenizer_arg.empty() ? root + "/tokenizer" : tokenizer_arg;
-        m->tokenizer = load_tokenizer(m->tokenizer_dir);
+        if (!m->tokenizer && path_exists(root + "/tokenizer")) {
+            m->tokenizer_dir = root + "/tokenizer";
+            m->tokenizer = load_tokenizer(m->tokenizer_dir);
+        }
         m->scheduler_config = Config::from_file(root + "/scheduler/scheduler_config.json");
         const auto clip_cfg = ClipTextConfig::from(component_config(root + "/text_encoder"));
         const auto unet_cfg = UNetConfig::from(component_config(root + "/unet"));
@@ -92,9 +148,12 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     }
     const auto &clip_cfg = m->text_encoder->config;
     const auto &unet_cfg = m->unet->config;
+    if (!m->tokenizer) m->tokenizer = std::make_unique<Tokenizer>(is_sd2(unet_cfg) ? ClipPad::Exclamation : ClipPad::EndOfText);
     if (static_cast<int64_t>(m->tokenizer->vocab_size()) > clip_cfg.vocab_size)
-        fail(SW_ERR_FORMAT, m->tokenizer_dir + ": the tokenizer has " + std::to_string(m->tokenizer->vocab_size()) +
-                                " tokens, the text encoder only " + std::to_string(clip_cfg.vocab_size));
+        fail(SW_ERR_FORMAT, root + ": " + m->tokenizer->source() + " has " + std::to_string(m->tokenizer->vocab_size()) +
+                                " tokens, the text encoder only " + std::to_string(clip_cfg.vocab_size) +
+                                (tokenizer_arg.empty() ? "; pass the model's own tokenizer folder (--tokenizer DIR)" : ""));
+    if (!vae_arg.empty()) replace_vae(*m, vae_arg, st);
     NoiseSchedule::from(m->scheduler_config);  // validates it now, not at the first generation
     if (unet_cfg.cross_attention_dim != clip_cfg.hidden_size)
         fail(SW_ERR_FORMAT, root + ": unet cross_attention_dim " + std::to_string(unet_cfg.cross_attention_dim) +
@@ -104,7 +163,8 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     m->text_encoder->eval();
     m->unet->eval();
     m->vae->eval();
-    m->arch = sd_family(clip_cfg, unet_cfg) + " " + unet_cfg.describe() + (is_file ? " (single file)" : "");
+    m->arch = sd_family(unet_cfg) + " " + unet_cfg.describe() + (is_file ? " (single file)" : "") +
+              (vae_arg.empty() ? "" : " + external VAE");
     log(SW_LOG_INFO, "opened " + root + " (" + m->arch + ", " + std::to_string(m->params) + " params, " +
                          device_id(m->device) + " " + dtype_name(m->dtype) + ")");
     return m.release();

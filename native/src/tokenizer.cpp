@@ -15,6 +15,10 @@
 
 namespace sw {
 
+// The bytes of native/data/clip_merges.txt, embedded by CMake (embed.cmake).
+extern const unsigned char kClipMerges[];
+extern const std::size_t kClipMerges_size;
+
 namespace {
 
 // transformers' CLIPTokenizer reads at most this many merges (CLIP's own limit).
@@ -192,7 +196,7 @@ std::vector<std::string> split_words(const std::string &text) {
     return out;
 }
 
-Tokenizer::Tokenizer(const std::string &dir) : dir_(dir) {
+Tokenizer::Tokenizer(const std::string &dir) : source_(dir) {
     const std::string vocab_path = dir + "/vocab.json";
     const std::string text = read_text_file(vocab_path);
     nlohmann::json j;
@@ -235,30 +239,59 @@ Tokenizer::Tokenizer(const std::string &dir) : dir_(dir) {
         }
     }
 
-    const std::string merges_path = dir + "/merges.txt";
-    std::istringstream merges(read_text_file(merges_path));
+    load_merges(read_text_file(dir + "/merges.txt"), dir + "/merges.txt");
+}
+
+Tokenizer::Tokenizer(ClipPad pad) : source_("the built-in CLIP vocabulary") {
+    const auto merges = load_merges(std::string(reinterpret_cast<const char *>(kClipMerges), kClipMerges_size), source_);
+    // CLIP's rule (simple_tokenizer.py): the byte symbols, the same ending a
+    // word, each merge's result in rank order, then the two specials. Later
+    // duplicates overwrite earlier ones, as Python's dict(zip(...)) does.
+    int64_t id = 0;
+    for (int b : byte_order_) vocab_[byte_symbol_[static_cast<size_t>(b)]] = id++;
+    for (int b : byte_order_) vocab_[byte_symbol_[static_cast<size_t>(b)] + "</w>"] = id++;
+    for (const auto &[a, b] : merges) vocab_[a + b] = id++;
+    bos_ = vocab_["<|startoftext|>"] = id++;
+    eos_ = vocab_["<|endoftext|>"] = id++;
+    unk_ = eos_;
+    pad_ = pad == ClipPad::Exclamation ? vocab_.at("!") : eos_;
+}
+
+std::vector<std::pair<std::string, std::string>> Tokenizer::load_merges(const std::string &text, const std::string &source) {
+    std::vector<std::pair<std::string, std::string>> merges;
+    std::istringstream in(text);
     std::string line;
     size_t line_no = 0;
-    while (std::getline(merges, line)) {
+    while (std::getline(in, line)) {
         line_no++;
         if (!line.empty() && line.back() == '\r') line.pop_back();
         if (line_no == 1 && line.rfind("#version", 0) == 0) continue;
         if (line.empty()) continue;
-        if (ranks_.size() >= kMaxMerges) break;
+        if (merges.size() >= kMaxMerges) break;
         const auto sp = line.find(' ');
         if (sp == std::string::npos || line.find(' ', sp + 1) != std::string::npos)
-            fail(SW_ERR_FORMAT, merges_path + ":" + std::to_string(line_no) + ": want two symbols separated by a space");
-        ranks_.emplace(std::make_pair(line.substr(0, sp), line.substr(sp + 1)), ranks_.size());
+            fail(SW_ERR_FORMAT, source + ":" + std::to_string(line_no) + ": want two symbols separated by a space");
+        merges.emplace_back(line.substr(0, sp), line.substr(sp + 1));
     }
+    // A repeated merge keeps its last rank, as transformers' dict(zip(...)) does.
+    for (size_t i = 0; i < merges.size(); i++) ranks_[merges[i]] = i;
 
-    // CLIP's bytes_to_unicode.
-    byte_symbol_.resize(256);
+    // CLIP's bytes_to_unicode: printable bytes map to themselves and come
+    // first; the rest map to 256, 257, ... in byte order.
+    byte_symbol_.assign(256, "");
+    byte_order_.clear();
     std::vector<bool> printable(256, false);
     for (int b = '!'; b <= '~'; b++) printable[b] = true;
     for (int b = 0xA1; b <= 0xAC; b++) printable[b] = true;
     for (int b = 0xAE; b <= 0xFF; b++) printable[b] = true;
+    for (int b = 0; b < 256; b++)
+        if (printable[b]) byte_order_.push_back(b);
     int extra = 0;
-    for (int b = 0; b < 256; b++) byte_symbol_[b] = utf8(printable[b] ? b : 256 + extra++);
+    for (int b = 0; b < 256; b++) {
+        if (!printable[b]) byte_order_.push_back(b);
+        byte_symbol_[b] = utf8(printable[b] ? b : 256 + extra++);
+    }
+    return merges;
 }
 
 std::vector<std::string> Tokenizer::bpe(const std::string &token) const {

@@ -82,6 +82,63 @@ void test_tokenizer() {
     }
 }
 
+// Reads a gzip file through gzip(1): the test needs no zlib of its own.
+std::string gunzip(const std::string &path) {
+    if (!sw::path_exists(path)) throw std::runtime_error(path + ": not found");
+    std::unique_ptr<FILE, int (*)(FILE *)> in(popen(("gzip -dc '" + path + "'").c_str(), "r"), pclose);
+    if (!in) throw std::runtime_error("cannot run gzip for " + path);
+    std::string out;
+    char buf[1 << 16];
+    for (size_t n; (n = std::fread(buf, 1, sizeof buf, in.get())) > 0;) out.append(buf, n);
+    return out;
+}
+
+// The built-in CLIP tokenizer against the transformers goldens, padded both
+// ways, and its derived vocabulary against CLIP's vocab.json.
+void test_builtin_tokenizer() {
+    const std::string dir = fixtures + "/clip";
+    if (!sw::path_exists(dir + "/tokenizer_golden.json")) {
+        std::printf("built-in tokenizer goldens skipped: %s/tokenizer_golden.json not found\n", dir.c_str());
+        return;
+    }
+    const sw::Tokenizer sd1(sw::ClipPad::EndOfText), sd2(sw::ClipPad::Exclamation);
+    run("built-in vocabulary equals vocab.json", [&] {
+        auto want = nlohmann::json::parse(gunzip(dir + "/vocab.json.gz"));
+        size_t differ = 0;
+        std::string first;
+        for (auto it = want.begin(); it != want.end(); ++it) {
+            auto got = sd1.vocab().find(it.key());
+            if (got == sd1.vocab().end() || got->second != it->get<int64_t>()) {
+                if (differ++ == 0) first = it.key();
+            }
+        }
+        report(differ == 0 && sd1.vocab_size() == want.size() && sd1.vocab_size() == 49408, "built-in vocabulary equals vocab.json",
+               std::to_string(sd1.vocab_size()) + " tokens vs " + std::to_string(want.size()) + ", " + std::to_string(differ) +
+                   " differ" + (first.empty() ? "" : " (first: " + first + ")"));
+    });
+    auto golden = nlohmann::json::parse(sw::read_text_file(dir + "/tokenizer_golden.json"));
+    for (size_t i = 0; i < golden.size(); i++) {
+        const auto &g = golden[i];
+        const std::string text = g["prompt"].get<std::string>();
+        const auto want1 = g["input_ids"].get<std::vector<int64_t>>();
+        // SD 2.x: the same ids with "!" (0) instead of <|endoftext|> after the first EOS.
+        auto want2 = want1;
+        bool eos_seen = false;
+        for (auto &id : want2) {
+            if (eos_seen) id = 0;
+            eos_seen = eos_seen || id == sd1.eos();
+        }
+        auto tokens = sd1.tokens(text);
+        tokens.insert(tokens.begin(), "<|startoftext|>");
+        tokens.push_back("<|endoftext|>");
+        const bool ok1 = sd1.encode_padded(text, 77) == want1, ok2 = sd2.encode_padded(text, 77) == want2;
+        const bool ok_tokens = tokens == g["tokens"].get<std::vector<std::string>>();
+        report(ok1 && ok2 && ok_tokens, "built-in tokenizer prompt " + std::to_string(i),
+               std::string(ok1 ? "" : "SD 1.x ids differ ") + (ok2 ? "" : "SD 2.x ids differ ") +
+                   (ok_tokens ? "" : "token strings differ"));
+    }
+}
+
 void test_text_encoder(sw_sd_model *m) {
     sw::SafeTensorsFile g(sd("tiny-sd15/golden/text_encoder.safetensors"));
     auto ids = g.load("input_ids");
@@ -242,6 +299,12 @@ void test_attention_slicing() {
 int main() {
     torch::set_num_threads(1);
     run("attention slicing", test_attention_slicing);  // needs no fixtures
+    run("built-in tokenizer", [] {  // the README's well-known ids, with no file at hand
+        const std::vector<int64_t> want = {49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407};
+        auto got = sw::Tokenizer(sw::ClipPad::EndOfText).encode_padded("a photograph of an astronaut riding a horse", 77);
+        got.resize(want.size());
+        report(got == want, "built-in tokenizer without files", "");
+    });
     const char *env = std::getenv("STEPWISE_FIXTURES");
     fixtures = env ? env : SW_DEFAULT_FIXTURES;
     if (!sw::path_exists(fixtures + "/sd/README.md")) {
@@ -252,6 +315,7 @@ int main() {
     }
     c10::InferenceMode guard;
     run("tokenizer", test_tokenizer);
+    run("built-in tokenizer goldens", test_builtin_tokenizer);
     sw_sd_model *m = nullptr;
     run("open tiny-sd15", [&] { m = open_model(sd("tiny-sd15")); });
     if (m) {

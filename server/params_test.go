@@ -1,0 +1,78 @@
+package server
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// A job that has ended holds none of its inputs: the decoded images and the
+// base64 are gone whatever way it ended.
+func TestEndedJobsKeepNoInputs(t *testing.T) {
+	for _, state := range []string{StateCompleted, StateFailed, StateCancelled} {
+		j := newJob("j", "img2img", JobParams{Prompt: "x"}, &decoded{image: make([]byte, 1<<20), mask: make([]byte, 1<<20)})
+		_, d, ok := j.start(func() {})
+		require.True(t, ok)
+		require.NotNil(t, d)
+		require.True(t, j.finish(state, errors.New("x")))
+		assert.Nil(t, j.inputs, state)
+		assert.False(t, j.finish(StateCompleted, nil), "a job ends once")
+	}
+}
+
+// validationServer is a server with the default limits and no engine: enough
+// to decode and validate requests.
+func validationServer() *Server {
+	cfg := Config{}
+	cfg.defaults()
+	return &Server{cfg: cfg, decodes: make(chan struct{}, concurrentDecodes)}
+}
+
+// FuzzDecodeJob feeds arbitrary request bodies through decoding and
+// validation: neither panics, and whatever is accepted is within every limit.
+func FuzzDecodeJob(f *testing.F) {
+	for _, seed := range []string{
+		`{"kind":"txt2img","prompt":"a cat","width":64,"height":64,"steps":4}`,
+		`{"kind":"img2img","prompt":"x","image":"iVBORw0KGgo="}`,
+		`{"kind":"inpaint","prompt":"x","image":"","mask":"%%"}`,
+		`{"kind":"edit","prompt":"x","grow":-99999999999,"segment_scale":1e308,"classes":[1,2,-3]}`,
+		`{"kind":"txt2img","prompt":"x","width":0}`,
+		`{"kind":"txt2img","prompt":"x\u0000y","seed":9007199254740993}`,
+		`{"kind":"txt2img","prompt":"x","cfg_scale":"NaN","preview":"vae","preview_every":0}`,
+		`[1,2,3]`, `null`, `{"kind":7}`,
+	} {
+		f.Add([]byte(seed))
+	}
+	s := validationServer()
+	f.Fuzz(func(t *testing.T, body []byte) {
+		kind, p, err := decodeJobJSON(body)
+		if err != nil {
+			require.Equal(t, 400, statusOf(err), "decode errors are the client's: %v", err)
+			return
+		}
+		d, err := s.validate(kind, &p)
+		if err != nil {
+			require.Less(t, statusOf(err), 500, "validation errors are the client's: %v", err)
+			return
+		}
+		require.True(t, jobKinds[kind])
+		require.LessOrEqual(t, len(p.Prompt), s.cfg.MaxPromptBytes)
+		require.NotContains(t, p.Prompt, "\x00")
+		require.True(t, p.Width == 0 || (p.Width%8 == 0 && p.Width <= s.cfg.MaxSide))
+		require.True(t, p.Height == 0 || (p.Height%8 == 0 && p.Height <= s.cfg.MaxSide))
+		require.True(t, p.Steps >= 1 && p.Steps <= s.cfg.MaxSteps)
+		require.True(t, p.BatchSize >= 1 && p.BatchSize <= s.cfg.MaxBatch)
+		require.LessOrEqual(t, p.Grow, s.cfg.MaxSide)
+		require.GreaterOrEqual(t, p.Grow, -s.cfg.MaxSide)
+		require.LessOrEqual(t, len(p.Classes), maxClasses)
+		require.GreaterOrEqual(t, p.Seed, int64(0))
+		require.NotNil(t, d)
+		if kind == "txt2img" {
+			require.Nil(t, d.image)
+		}
+		require.False(t, strings.ContainsRune(p.NegativePrompt, 0))
+	})
+}
