@@ -39,12 +39,12 @@ vet:
 
 # Native parity tests first (components, samplers, pipelines against
 # ../shared/fixtures), then the whole Go suite with CGO_ENABLED=0 (how stepwise
-# ships); the binding's, the pipeline's and the server's tests run again with
+# ships); the binding's, the model cache's, the pipeline's and the server's tests run again with
 # cgo and the race detector.
 test: deps-test build vet
 	$(BUILD)/stepwise_native_test
 	CGO_ENABLED=0 $(GO) test -count=1 ./...
-	CGO_ENABLED=1 $(GO) test -count=1 -race ./binding/... ./pipeline/... ./server/...
+	CGO_ENABLED=1 $(GO) test -count=1 -race ./binding/... ./modelcache/... ./pipeline/... ./server/...
 
 # Serves the demo: the tiny random-weight models, made on first use, unless
 # MODEL= / SEG_MODEL= name real ones.

@@ -15,11 +15,7 @@ import (
 	"github.com/stepwise-sd/stepwise/internal/testenv"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 func TestLoadReportsVersionsAndDevices(t *testing.T) {
 	lib := testenv.Library(t)

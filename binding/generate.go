@@ -126,6 +126,9 @@ type Step struct {
 }
 
 // GenerateRequest is one txt2img, img2img (Init) or inpaint (Init + Mask) run.
+// Every field goes to the engine as given, zeros included (the engine refuses
+// those it cannot use, e.g. 0 steps or a PreviewEvery of 0): the defaults are
+// the caller's, in one place (package pipeline).
 type GenerateRequest struct {
 	Prompt, NegativePrompt string
 	Width, Height          int
@@ -305,12 +308,6 @@ func (m *SDModel) generate(ctx context.Context, h uintptr, pin *runtime.Pinner, 
 	p.Width, p.Height, p.Steps, p.BatchSize = int32(r.Width), int32(r.Height), int32(r.Steps), int32(r.BatchSize)
 	p.CFGScale, p.Sampler, p.Seed = r.CFGScale, int32(r.Sampler), r.Seed
 	p.Strength, p.ClipSkip, p.Preview, p.PreviewEvery = r.Strength, int32(r.ClipSkip), int32(r.Preview), int32(r.PreviewEvery)
-	if p.PreviewEvery == 0 {
-		p.PreviewEvery = 1
-	}
-	if p.Strength == 0 {
-		p.Strength = 1
-	}
 	var err error
 	if r.Init != nil {
 		if p.InitImage, err = r.Init.c(pin, "init image", 3); err != nil {

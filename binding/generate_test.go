@@ -82,7 +82,7 @@ func TestGenerateMatchesReferencePipelines(t *testing.T) {
 	txt := binding.GenerateRequest{
 		Prompt:         "a photograph of an astronaut riding a horse on the moon, highly detailed",
 		NegativePrompt: "blurry, low quality, watermark",
-		Width:          64, Height: 64, Steps: 4, CFGScale: 7.5, Seed: 1234, BatchSize: 1,
+		Width:          64, Height: 64, Steps: 4, CFGScale: 7.5, Seed: 1234, BatchSize: 1, PreviewEvery: 1,
 	}
 	tests := []struct {
 		name   string
@@ -104,14 +104,16 @@ func TestGenerateMatchesReferencePipelines(t *testing.T) {
 				Prompt: "a watercolor painting of a sunny garden", NegativePrompt: "dark, gloomy",
 				Width: 64, Height: 64, Steps: 5, CFGScale: 7.5, Seed: 99, BatchSize: 1, Sampler: binding.DDIM,
 				Init: loadPNG(t, filepath.Join(fx, "sd/tiny-sd15/golden/img2img_ddim_image.png"), false), Strength: 0.6,
+				PreviewEvery: 1,
 			}
 		}},
 		{"inpaint ddim", inpaint, "tiny-inpaint/golden/inpaint_ddim.safetensors", func() binding.GenerateRequest {
 			return binding.GenerateRequest{
 				Prompt: "a red brick wall with a wooden door", NegativePrompt: "blurry, low quality",
 				Width: 64, Height: 64, Steps: 5, CFGScale: 7.5, Seed: 502, BatchSize: 1, Sampler: binding.DDIM,
-				Init: loadPNG(t, filepath.Join(fx, "sd/tiny-inpaint/golden/inpaint_ddim_image.png"), false),
-				Mask: loadPNG(t, filepath.Join(fx, "sd/tiny-inpaint/golden/inpaint_ddim_mask.png"), true),
+				Init:     loadPNG(t, filepath.Join(fx, "sd/tiny-inpaint/golden/inpaint_ddim_image.png"), false),
+				Mask:     loadPNG(t, filepath.Join(fx, "sd/tiny-inpaint/golden/inpaint_ddim_mask.png"), true),
+				Strength: 1, PreviewEvery: 1,
 			}
 		}},
 	}
@@ -139,7 +141,7 @@ func TestGenerateMatchesReferencePipelines(t *testing.T) {
 
 func tinyRequest(steps int) binding.GenerateRequest {
 	return binding.GenerateRequest{Prompt: "a cat sitting on a chair", Width: 64, Height: 64, Steps: steps,
-		CFGScale: 7, Seed: 7, BatchSize: 1, Sampler: binding.EulerA}
+		CFGScale: 7, Seed: 7, BatchSize: 1, Sampler: binding.EulerA, Strength: 1, PreviewEvery: 1}
 }
 
 func TestStepCallbacksAndPreviews(t *testing.T) {
@@ -267,6 +269,9 @@ func TestMalformedGenerationRequests(t *testing.T) {
 			r.Init = &binding.Image{Width: 64, Height: 64, Channels: 3, Pix: make([]byte, 10)}
 		}, "does not match"},
 		{"strength out of range", func(r *binding.GenerateRequest) { r.Init, r.Strength = rgb, 1.5 }, "strength"},
+		// Zeros reach the engine as zeros: the binding fills no defaults of its own.
+		{"zero strength", func(r *binding.GenerateRequest) { r.Init, r.Strength = rgb, 0 }, "strength must be in (0, 1]"},
+		{"zero preview interval", func(r *binding.GenerateRequest) { r.PreviewEvery = 0 }, "preview_every must be at least 1"},
 		{"bad preview", func(r *binding.GenerateRequest) { r.Preview = binding.Preview(9) }, "unknown preview"},
 	}
 	for _, tt := range tests {

@@ -100,7 +100,7 @@ func generate(t *testing.T, m *binding.SDModel, r binding.GenerateRequest) *bind
 // smallRequest runs with guidance, so the unconditional prompt's padding counts too.
 var smallRequest = binding.GenerateRequest{
 	Prompt: "a cat sitting on a chair", Width: 64, Height: 64, Steps: 2, CFGScale: 7.5,
-	Seed: 42, BatchSize: 1, Sampler: binding.Euler,
+	Seed: 42, BatchSize: 1, Sampler: binding.Euler, PreviewEvery: 1,
 }
 
 // A model without a tokenizer folder tokenizes with the built-in CLIP
@@ -161,7 +161,7 @@ func TestSingleFileCheckpointNeedsNoTokenizer(t *testing.T) {
 
 	r := binding.GenerateRequest{
 		Prompt: "a photograph of an astronaut riding a horse", Width: 64, Height: 64, Steps: 1, CFGScale: 7.5,
-		Seed: 7, BatchSize: 1, Sampler: binding.Euler,
+		Seed: 7, BatchSize: 1, Sampler: binding.Euler, PreviewEvery: 1,
 	}
 	single, err := lib.OpenSD(binding.SDOptions{Path: file})
 	require.NoError(t, err)

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -218,9 +217,11 @@ func ConvertPickle(src, dst string) error {
 }
 
 // Resolve returns a safetensors path for path: path itself, or for a pickle
-// checkpoint its conversion, made once under cacheDir and keyed by the file's
-// content. path must be a regular file or a folder (a diffusers model): a
-// FIFO, device or socket is refused at once (regfile.ErrNotRegular).
+// checkpoint its conversion, made once under cacheDir. A conversion is named
+// by the checkpoint's absolute path, size and modification time, so finding
+// it again costs a stat, not a read of a multi-gigabyte file. path must be a
+// regular file or a folder (a diffusers model): a FIFO, device or socket is
+// refused at once (regfile.ErrNotRegular).
 func Resolve(path, cacheDir string) (string, error) {
 	if !IsPickle(path) {
 		info, err := os.Stat(path)
@@ -234,16 +235,16 @@ func Resolve(path, cacheDir string) (string, error) {
 		}
 		return path, nil
 	}
-	f, _, err := regfile.Open(path)
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", fmt.Errorf("model path %s: %w", path, err)
+	}
+	fi, err := regfile.Check(abs)
 	if err != nil {
 		return "", err
 	}
 	h := sha256.New()
-	_, err = io.Copy(h, f)
-	f.Close()
-	if err != nil {
-		return "", fmt.Errorf("read %s: %w", path, err)
-	}
+	fmt.Fprintf(h, "%s\x00%d\x00%d", abs, fi.Size(), fi.ModTime().UnixNano())
 	sum := hex.EncodeToString(h.Sum(nil))[:16]
 	stem := strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
 	dst := filepath.Join(cacheDir, "converted", stem+"-"+sum+".safetensors")
@@ -253,7 +254,7 @@ func Resolve(path, cacheDir string) (string, error) {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return "", err
 	}
-	if err := ConvertPickle(path, dst); err != nil {
+	if err := ConvertPickle(abs, dst); err != nil {
 		return "", err
 	}
 	return dst, nil

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -59,10 +60,32 @@ func TestResolveConvertsOnceAndRefusesUnsafePickles(t *testing.T) {
 
 	// A legacy-format pickle that names an arbitrary class is refused.
 	evil := filepath.Join(t.TempDir(), "evil.pth")
-	// protocol 2: GLOBAL os.system, then STOP.
-	require.NoError(t, os.WriteFile(evil, []byte("\x80\x02cos\nsystem\nq\x00."), 0o644))
+	// A legacy torch.save file: the magic number, protocol version 1001 and
+	// an empty sys_info, each a protocol-2 pickle, then the payload: GLOBAL
+	// os.system.
+	legacy := "\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19." + "\x80\x02M\xe9\x03." + "\x80\x02}."
+	require.NoError(t, os.WriteFile(evil, []byte(legacy+"\x80\x02cos\nsystem\nq\x00."), 0o644))
 	_, err = models.Resolve(evil, cache)
 	require.ErrorIs(t, err, models.ErrUnsafePickle)
+	assert.ErrorContains(t, err, "os.system")
+
+	// A conversion is found by the file's size and time: a changed file is
+	// converted again, an unchanged one is not.
+	moved := filepath.Join(t.TempDir(), "model.pth")
+	b, err := os.ReadFile(src)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(moved, b, 0o644))
+	first, err := models.Resolve(moved, cache)
+	require.NoError(t, err)
+	unchanged, err := models.Resolve(moved, cache)
+	require.NoError(t, err)
+	assert.Equal(t, first, unchanged)
+	later := time.Now().Add(time.Hour)
+	require.NoError(t, os.Chtimes(moved, later, later))
+	changed, err := models.Resolve(moved, cache)
+	require.NoError(t, err)
+	assert.NotEqual(t, first, changed)
+	assert.FileExists(t, changed)
 
 	garbage := filepath.Join(t.TempDir(), "garbage.pth")
 	require.NoError(t, os.WriteFile(garbage, []byte("not a pickle"), 0o644))

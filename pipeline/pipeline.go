@@ -9,13 +9,14 @@ import (
 	"time"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/models"
 )
 
 // Engine runs the pipelines: it acquires models from the cache, writes run
 // directories, and is the only place that knows the order of the steps.
 type Engine struct {
-	Cache *binding.Cache
+	Cache *modelcache.Cache
 	Runs  *Runs
 	// ConvertDir holds safetensors conversions of pickle checkpoints.
 	ConvertDir string
@@ -33,15 +34,24 @@ type ModelRef struct {
 	DType  binding.DType // auto: the device's default
 }
 
-func (e *Engine) acquire(ctx context.Context, kind binding.Kind, m ModelRef) (*binding.Ref, error) {
+// ResolveModel is the one place a model reference becomes a cache key, for
+// jobs and for the server's load and unload alike: a pickle checkpoint
+// (.ckpt, .pth) becomes its safetensors conversion, made once under
+// ConvertDir and found again by a stat, then the path, device and dtype are
+// resolved.
+func (e *Engine) ResolveModel(kind modelcache.Kind, m ModelRef) (modelcache.Key, error) {
 	if m.VAE != "" {
-		return nil, fmt.Errorf("%w: a separate VAE (%s)", binding.ErrUnsupported, m.VAE)
+		return modelcache.Key{}, fmt.Errorf("%w: a separate VAE (%s)", binding.ErrUnsupported, m.VAE)
 	}
 	path, err := models.Resolve(m.Path, e.ConvertDir)
 	if err != nil {
-		return nil, err
+		return modelcache.Key{}, err
 	}
-	key, err := e.Cache.KeyFor(kind, path, m.Device, m.DType)
+	return e.Cache.KeyFor(kind, path, m.Device, m.DType)
+}
+
+func (e *Engine) acquire(ctx context.Context, kind modelcache.Kind, m ModelRef) (*modelcache.Ref, error) {
+	key, err := e.ResolveModel(kind, m)
 	if err != nil {
 		return nil, err
 	}
@@ -52,11 +62,12 @@ func (e *Engine) acquire(ctx context.Context, kind binding.Kind, m ModelRef) (*b
 type SegmentOptions struct {
 	Model ModelRef
 	// Scale resizes the image for the network (the segmentation project's
-	// --scale; 0: 0.5). The mask comes back at the image's full size.
+	// --scale; 0: DefaultSegmentScale). The mask comes back at the image's
+	// full size.
 	Scale float64
 	// Classes are the subject's classes; empty: every class but 0.
 	Classes []int
-	// Threshold decides one-class models (0: 0.5).
+	// Threshold decides one-class models (0: DefaultSegmentThreshold).
 	Threshold float32
 }
 
@@ -75,7 +86,7 @@ type SegmentResult struct {
 
 // Segment finds the subject of img.
 func (e *Engine) Segment(ctx context.Context, img image.Image, o SegmentOptions, logits bool) (*SegmentResult, error) {
-	ref, err := e.acquire(ctx, binding.KindSeg, o.Model)
+	ref, err := e.acquire(ctx, modelcache.KindSeg, o.Model)
 	if err != nil {
 		return nil, err
 	}
@@ -84,10 +95,8 @@ func (e *Engine) Segment(ctx context.Context, img image.Image, o SegmentOptions,
 }
 
 func segmentWith(ctx context.Context, m *binding.SegModel, img image.Image, o SegmentOptions, logits bool) (*SegmentResult, error) {
+	o.normalize()
 	scale := o.Scale
-	if scale <= 0 {
-		scale = 0.5
-	}
 	if scale > 4 {
 		return nil, fmt.Errorf("segmentation scale %g is out of range (0, 4]", scale)
 	}
@@ -124,19 +133,19 @@ func WorkingSize(w, h, long int) (int, int) {
 	return round8(float64(w) * s), round8(float64(h) * s)
 }
 
-// EditOptions describe one edit.
+// EditOptions describe one edit. Start from DefaultEditOptions: the zero
+// value is no default.
 type EditOptions struct {
 	SD      ModelRef
 	Segment SegmentOptions
 	Prompt  string
-	// NegativePrompt, Steps (0: 20), CFGScale (0: 7.5), Seed, Sampler as for
-	// generation.
+	// NegativePrompt, Steps, CFGScale, Seed, Sampler as for generation.
 	NegativePrompt string
 	Steps          int
 	CFGScale       float32
 	Seed           uint64
 	Sampler        binding.Sampler
-	// WorkingSize is the long side the inpainting runs at (0: 512).
+	// WorkingSize is the long side the inpainting runs at (0: DefaultSize).
 	WorkingSize int
 	// RepaintSubject repaints the subject instead of the background.
 	RepaintSubject bool
@@ -145,7 +154,7 @@ type EditOptions struct {
 	// MaskBlur feathers the repaint region's edge, in pixels (sigma), inward only.
 	MaskBlur     float64
 	Preview      binding.Preview
-	PreviewEvery int
+	PreviewEvery int // 0: DefaultPreviewEvery
 	OnStep       func(binding.Step)
 	// OnRun, when set, learns the run's ID as soon as it exists.
 	OnRun func(id string)
@@ -234,15 +243,16 @@ func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditRe
 	if o.Prompt == "" {
 		return nil, errors.New("edit: the prompt is empty")
 	}
+	o.normalize()
 	src := toNRGBA(img)
 	opaque(src)
 	b := src.Rect
-	seg, err := e.acquire(ctx, binding.KindSeg, o.Segment.Model)
+	seg, err := e.acquire(ctx, modelcache.KindSeg, o.Segment.Model)
 	if err != nil {
 		return nil, err
 	}
 	defer seg.Release()
-	sd, err := e.acquire(ctx, binding.KindSD, o.SD)
+	sd, err := e.acquire(ctx, modelcache.KindSD, o.SD)
 	if err != nil {
 		return nil, err
 	}
@@ -267,18 +277,7 @@ func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditRe
 		return nil, fmt.Errorf("%w: %s (subject covers %.1f%% of the image)", ErrNoSubject, what, 100*subject.Mask.Covers())
 	}
 
-	long := o.WorkingSize
-	if long <= 0 {
-		long = 512
-	}
-	ww, wh := WorkingSize(b.Dx(), b.Dy(), long)
-	steps, cfg := o.Steps, o.CFGScale
-	if steps == 0 {
-		steps = 20
-	}
-	if cfg == 0 {
-		cfg = 7.5
-	}
+	ww, wh := WorkingSize(b.Dx(), b.Dy(), o.WorkingSize)
 	run, err := e.Runs.Begin()
 	if err != nil {
 		return nil, err
@@ -291,8 +290,8 @@ func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditRe
 	workMask.Threshold(128)
 	t := time.Now()
 	gen, err := sd.SD().Generate(ctx, binding.GenerateRequest{
-		Prompt: o.Prompt, NegativePrompt: o.NegativePrompt, Width: ww, Height: wh, Steps: steps, BatchSize: 1,
-		CFGScale: cfg, Sampler: o.Sampler, Seed: o.Seed, Strength: 1,
+		Prompt: o.Prompt, NegativePrompt: o.NegativePrompt, Width: ww, Height: wh, Steps: o.Steps, BatchSize: 1,
+		CFGScale: o.CFGScale, Sampler: o.Sampler, Seed: o.Seed, Strength: DefaultInpaintStrength,
 		Init: RGB(Resize(src, ww, wh)), Mask: &binding.Image{Width: ww, Height: wh, Channels: 1, Pix: workMask.Pix},
 		Preview: o.Preview, PreviewEvery: o.PreviewEvery, OnStep: o.OnStep,
 	})
@@ -320,16 +319,13 @@ func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditRe
 		return nil, err
 	}
 	params := EditParams{
-		RunParams: e.runParams("edit", o.Prompt, o.NegativePrompt, o.Seed, o.Sampler, steps, cfg, o.SD.Path, sd.Info(), timings),
+		RunParams: e.runParams("edit", o.Prompt, o.NegativePrompt, o.Seed, o.Sampler, o.Steps, o.CFGScale, o.SD.Path, sd.Info(), timings),
 		Repaint:   "background", Grow: o.Grow, MaskBlur: o.MaskBlur, InputSize: [2]int{b.Dx(), b.Dy()},
 		WorkingSize: [2]int{ww, wh}, SegScale: o.Segment.Scale, SegClasses: o.Segment.Classes,
 		SegModel: identity(o.Segment.Model.Path, seg.Info()), SubjectCover: subject.Mask.Covers(), IoU: iou,
 	}
 	if o.RepaintSubject {
 		params.Repaint = "subject"
-	}
-	if params.SegScale == 0 {
-		params.SegScale = 0.5
 	}
 	timings["total"] = time.Since(t0).Seconds()
 	for _, f := range []struct {

@@ -7,12 +7,12 @@ import (
 	"encoding/json"
 	"hash/crc32"
 	"image"
-	"image/color"
 	"image/draw"
 	"image/png"
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -22,15 +22,12 @@ import (
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/internal/safetensors"
 	"github.com/stepwise-sd/stepwise/internal/testenv"
+	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/models"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 func newEngine(t *testing.T) (*pipeline.Engine, string) {
 	t.Helper()
@@ -38,39 +35,14 @@ func newEngine(t *testing.T) (*pipeline.Engine, string) {
 	dir := t.TempDir()
 	runs, err := pipeline.OpenRuns(filepath.Join(dir, "runs"), pipeline.RunsOptions{})
 	require.NoError(t, err)
-	c := binding.NewCache(lib, binding.CacheOptions{Budget: -1})
+	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
 	t.Cleanup(c.Close)
 	return &pipeline.Engine{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "convert"), Version: "test"}, runs.Dir()
 }
 
-// photo is a test picture: a bright disc on a dark gradient.
-func photo(t *testing.T, w, h int) []byte {
-	t.Helper()
-	img := image.NewNRGBA(image.Rect(0, 0, w, h))
-	for y := 0; y < h; y++ {
-		for x := 0; x < w; x++ {
-			dx, dy := float64(x-w/2), float64(y-h/2)
-			c := color.NRGBA{uint8(40 + x), uint8(30 + y), 90, 255}
-			if math.Hypot(dx, dy) < float64(min(w, h))/3 {
-				c = color.NRGBA{230, 200, uint8(100 + x%50), 255}
-			}
-			img.Set(x, y, c)
-		}
-	}
-	var buf bytes.Buffer
-	require.NoError(t, png.Encode(&buf, img))
-	return buf.Bytes()
-}
+func photo(t *testing.T, w, h int) []byte { return testenv.Photo(t, w, h) }
 
-func decodePNG(t *testing.T, path string) image.Image {
-	t.Helper()
-	f, err := os.Open(path)
-	require.NoError(t, err)
-	defer f.Close()
-	img, err := png.Decode(f)
-	require.NoError(t, err)
-	return img
-}
+func decodePNG(t *testing.T, path string) image.Image { return testenv.ReadPNG(t, path) }
 
 func nrgba(img image.Image) *image.NRGBA {
 	out := image.NewNRGBA(img.Bounds())
@@ -79,10 +51,10 @@ func nrgba(img image.Image) *image.NRGBA {
 }
 
 func editOptions(sd, seg string) pipeline.EditOptions {
-	return pipeline.EditOptions{
-		SD: pipeline.ModelRef{Path: sd}, Segment: pipeline.SegmentOptions{Model: pipeline.ModelRef{Path: seg}, Scale: 1},
-		Prompt: "a forest in autumn", Steps: 3, Seed: 11, Sampler: binding.EulerA, WorkingSize: 64, MaskBlur: 2,
-	}
+	o := pipeline.DefaultEditOptions()
+	o.SD, o.Segment.Model, o.Segment.Scale = pipeline.ModelRef{Path: sd}, pipeline.ModelRef{Path: seg}, 1
+	o.Prompt, o.Steps, o.Seed, o.WorkingSize, o.MaskBlur = "a forest in autumn", 3, 11, 64, 2
+	return o
 }
 
 func TestEditWritesEveryFileAndKeepsTheSubject(t *testing.T) {
@@ -109,8 +81,13 @@ func TestEditWritesEveryFileAndKeepsTheSubject(t *testing.T) {
 	}
 	assert.Greater(t, kept, 0)
 	assert.Greater(t, changed, 0, "the background was repainted")
-	assert.GreaterOrEqual(t, res.IoU, 0.0)
-	assert.LessOrEqual(t, res.IoU, 1.0)
+	// The IoU reported is that of the two masks written.
+	written, err := pipeline.IoU(pipeline.MaskFromImage(mask, 128),
+		pipeline.MaskFromImage(decodePNG(t, filepath.Join(res.Dir, "edited_mask.png")), 128))
+	require.NoError(t, err)
+	assert.InDelta(t, written, res.IoU, 1e-12)
+	assert.Less(t, res.IoU, 1.0, "the repainted background moved the subject's border")
+	assert.Greater(t, res.IoU, 0.5, "the kept subject is found again")
 
 	var params map[string]any
 	b, err := os.ReadFile(filepath.Join(res.Dir, "params.json"))
@@ -136,7 +113,8 @@ func TestGenerateEntryPoints(t *testing.T) {
 	sdDir, _ := testenv.Tiny(t)
 	e, _ := newEngine(t)
 	ctx := context.Background()
-	base := pipeline.GenerateOptions{SD: pipeline.ModelRef{Path: sdDir}, Prompt: "a cat", Steps: 2, Seed: 1, Width: 64, Height: 64}
+	base := pipeline.DefaultGenerateOptions()
+	base.SD, base.Prompt, base.Steps, base.Seed, base.Width, base.Height = pipeline.ModelRef{Path: sdDir}, "a cat", 2, 1, 64, 64
 	r, err := e.Txt2Img(ctx, base)
 	require.NoError(t, err)
 	assert.Equal(t, []string{"image-0.png"}, r.Files)
@@ -163,7 +141,61 @@ func TestGenerateEntryPoints(t *testing.T) {
 	r, err = e.Inpaint(ctx, o)
 	require.NoError(t, err)
 	assert.Equal(t, "inpaint", r.Params.Kind)
+	assert.InDelta(t, 1, r.Params.Strength, 1e-6)
+	assert.Equal(t, 1.0, r.Params.MaskBlur)
 	assert.FileExists(t, filepath.Join(r.Dir, "mask.png"))
+
+	// Render takes the same path and writes no run folder.
+	o.Seed = 9
+	rendered, err := e.Render(ctx, o)
+	require.NoError(t, err)
+	again, err := e.Inpaint(ctx, o)
+	require.NoError(t, err)
+	assert.Equal(t, nrgba(again.Images[0]).Pix, nrgba(rendered.Images[0]).Pix, "Render draws what Generate draws")
+	assert.Equal(t, []int{1, 4, 8, 9}, rendered.Latents.Shape)
+	assert.Equal(t, again.Params.Width, rendered.Params.Width)
+
+	// The mask is feathered before inpainting: a wide blur fades a small
+	// square below the engine's threshold, so that square is not repainted.
+	m = image.NewGray(image.Rect(0, 0, 72, 64))
+	for y := 40; y < 48; y++ {
+		for x := 16; x < 24; x++ {
+			m.Pix[y*72+x] = 255
+		}
+	}
+	mask.Reset()
+	require.NoError(t, png.Encode(&mask, m))
+	o.Mask = mask.Bytes()
+	o.MaskBlur = 0
+	sharp, err := e.Render(ctx, o)
+	require.NoError(t, err)
+	o.MaskBlur = 12
+	soft, err := e.Render(ctx, o)
+	require.NoError(t, err)
+	assert.False(t, bytes.Equal(nrgba(sharp.Images[0]).Pix, nrgba(soft.Images[0]).Pix), "mask blur changes the inpainting")
+}
+
+func TestResolveModelConvertsPickleCheckpointsOnce(t *testing.T) {
+	fx := testenv.Fixtures(t)
+	e, _ := newEngine(t)
+	pth := filepath.Join(fx, "seg/seg-unet-w8/model.pth")
+	k1, err := e.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: pth})
+	require.NoError(t, err)
+	assert.Equal(t, ".safetensors", filepath.Ext(k1.Path))
+	assert.True(t, strings.HasPrefix(k1.Path, e.ConvertDir+string(filepath.Separator)), k1.Path)
+	st1, err := os.Stat(k1.Path)
+	require.NoError(t, err)
+	k2, err := e.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: pth})
+	require.NoError(t, err)
+	assert.Equal(t, k1, k2)
+	st2, err := os.Stat(k2.Path)
+	require.NoError(t, err)
+	assert.Equal(t, st1.ModTime(), st2.ModTime(), "converted once")
+	// A safetensors file is its own path.
+	st := filepath.Join(fx, "seg/seg-unet-w8/model.safetensors")
+	k3, err := e.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: st})
+	require.NoError(t, err)
+	assert.Equal(t, st, k3.Path)
 }
 
 // bombPNG is a valid PNG signature and IHDR claiming w x h pixels, and nothing else.

@@ -10,10 +10,6 @@ import (
 	"github.com/stepwise-sd/stepwise/internal/regfile"
 )
 
-// DefaultSegmentScale is the segmentation input scale when none is given
-// (the segmentation project's --scale default).
-const DefaultSegmentScale = 0.5
-
 // maxHeaderBytes bounds a safetensors header read for its shapes alone.
 const maxHeaderBytes = 100 << 20
 

@@ -19,9 +19,8 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
-	"github.com/stepwise-sd/stepwise/models"
+	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
@@ -353,36 +352,32 @@ func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (s *Server) modelKey(r *http.Request) (binding.Key, error) {
+func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
 	var req struct {
 		Kind  string `json:"kind"`  // "sd" or "seg"
 		Model string `json:"model"` // sd: a name from the models folder; empty: the current model
 	}
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
-		return binding.Key{}, bodyError(err)
+		return modelcache.Key{}, bodyError(err)
 	}
 	if err := json.Unmarshal(body, &req); err != nil {
-		return binding.Key{}, badRequest("invalid JSON: %v", err)
+		return modelcache.Key{}, badRequest("invalid JSON: %v", err)
 	}
 	switch req.Kind {
 	case "sd":
 		path, err := s.resolveModel(req.Model)
 		if err != nil {
-			return binding.Key{}, err
+			return modelcache.Key{}, err
 		}
-		return s.engine.Cache.KeyFor(binding.KindSD, path, "", s.cfg.DType)
+		return s.engine.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: path, DType: s.cfg.DType})
 	case "seg":
 		if s.cfg.SegModel == "" {
-			return binding.Key{}, badRequest("no segmentation model is configured")
+			return modelcache.Key{}, badRequest("no segmentation model is configured")
 		}
-		path, err := models.Resolve(s.cfg.SegModel, s.engine.ConvertDir)
-		if err != nil {
-			return binding.Key{}, err
-		}
-		return s.engine.Cache.KeyFor(binding.KindSeg, path, "", binding.DTypeAuto)
+		return s.engine.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: s.cfg.SegModel})
 	}
-	return binding.Key{}, badRequest(`kind must be "sd" or "seg"`)
+	return modelcache.Key{}, badRequest(`kind must be "sd" or "seg"`)
 }
 
 func (s *Server) handleModelLoad(w http.ResponseWriter, r *http.Request) {

@@ -55,9 +55,11 @@ type JobParams struct {
 
 // DefaultParams are what a request leaves out: requests are decoded on top
 // of them, so an explicit 0 stays 0 (and is refused where it is invalid).
+// The values are the pipeline's defaults; previews default on for the page.
 func DefaultParams() JobParams {
-	return JobParams{Steps: 20, CFGScale: 7, Seed: -1, SamplerName: "euler_a", BatchSize: 1, Preview: "latent2rgb",
-		PreviewEvery: 1, MaskBlur: 4}
+	d := pipeline.DefaultGenerateOptions()
+	return JobParams{Steps: d.Steps, CFGScale: d.CFGScale, Seed: -1, SamplerName: d.Sampler.String(),
+		BatchSize: d.BatchSize, Preview: binding.PreviewLatent2RGB.String(), PreviewEvery: d.PreviewEvery, MaskBlur: d.MaskBlur}
 }
 
 // Bounds on job parameters that are not server settings: each is far beyond

@@ -30,17 +30,13 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/internal/testenv"
+	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 type env struct {
 	srv  *server.Server
@@ -55,7 +51,7 @@ func start(t *testing.T, cfg server.Config) *env {
 	dir := t.TempDir()
 	runs, err := pipeline.OpenRuns(filepath.Join(dir, "runs"), pipeline.RunsOptions{})
 	require.NoError(t, err)
-	c := binding.NewCache(lib, binding.CacheOptions{Budget: -1})
+	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
 	e := &pipeline.Engine{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
 	if cfg.Model == "" {
 		cfg.Model = sdDir

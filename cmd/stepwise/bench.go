@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -15,8 +14,11 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/models"
+	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
 // benchRow is one measured configuration.
@@ -37,39 +39,54 @@ type benchRow struct {
 	Preview     string  `json:"preview"`
 }
 
-func runBench(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("bench", stderr)
-	var ef engineFlags
-	ef.register(fs)
-	model := fs.String("model", "", "model to time (default: a random-weight SD 1.5-sized model, made once in --cache)")
-	tokenizer := fs.String("tokenizer", "", "tokenizer folder, for single-file checkpoints")
-	cache := fs.String("cache", filepath.Join(os.TempDir(), "stepwise-bench"), "where the random SD 1.5-sized model is kept")
-	sizes := fs.String("sizes", "256,512", "square image sizes to time")
-	dtypes := fs.String("dtypes", "f32", "weight dtypes to compare, e.g. f32,bf16")
-	steps := fs.Int("steps", 3, "denoising steps per size (the first is a warm-up and not timed)")
-	cfg := fs.Float64("cfg-scale", 7.5, "guidance scale (> 1: classifier-free guidance, two UNet passes per step)")
-	previewName := fs.String("preview", "none", "preview mode during the timed steps: none, latent2rgb, vae")
-	asJSON := fs.Bool("json", false, "print JSON lines instead of a table")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if *steps < 2 {
+// benchFlags are bench's flags.
+type benchFlags struct {
+	engine                                          engineFlags
+	model, tokenizer, cache, sizes, dtypes, preview string
+	steps                                           int
+	cfg                                             float32
+	asJSON                                          bool
+}
+
+func newBenchCommand() *cobra.Command {
+	return newFlaggedCommand("bench", "time text encoding, denoising steps and VAE decoding per size and dtype", cobra.NoArgs, &benchFlags{})
+}
+
+func (f *benchFlags) register(cmd *cobra.Command) {
+	f.engine.register(cmd)
+	fs := cmd.Flags()
+	fs.StringVar(&f.model, "model", "", "model to time (default: a random-weight SD 1.5-sized model, made once in --cache)")
+	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder, for single-file checkpoints")
+	fs.StringVar(&f.cache, "cache", filepath.Join(os.TempDir(), "stepwise-bench"), "where the random SD 1.5-sized model is kept")
+	fs.StringVar(&f.sizes, "sizes", "256,512", "square image sizes to time")
+	fs.StringVar(&f.dtypes, "dtypes", "f32", "weight dtypes to compare, e.g. f32,bf16")
+	fs.IntVar(&f.steps, "steps", 3, "denoising steps per size (the first is a warm-up and not timed)")
+	fs.Float32Var(&f.cfg, "cfg-scale", pipeline.DefaultCFGScale, "guidance scale (> 1: classifier-free guidance, two UNet passes per step)")
+	fs.StringVar(&f.preview, "preview", "none", "preview mode during the timed steps: none, latent2rgb, vae")
+	fs.BoolVar(&f.asJSON, "json", false, "print JSON lines instead of a table")
+	completeWords(cmd, "preview", "none", "latent2rgb", "vae")
+}
+
+// runBench calls the engine directly, not the pipeline: it times the engine.
+func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
+	ef, stdout, stderr := &f.engine, cmd.OutOrStdout(), cmd.ErrOrStderr()
+	if f.steps < 2 {
 		return fmt.Errorf("--steps must be at least 2 (one warm-up, one timed)")
 	}
 	var sizeList []int
-	for _, s := range strings.Split(*sizes, ",") {
+	for _, s := range strings.Split(f.sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n <= 0 || n%8 != 0 {
 			return fmt.Errorf("bad size %q: want positive multiples of 8", s)
 		}
 		sizeList = append(sizeList, n)
 	}
-	preview, err := binding.ParsePreview(*previewName)
+	preview, err := binding.ParsePreview(f.preview)
 	if err != nil {
 		return err
 	}
 	var dtypeList []binding.DType
-	for _, s := range strings.Split(*dtypes, ",") {
+	for _, s := range strings.Split(f.dtypes, ",") {
 		d, err := binding.ParseDType(s)
 		if err != nil {
 			return err
@@ -80,9 +97,9 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	path, name := *model, *model
+	path, name := f.model, f.model
 	if path == "" {
-		path, name = filepath.Join(*cache, "sd15-random"), "sd15-sized (random)"
+		path, name = filepath.Join(f.cache, "sd15-random"), "sd15-sized (random)"
 		if _, err := os.Stat(filepath.Join(path, "unet", "diffusion_pytorch_model.safetensors")); err != nil {
 			fmt.Fprintf(stderr, "making a random-weight SD 1.5-sized model in %s (once)...\n", path)
 			if err := models.MakeRandomSD(lib, path, models.SD15Arch(), 1); err != nil {
@@ -100,7 +117,7 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	var rows []benchRow
 	for _, dt := range dtypeList {
 		t0 := time.Now()
-		m, err := lib.OpenSD(binding.SDOptions{Path: path, TokenizerDir: *tokenizer, DType: dt})
+		m, err := lib.OpenSD(binding.SDOptions{Path: path, TokenizerDir: f.tokenizer, DType: dt})
 		if err != nil {
 			return err
 		}
@@ -109,8 +126,8 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 			var stepTimes []float64
 			var last time.Duration
 			req := binding.GenerateRequest{
-				Prompt: "a photograph of an astronaut riding a horse", Width: size, Height: size, Steps: *steps,
-				BatchSize: 1, CFGScale: float32(*cfg), Sampler: binding.Euler, Seed: 1, Preview: preview,
+				Prompt: "a photograph of an astronaut riding a horse", Width: size, Height: size, Steps: f.steps,
+				BatchSize: 1, CFGScale: f.cfg, Sampler: binding.Euler, Seed: 1, Preview: preview, PreviewEvery: 1,
 				OnStep: func(s binding.Step) {
 					if s.Step > 1 {
 						stepTimes = append(stepTimes, (s.Elapsed - last).Seconds())
@@ -125,13 +142,13 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 			}
 			sort.Float64s(stepTimes)
 			row := benchRow{
-				Model: name, Device: m.Info().Device, DType: m.Info().DType.String(), Size: size, Steps: *steps,
-				CFG: *cfg > 1, LoadSeconds: load, TextSeconds: res.Text.Seconds(), StepSeconds: stepTimes[len(stepTimes)/2],
+				Model: name, Device: m.Info().Device, DType: m.Info().DType.String(), Size: size, Steps: f.steps,
+				CFG: f.cfg > 1, LoadSeconds: load, TextSeconds: res.Text.Seconds(), StepSeconds: stepTimes[len(stepTimes)/2],
 				StepMin: stepTimes[0], DecodeSec: res.Decode.Seconds(), PeakRSS: peakRSS(), Threads: threads,
 				Preview: preview.String(),
 			}
 			rows = append(rows, row)
-			if *asJSON {
+			if f.asJSON {
 				if err := json.NewEncoder(stdout).Encode(row); err != nil {
 					return err
 				}
@@ -141,7 +158,7 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 		}
 		m.Close()
 	}
-	if *asJSON {
+	if f.asJSON {
 		return nil
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)

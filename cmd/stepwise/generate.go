@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -11,135 +9,116 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/spf13/cobra"
+
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/internal/safetensors"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
-func runGenerate(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("generate", stderr)
-	var ef engineFlags
-	ef.register(fs)
-	model := fs.String("model", "", "Stable Diffusion model: a diffusers folder or a single-file .safetensors checkpoint (required)")
-	tokenizer := fs.String("tokenizer", "", "tokenizer folder (vocab.json, merges.txt), for single-file checkpoints")
-	var g genFlags
-	g.register(fs, "what to draw (required)", "euler")
-	width := fs.Int("width", 0, "image width, a multiple of 8 (default 512, or the init image's)")
-	height := fs.Int("height", 0, "image height, a multiple of 8 (default 512, or the init image's)")
-	initPath := fs.String("init", "", "init image (PNG or JPEG) for img2img / inpaint")
-	strength := fs.Float64("strength", 0.75, "img2img denoising strength in (0, 1]; inpaint defaults to 1")
-	maskPath := fs.String("mask", "", "inpaint mask (white = repaint), the init image's size")
-	batch := fs.Int("batch-size", 1, "images per run")
-	clipSkip := fs.Int("clip-skip", 0, "skip the last N text-encoder layers")
-	previewName := fs.String("preview", "none", "per-step previews: none, latent2rgb, vae")
-	previewEvery := fs.Int("preview-every", 1, "with --preview vae: decode every N steps")
-	previewDir := fs.String("preview-dir", "", "write each preview here as step-NNN[-i].png")
-	out := fs.String("out", "", "output PNG (batches: NAME-0.png, NAME-1.png, ...) (required)")
-	saveLatents := fs.String("save-latents", "", "also write float32 tensors 'latents' and 'image' to this .safetensors file")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
-	}
-	var missing []string
-	for _, f := range []struct{ name, value string }{{"--model", *model}, {"--prompt", g.prompt}, {"--out", *out}} {
-		if f.value == "" {
-			missing = append(missing, f.name)
-		}
-	}
-	if len(missing) > 0 {
-		return fmt.Errorf("missing %s (see stepwise generate -h)", strings.Join(missing, ", "))
-	}
-	sampler, dtype, seed, err := g.resolve()
-	if err != nil {
-		return err
-	}
-	preview, err := binding.ParsePreview(*previewName)
-	if err != nil {
-		return err
-	}
-	strengthSet := false
-	fs.Visit(func(f *flag.Flag) {
-		if f.Name == "strength" {
-			strengthSet = true
-		}
-	})
+// generateFlags are generate's own flags.
+type generateFlags struct {
+	engine                           engineFlags
+	gen                              genFlags
+	model, tokenizer, init, mask     string
+	preview, previewDir, out, latent string
+	data                             string
+	width, height, batch, clipSkip   int
+	previewEvery                     int
+	strength                         float32
+	maskBlur                         float64
+}
 
-	req := binding.GenerateRequest{
-		Prompt: g.prompt, NegativePrompt: g.negative, Steps: g.steps, BatchSize: *batch, CFGScale: float32(g.cfg),
-		Sampler: sampler, Seed: seed, ClipSkip: *clipSkip, Preview: preview, PreviewEvery: *previewEvery,
-		Width: *width, Height: *height, Strength: float32(*strength),
+func (f *generateFlags) register(cmd *cobra.Command) {
+	f.engine.register(cmd)
+	fs := cmd.Flags()
+	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a diffusers folder, a single-file .safetensors or a .ckpt checkpoint (required)")
+	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder (vocab.json, merges.txt), for single-file checkpoints")
+	f.gen.register(cmd, "what to draw")
+	fs.IntVar(&f.width, "width", 0, fmt.Sprintf("image width, a multiple of 8 (default %d, or the init image's)", pipeline.DefaultSize))
+	fs.IntVar(&f.height, "height", 0, fmt.Sprintf("image height, a multiple of 8 (default %d, or the init image's)", pipeline.DefaultSize))
+	fs.StringVar(&f.init, "init", "", "init image (PNG or JPEG) for img2img / inpaint")
+	fs.Float32Var(&f.strength, "strength", 0, fmt.Sprintf("denoising strength in (0, 1] (default %g for img2img, %g for inpaint)",
+		pipeline.DefaultImg2ImgStrength, pipeline.DefaultInpaintStrength))
+	fs.StringVar(&f.mask, "mask", "", "inpaint mask (white = repaint), the init image's size; needs --init")
+	fs.Float64Var(&f.maskBlur, "mask-blur", pipeline.DefaultMaskBlur, "inpaint: feather the mask's edge (pixels)")
+	fs.IntVar(&f.batch, "batch-size", pipeline.DefaultBatchSize, "images per run")
+	fs.IntVar(&f.clipSkip, "clip-skip", 0, "skip the last N text-encoder layers")
+	fs.StringVar(&f.preview, "preview", "none", "per-step previews: none, latent2rgb, vae")
+	fs.IntVar(&f.previewEvery, "preview-every", pipeline.DefaultPreviewEvery, "with --preview vae: decode every N steps")
+	fs.StringVar(&f.previewDir, "preview-dir", "", "write each preview here as step-NNN[-i].png")
+	fs.StringVar(&f.out, "out", "", "output PNG (batches: NAME-0.png, NAME-1.png, ...) (required)")
+	fs.StringVar(&f.latent, "save-latents", "", "also write float32 tensors 'latents' and 'image' to this .safetensors file")
+	fs.StringVar(&f.data, "data", defaultDataDir(), "data folder (conversions of .ckpt files are cached here)")
+	for _, name := range []string{"model", "out"} {
+		_ = cmd.MarkFlagRequired(name)
 	}
-	if *maskPath != "" && *initPath == "" {
-		return errors.New("--mask needs --init")
+	_ = cmd.MarkFlagDirname("preview-dir")
+	_ = cmd.MarkFlagDirname("tokenizer")
+	_ = cmd.MarkFlagDirname("data")
+	_ = cmd.MarkFlagFilename("init", "png", "jpg", "jpeg")
+	_ = cmd.MarkFlagFilename("mask", "png", "jpg", "jpeg")
+	completeWords(cmd, "preview", "none", "latent2rgb", "vae")
+}
+
+// options are the pipeline's options for the flags; the init image and mask
+// are read by the caller.
+func (f *generateFlags) options() (pipeline.GenerateOptions, error) {
+	r, err := f.gen.resolve()
+	if err != nil {
+		return pipeline.GenerateOptions{}, err
 	}
-	if *initPath != "" {
-		img, err := pipeline.ReadImageFile(*initPath, 0)
-		if err != nil {
+	preview, err := binding.ParsePreview(f.preview)
+	if err != nil {
+		return pipeline.GenerateOptions{}, err
+	}
+	o := pipeline.DefaultGenerateOptions()
+	o.SD = pipeline.ModelRef{Path: f.model, DType: r.dtype}
+	o.Prompt, o.NegativePrompt, o.Steps, o.CFGScale = f.gen.prompt, f.gen.negative, f.gen.steps, f.gen.cfg
+	o.Seed, o.Sampler, o.Width, o.Height, o.BatchSize = r.seed, r.sampler, f.width, f.height, f.batch
+	o.ClipSkip, o.Strength, o.MaskBlur, o.Preview, o.PreviewEvery = f.clipSkip, f.strength, f.maskBlur, preview, f.previewEvery
+	return o, nil
+}
+
+func newGenerateCommand() *cobra.Command {
+	return newFlaggedCommand("generate --model PATH --prompt TEXT --out FILE.png",
+		"txt2img, img2img (--init) or inpaint (--init --mask) with a Stable Diffusion model", cobra.NoArgs, &generateFlags{})
+}
+
+func (f *generateFlags) run(cmd *cobra.Command, _ []string) error {
+	ef, stdout, stderr := &f.engine, cmd.OutOrStdout(), cmd.ErrOrStderr()
+	o, err := f.options()
+	if err != nil {
+		return err
+	}
+	for _, in := range []struct {
+		path string
+		dst  *[]byte
+	}{{f.init, &o.Init}, {f.mask, &o.Mask}} {
+		if in.path == "" {
+			continue
+		}
+		if *in.dst, err = os.ReadFile(in.path); err != nil {
 			return err
 		}
-		b := img.Bounds()
-		if req.Width == 0 {
-			req.Width = b.Dx() / 8 * 8
-		}
-		if req.Height == 0 {
-			req.Height = b.Dy() / 8 * 8
-		}
-		if req.Width == 0 || req.Height == 0 {
-			return fmt.Errorf("%s: %dx%d is smaller than 8x8", *initPath, b.Dx(), b.Dy())
-		}
-		req.Init = pipeline.RGB(pipeline.Resize(img, req.Width, req.Height))
-		if *maskPath != "" {
-			mask, err := pipeline.ReadImageFile(*maskPath, 0)
-			if err != nil {
-				return err
-			}
-			if mask.Bounds().Size() != b.Size() {
-				return fmt.Errorf("mask %s is %dx%d, the init image is %dx%d", *maskPath,
-					mask.Bounds().Dx(), mask.Bounds().Dy(), b.Dx(), b.Dy())
-			}
-			req.Mask = pipeline.Gray(pipeline.Resize(mask, req.Width, req.Height))
-			if !strengthSet {
-				req.Strength = 1
-			}
-		}
-	} else {
-		if req.Width == 0 {
-			req.Width = 512
-		}
-		if req.Height == 0 {
-			req.Height = 512
-		}
 	}
-
 	lib, err := ef.load(stderr)
 	if err != nil {
 		return err
 	}
-	m, err := lib.OpenSD(binding.SDOptions{Path: *model, TokenizerDir: *tokenizer, DType: dtype})
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-
+	e := newEngine(lib, f.data, f.tokenizer, nil, ef.log)
+	defer e.Cache.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	bar := newProgressBar(stderr)
 	var previewErr error
-	req.OnStep = func(s binding.Step) {
+	o.OnStep = func(s binding.Step) {
 		bar.update(s)
-		if *previewDir != "" && len(s.Previews) > 0 && previewErr == nil {
-			for i, p := range s.Previews {
-				name := fmt.Sprintf("step-%03d.png", s.Step)
-				if len(s.Previews) > 1 {
-					name = fmt.Sprintf("step-%03d-%d.png", s.Step, i)
-				}
-				previewErr = pipeline.WriteImageFile(filepath.Join(*previewDir, name), pipeline.ToImage(p))
-			}
+		if f.previewDir != "" && previewErr == nil {
+			previewErr = writePreviews(f.previewDir, s)
 		}
 	}
-	res, err := m.Generate(ctx, req)
+	res, err := e.Render(ctx, o)
 	bar.done()
 	if err != nil {
 		return err
@@ -149,45 +128,61 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 	}
 	var written []string
 	for i, img := range res.Images {
-		path := *out
+		path := f.out
 		if len(res.Images) > 1 {
 			ext := filepath.Ext(path)
 			path = fmt.Sprintf("%s-%d%s", strings.TrimSuffix(path, ext), i, ext)
 		}
-		if err := pipeline.WriteImageFile(path, pipeline.ToImage(img)); err != nil {
+		if err := pipeline.WriteImageFile(path, img); err != nil {
 			return err
 		}
 		written = append(written, path)
 	}
-	if *saveLatents != "" {
-		if err := writeLatents(*saveLatents, res); err != nil {
+	if f.latent != "" {
+		if err := writeLatents(f.latent, res); err != nil {
 			return err
 		}
 	}
-	if res.Truncated {
-		fmt.Fprintf(stderr, "warning: the prompt has %d tokens; only the first 75 were used\n", res.Tokens)
+	p := res.Params
+	if p.Truncated {
+		fmt.Fprintf(stderr, "warning: the prompt has %d tokens; only the first 75 were used\n", p.Tokens)
 	}
 	fmt.Fprintf(stdout, "%s (seed %d, %s, %d steps: text %.2fs, denoise %.2fs, decode %.2fs)\n",
-		strings.Join(written, ", "), req.Seed, sampler, req.Steps, res.Text.Seconds(), res.Denoise.Seconds(), res.Decode.Seconds())
+		strings.Join(written, ", "), p.Seed, p.Sampler, p.Steps, p.Timings["text"], p.Timings["denoise"], p.Timings["decode"])
 	return nil
 }
 
-func writeLatents(path string, res *binding.GenerateResult) error {
-	shape := func(s []int) []int64 {
-		out := make([]int64, len(s))
-		for i, v := range s {
-			out[i] = int64(v)
+// writePreviews writes a step's previews, if it has any, as step-NNN[-i].png.
+func writePreviews(dir string, s binding.Step) error {
+	for i, p := range s.Previews {
+		name := fmt.Sprintf("step-%03d.png", s.Step)
+		if len(s.Previews) > 1 {
+			name = fmt.Sprintf("step-%03d-%d.png", s.Step, i)
 		}
-		return out
+		if err := pipeline.WriteImageFile(filepath.Join(dir, name), pipeline.ToImage(p)); err != nil {
+			return err
+		}
 	}
+	return nil
+}
+
+func writeLatents(path string, res *pipeline.Rendered) error {
 	err := safetensors.Write(path, map[string]safetensors.Tensor{
-		"latents": safetensors.F32(shape(res.Latents.Shape), res.Latents.Data),
-		"image":   safetensors.F32(shape(res.Pixels.Shape), res.Pixels.Data),
+		"latents": tensor(res.Latents), "image": tensor(res.Pixels),
 	}, map[string]string{"format": "stepwise"})
 	if err != nil {
 		return fmt.Errorf("save latents to %s: %w", path, err)
 	}
 	return nil
+}
+
+// tensor is t for a safetensors file.
+func tensor(t binding.Tensor) safetensors.Tensor {
+	shape := make([]int64, len(t.Shape))
+	for i, v := range t.Shape {
+		shape[i] = int64(v)
+	}
+	return safetensors.F32(shape, t.Data)
 }
 
 // progressBar draws one line on a terminal and nothing elsewhere.

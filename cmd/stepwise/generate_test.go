@@ -1,7 +1,6 @@
 package main
 
 import (
-	"image/png"
 	"os"
 	"path/filepath"
 	"testing"
@@ -25,13 +24,7 @@ func TestGenerateWritesImagesAndLatents(t *testing.T) {
 	require.Equal(t, 0, code, stderr)
 	assert.Contains(t, stdout, "seed 5, euler_a, 3 steps")
 	for _, name := range []string{"cat-0.png", "cat-1.png"} {
-		f, err := os.Open(filepath.Join(dir, name))
-		require.NoError(t, err)
-		img, err := png.Decode(f)
-		f.Close()
-		require.NoError(t, err)
-		assert.Equal(t, 64, img.Bounds().Dx())
-		assert.Equal(t, 48, img.Bounds().Dy())
+		assert.Equal(t, [2]int{64, 48}, pngSize(t, filepath.Join(dir, name)), name)
 	}
 	previews, _ := filepath.Glob(filepath.Join(prev, "step-*.png"))
 	assert.Len(t, previews, 6, "3 steps x 2 images")
@@ -44,12 +37,22 @@ func TestGenerateWritesImagesAndLatents(t *testing.T) {
 	// img2img from the image just made, and inpaint with a mask.
 	mask := filepath.Join(dir, "mask.png")
 	require.NoError(t, os.WriteFile(mask, whitePNG(t, 64, 48), 0o644))
-	code, _, stderr = runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a dog",
-		"--init", filepath.Join(dir, "cat-0.png"), "--strength", "0.5", "--steps", "4", "--out", filepath.Join(dir, "dog.png"))
+	code, stdout, stderr = runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a dog",
+		"--init", filepath.Join(dir, "cat-0.png"), "--strength", "0.5", "--steps", "4", "--seed", "2", "--out", filepath.Join(dir, "dog.png"))
 	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "seed 2, euler_a, 4 steps", "the sampler left out is the pipeline's default")
 	code, _, stderr = runCLI("generate", "--lib", testenv.LibPath(), "--model", sdDir, "--prompt", "a dog",
 		"--init", filepath.Join(dir, "cat-0.png"), "--mask", mask, "--steps", "2", "--out", filepath.Join(dir, "dog2.png"))
 	require.Equal(t, 0, code, stderr)
+	for _, name := range []string{"dog.png", "dog2.png"} {
+		assert.Equal(t, [2]int{64, 48}, pngSize(t, filepath.Join(dir, name)), "%s has the init image's size", name)
+	}
+}
+
+// pngSize is the width and height of the PNG at path.
+func pngSize(t *testing.T, path string) [2]int {
+	b := testenv.ReadPNG(t, path).Bounds()
+	return [2]int{b.Dx(), b.Dy()}
 }
 
 func TestGenerateBadInput(t *testing.T) {
@@ -60,20 +63,23 @@ func TestGenerateBadInput(t *testing.T) {
 	base := []string{"generate", "--lib", testenv.LibPath(), "--model", sdDir, "--out", filepath.Join(dir, "o.png")}
 	tests := []struct {
 		args []string
+		code int
 		want string
 	}{
-		{[]string{"generate", "--prompt", "x"}, "missing --model"},
-		{append(base, "--prompt", "x", "--sampler", "nope"), `unknown sampler "nope"`},
-		{append(base, "--prompt", "x", "--width", "100", "--height", "64", "--steps", "1"), "multiples of 8"},
-		{append(base, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "0"), "steps must be between"},
-		{append(base, "--prompt", "x", "--dtype", "int8"), `unknown dtype "int8"`},
-		{append(base, "--prompt", "x", "--init", notImage), "not a PNG or JPEG"},
-		{append(base, "--prompt", "x", "--mask", notImage), "--mask needs --init"},
-		{append(base[:4], "/nonexistent/model", "--out", "o.png", "--prompt", "x"), "no such file"},
+		{[]string{"generate", "--prompt", "x"}, exitUsage, `required flag(s) "model", "out" not set`},
+		{append(base, "--prompt", "x", "extra"), exitUsage, `unknown command "extra" for "stepwise generate"`},
+		{append(base, "--prompt", "x", "--steps", "many"), exitUsage, `invalid argument "many" for "--steps"`},
+		{append(base, "--prompt", "x", "--sampler", "nope"), exitError, `unknown sampler "nope"`},
+		{append(base, "--prompt", "x", "--width", "100", "--height", "64", "--steps", "1"), exitError, "multiples of 8"},
+		{append(base, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "0"), exitError, "steps must be between"},
+		{append(base, "--prompt", "x", "--dtype", "int8"), exitError, `unknown dtype "int8"`},
+		{append(base, "--prompt", "x", "--init", notImage), exitError, "not a PNG or JPEG"},
+		{append(base, "--prompt", "x", "--mask", notImage), exitError, "a mask needs an init image"},
+		{append(base[:4], "/nonexistent/model", "--out", "o.png", "--prompt", "x"), exitError, "no such file"},
 	}
 	for _, tt := range tests {
 		code, _, stderr := runCLI(tt.args...)
-		assert.Equal(t, 1, code, "%v", tt.args)
+		assert.Equal(t, tt.code, code, "%v", tt.args)
 		assert.Contains(t, stderr, tt.want, "%v", tt.args)
 	}
 }

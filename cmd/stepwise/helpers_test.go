@@ -5,7 +5,6 @@ import (
 	"image"
 	"image/color"
 	"image/png"
-	"os"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -13,11 +12,7 @@ import (
 	"github.com/stepwise-sd/stepwise/internal/testenv"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.Cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 func whitePNG(t *testing.T, w, h int) []byte {
 	t.Helper()

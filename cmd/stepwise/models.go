@@ -9,48 +9,35 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/spf13/cobra"
+
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/models"
 )
 
-func runModels(args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 {
-		fmt.Fprintln(stderr, modelsUsage)
-		return errUsage
-	}
-	switch args[0] {
-	case "ls":
-		return runModelsLs(args[1:], stdout, stderr)
-	case "make-tiny":
-		return runModelsMakeTiny(args[1:], stdout, stderr)
-	case "convert":
-		return runModelsConvert(args[1:], stdout, stderr)
-	}
-	fmt.Fprintf(stderr, "stepwise models: unknown subcommand %q\n%s\n", args[0], modelsUsage)
-	return errUsage
+func newModelsCommand() *cobra.Command {
+	cmd := newCommand("models",
+		"list models, make the tiny demo models, convert pickle checkpoints",
+		cobra.NoArgs, needsSubcommand)
+	cmd.AddCommand(newModelsLsCommand(), newModelsMakeTinyCommand(), newModelsConvertCommand())
+	return cmd
 }
 
-const modelsUsage = "usage: stepwise models ls [DIR] | make-tiny DIR | convert FILE.pth|.ckpt [OUT.safetensors]"
-
-func runModelsConvert(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("models convert", stderr)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() < 1 || fs.NArg() > 2 {
-		fmt.Fprintln(stderr, "usage: stepwise models convert FILE.pth|.ckpt [OUT.safetensors]")
-		return errUsage
-	}
-	src := fs.Arg(0)
-	dst := strings.TrimSuffix(src, filepath.Ext(src)) + ".safetensors"
-	if fs.NArg() == 2 {
-		dst = fs.Arg(1)
-	}
-	if err := models.ConvertPickle(src, dst); err != nil {
-		return err
-	}
-	fmt.Fprintf(stdout, "%s\n", dst)
-	return nil
+func newModelsConvertCommand() *cobra.Command {
+	return newCommand("convert FILE.pth|.ckpt [OUT.safetensors]",
+		"convert a pickle checkpoint to safetensors (default: beside it)",
+		cobra.RangeArgs(1, 2), func(cmd *cobra.Command, args []string) error {
+			src := args[0]
+			dst := strings.TrimSuffix(src, filepath.Ext(src)) + ".safetensors"
+			if len(args) == 2 {
+				dst = args[1]
+			}
+			if err := models.ConvertPickle(src, dst); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s\n", dst)
+			return nil
+		})
 }
 
 // defaultModelsDir is $STEPWISE_MODELS, else ~/.local/share/stepwise/models.
@@ -64,21 +51,27 @@ func defaultModelsDir() string {
 	return "models"
 }
 
-func runModelsLs(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("models ls", stderr)
-	asJSON := fs.Bool("json", false, "print JSON")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
+func newModelsLsCommand() *cobra.Command {
+	var asJSON bool
+	cmd := newCommand("ls [DIR]",
+		"list the models in DIR (default: $STEPWISE_MODELS, else ~/.local/share/stepwise/models)",
+		cobra.MaximumNArgs(1), func(cmd *cobra.Command, args []string) error {
+			return runModelsLs(args, asJSON, cmd.OutOrStdout())
+		})
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func runModelsLs(args []string, asJSON bool, stdout io.Writer) error {
 	dir := defaultModelsDir()
-	if fs.NArg() > 0 {
-		dir = fs.Arg(0)
+	if len(args) > 0 {
+		dir = args[0]
 	}
 	found, err := models.Scan(dir)
 	if err != nil {
 		return fmt.Errorf("list models in %s: %w", dir, err)
 	}
-	if *asJSON {
+	if asJSON {
 		if found == nil {
 			found = []models.Found{}
 		}
@@ -96,22 +89,23 @@ func runModelsLs(args []string, stdout, stderr io.Writer) error {
 	return tw.Flush()
 }
 
-func runModelsMakeTiny(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("models make-tiny", stderr)
+func newModelsMakeTinyCommand() *cobra.Command {
 	var ef engineFlags
-	ef.register(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() != 1 {
-		fmt.Fprintln(stderr, "usage: stepwise models make-tiny DIR")
-		return errUsage
-	}
+	cmd := newCommand("make-tiny DIR",
+		"write the deterministic tiny SD model and segmentation U-Net to DIR",
+		cobra.ExactArgs(1), func(cmd *cobra.Command, args []string) error {
+			return runModelsMakeTiny(&ef, args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
+		})
+	ef.register(cmd)
+	return cmd
+}
+
+func runModelsMakeTiny(ef *engineFlags, dir string, stdout, stderr io.Writer) error {
 	lib, err := ef.load(stderr)
 	if err != nil {
 		return err
 	}
-	sd, seg, err := models.MakeTiny(lib, fs.Arg(0))
+	sd, seg, err := models.MakeTiny(lib, dir)
 	if err != nil {
 		return err
 	}

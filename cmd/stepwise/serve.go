@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -12,105 +11,128 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
 )
 
-func runServe(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("serve", stderr)
-	var ef engineFlags
-	ef.register(fs)
-	addr := fs.String("addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
-	data := fs.String("data", defaultDataDir(), "data folder: runs/, cache/ and the demo models")
-	model := fs.String("model", "", "Stable Diffusion model: a path, or a name in --models-dir (default: the folder's first, else the tiny demo model)")
-	modelsDir := fs.String("models-dir", "", "folder of checkpoints (diffusers folders, .safetensors, .ckpt, VAEs) that requests may choose from")
-	vae := fs.String("vae", "", "VAE replacing the models' own: a path, or a name in --models-dir")
-	segModel := fs.String("seg-model", "", "segmentation U-Net (default: the tiny demo model)")
-	dtypeName := fs.String("dtype", "auto", "weights dtype: auto, f32, f16, bf16")
-	token := fs.String("token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
-	origins := fs.String("allow-origin", "", "comma-separated origins whose pages may use the API (the server's own always may)")
-	concurrency := fs.Int("concurrency", 1, "jobs running at once on the device")
-	maxQueue := fs.Int("max-queue", 64, "jobs waiting at most")
-	maxSteps := fs.Int("max-steps", 150, "steps a job may ask for")
-	maxSide := fs.Int("max-size", 2048, "width or height a job may ask for")
-	retention := fs.Duration("retention", pipeline.DefaultRetention, "how long run folders are kept")
-	cancelOnShutdown := fs.Bool("cancel-on-shutdown", false, "cancel running jobs on shutdown instead of letting them finish")
-	grace := fs.Duration("shutdown-grace", 2*time.Minute, "how long shutdown waits for running jobs")
-	hosts := fs.String("allow-host", "", "comma-separated Host names the server answers to besides IP addresses and localhost (\"*\": any)")
-	maxConns := fs.Int("max-conns", 256, "open HTTP connections at most")
-	maxWebsockets := fs.Int("max-websockets", 128, "open websocket connections at most")
-	maxPrompt := fs.Int("max-prompt", 4096, "bytes of a prompt or negative prompt")
-	maxPixels := fs.Int("max-pixels", 16<<20, "pixels of an uploaded image")
-	maxBody := fs.Int64("max-body", 32<<20, "bytes of a request body")
-	readTimeout := fs.Duration("read-timeout", time.Minute, "time to read one request, body included")
-	keepJobs := fs.Int("keep-jobs", 200, "finished jobs kept listed by /v1/jobs")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	dtype, err := binding.ParseDType(*dtypeName)
+// serveFlags are serve's flags.
+type serveFlags struct {
+	engine                                        engineFlags
+	addr, data, model, modelsDir, vae, segModel   string
+	dtype, token                                  string
+	origins, hosts                                []string
+	concurrency, maxQueue, maxSteps, maxSide      int
+	maxConns, maxWebsockets, maxPrompt, maxPixels int
+	keepJobs                                      int
+	maxBody                                       int64
+	retention, grace, readTimeout                 time.Duration
+	cancelOnShutdown                              bool
+}
+
+func newServeCommand() *cobra.Command {
+	return newFlaggedCommand("serve", "serve the HTTP + websocket API and the page (127.0.0.1:7860)", cobra.NoArgs, &serveFlags{})
+}
+
+func (f *serveFlags) register(cmd *cobra.Command) {
+	f.engine.register(cmd)
+	fs := cmd.Flags()
+	fs.StringVar(&f.addr, "addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
+	fs.StringVar(&f.data, "data", defaultDataDir(), "data folder: runs/, cache/ and the demo models")
+	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a path, or a name in --models-dir (default: the folder's first, else the tiny demo model)")
+	fs.StringVar(&f.modelsDir, "models-dir", "", "folder of checkpoints (diffusers folders, .safetensors, .ckpt, VAEs) that requests may choose from")
+	fs.StringVar(&f.vae, "vae", "", "VAE replacing the models' own: a path, or a name in --models-dir")
+	fs.StringVar(&f.segModel, "seg-model", "", "segmentation U-Net (default: the tiny demo model)")
+	fs.StringVar(&f.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16")
+	fs.StringVar(&f.token, "token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
+	fs.StringSliceVar(&f.origins, "allow-origin", nil, "comma-separated origins whose pages may use the API (the server's own always may)")
+	fs.IntVar(&f.concurrency, "concurrency", 1, "jobs running at once on the device")
+	fs.IntVar(&f.maxQueue, "max-queue", 64, "jobs waiting at most")
+	fs.IntVar(&f.maxSteps, "max-steps", 150, "steps a job may ask for")
+	fs.IntVar(&f.maxSide, "max-size", 2048, "width or height a job may ask for")
+	fs.DurationVar(&f.retention, "retention", pipeline.DefaultRetention, "how long run folders are kept")
+	fs.BoolVar(&f.cancelOnShutdown, "cancel-on-shutdown", false, "cancel running jobs on shutdown instead of letting them finish")
+	fs.DurationVar(&f.grace, "shutdown-grace", 2*time.Minute, "how long shutdown waits for running jobs")
+	fs.StringSliceVar(&f.hosts, "allow-host", nil, "comma-separated Host names the server answers to besides IP addresses and localhost (\"*\": any)")
+	fs.IntVar(&f.maxConns, "max-conns", 256, "open HTTP connections at most")
+	fs.IntVar(&f.maxWebsockets, "max-websockets", 128, "open websocket connections at most")
+	fs.IntVar(&f.maxPrompt, "max-prompt", 4096, "bytes of a prompt or negative prompt")
+	fs.IntVar(&f.maxPixels, "max-pixels", 16<<20, "pixels of an uploaded image")
+	fs.Int64Var(&f.maxBody, "max-body", 32<<20, "bytes of a request body")
+	fs.DurationVar(&f.readTimeout, "read-timeout", time.Minute, "time to read one request, body included")
+	fs.IntVar(&f.keepJobs, "keep-jobs", 200, "finished jobs kept listed by /v1/jobs")
+	_ = cmd.MarkFlagDirname("data")
+	_ = cmd.MarkFlagDirname("models-dir")
+	completeDTypes(cmd, "dtype")
+}
+
+func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
+	stdout, stderr := cmd.OutOrStdout(), cmd.ErrOrStderr()
+	model, vae, segModel := f.model, f.vae, f.segModel
+	dtype, err := binding.ParseDType(f.dtype)
 	if err != nil {
 		return err
 	}
-	lib, err := ef.load(stderr)
+	lib, err := f.engine.load(stderr)
 	if err != nil {
 		return err
 	}
-	lg := ef.log
+	lg := f.engine.log
 	var cat *catalog.Catalog
-	if *modelsDir != "" {
-		if cat, err = catalog.Open(*modelsDir, filepath.Join(*data, "cache")); err != nil {
+	if f.modelsDir != "" {
+		if cat, err = catalog.Open(f.modelsDir, filepath.Join(f.data, "cache")); err != nil {
 			return err
 		}
-		if *model, err = pickModel(cat, catalog.KindCheckpoint, *model); err != nil {
+		if model, err = pickModel(cat, catalog.KindCheckpoint, model); err != nil {
 			return err
 		}
-		if *vae, err = pickModel(cat, catalog.KindVAE, *vae); err != nil {
+		if vae, err = pickModel(cat, catalog.KindVAE, vae); err != nil {
 			return err
 		}
-		if *segModel, err = pickModel(cat, catalog.KindSeg, *segModel); err != nil {
+		if segModel, err = pickModel(cat, catalog.KindSeg, segModel); err != nil {
 			return err
 		}
 	}
-	if *model == "" || *segModel == "" {
-		sd, seg, err := demoModels(lib, *data, stderr)
+	if model == "" || segModel == "" {
+		sd, seg, err := demoModels(lib, f.data, stderr)
 		if err != nil {
 			return err
 		}
-		if *model == "" {
-			*model = sd
+		if model == "" {
+			model = sd
 			lg.Warn("no --model given: serving the tiny random-weight demo model (its images are noise)", "model", sd)
 		}
-		if *segModel == "" {
-			*segModel = seg
+		if segModel == "" {
+			segModel = seg
 		}
 	}
-	runs, err := pipeline.OpenRuns(filepath.Join(*data, "runs"), pipeline.RunsOptions{Retention: *retention, Logger: lg})
+	runs, err := pipeline.OpenRuns(filepath.Join(f.data, "runs"), pipeline.RunsOptions{Retention: f.retention, Logger: lg})
 	if err != nil {
 		return err
 	}
-	engine := &pipeline.Engine{Cache: binding.NewCache(lib, binding.CacheOptions{Logger: lg}), Runs: runs,
-		ConvertDir: filepath.Join(*data, "cache"), Version: version}
+	engine := newEngine(lib, f.data, "", runs, lg)
 	defer engine.Cache.Close()
 	srv := server.New(server.Config{
-		Model: *model, SegModel: *segModel, VAE: *vae, Catalog: cat, DType: dtype, Token: *token,
-		AllowedOrigins: splitList(*origins), AllowedHosts: splitList(*hosts),
-		Concurrency: *concurrency, MaxQueue: *maxQueue, MaxSteps: *maxSteps, MaxSide: *maxSide,
-		MaxConns: *maxConns, MaxWebsockets: *maxWebsockets, MaxPromptBytes: *maxPrompt, MaxPixels: *maxPixels,
-		MaxBodyBytes: *maxBody, ReadTimeout: *readTimeout, KeepJobs: *keepJobs,
-		CancelOnShutdown: *cancelOnShutdown, Logger: lg,
+		Model: model, SegModel: segModel, VAE: vae, Catalog: cat, DType: dtype, Token: f.token,
+		AllowedOrigins: splitList(f.origins), AllowedHosts: splitList(f.hosts),
+		Concurrency: f.concurrency, MaxQueue: f.maxQueue, MaxSteps: f.maxSteps, MaxSide: f.maxSide,
+		MaxConns: f.maxConns, MaxWebsockets: f.maxWebsockets, MaxPromptBytes: f.maxPrompt, MaxPixels: f.maxPixels,
+		MaxBodyBytes: f.maxBody, ReadTimeout: f.readTimeout, KeepJobs: f.keepJobs,
+		CancelOnShutdown: f.cancelOnShutdown, Logger: lg,
 	}, engine)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	runs.StartJanitor(ctx, time.Hour)
-	ln, err := srv.Listen(ctx, *addr)
+	ln, err := srv.Listen(ctx, f.addr)
 	if err != nil {
 		return err
 	}
 	hs := srv.HTTPServer()
-	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (device %s, model %s)\n", version, ln.Addr(), lib.Device().ID, *model)
+	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (device %s, model %s)\n", version, ln.Addr(), lib.Device().ID, model)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	select {
@@ -119,7 +141,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	case <-ctx.Done():
 	}
 	fmt.Fprintln(stdout, "shutting down: no new jobs; waiting for running ones")
-	sctx, cancel := context.WithTimeout(context.Background(), *grace)
+	sctx, cancel := context.WithTimeout(context.Background(), f.grace)
 	defer cancel()
 	jobErr := srv.Shutdown(sctx)
 	hctx, hcancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -152,10 +174,10 @@ func pickModel(cat *catalog.Catalog, kind, flag string) (string, error) {
 	return "", nil
 }
 
-// splitList splits a comma-separated flag value, dropping empty entries.
-func splitList(v string) []string {
+// splitList trims the entries of a list flag and drops the empty ones.
+func splitList(v []string) []string {
 	var out []string
-	for _, s := range strings.Split(v, ",") {
+	for _, s := range v {
 		if s = strings.TrimSpace(s); s != "" {
 			out = append(out, s)
 		}

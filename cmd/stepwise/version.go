@@ -5,17 +5,25 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/spf13/cobra"
+
 	"github.com/stepwise-sd/stepwise/binding"
 )
 
-func runVersion(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("version", stderr)
+func newVersionCommand() *cobra.Command {
 	var ef engineFlags
-	ef.register(fs)
-	asJSON := fs.Bool("json", false, "print JSON")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
+	var asJSON bool
+	cmd := newCommand("version",
+		"print versions of stepwise, the engine ABI, libtorch and the devices",
+		cobra.NoArgs, func(cmd *cobra.Command, _ []string) error {
+			return runVersion(&ef, asJSON, cmd.OutOrStdout(), cmd.ErrOrStderr())
+		})
+	ef.register(cmd)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func runVersion(ef *engineFlags, asJSON bool, stdout, stderr io.Writer) error {
 	lib, err := ef.load(stderr)
 	if err != nil {
 		return err
@@ -25,7 +33,7 @@ func runVersion(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *asJSON {
+	if asJSON {
 		return json.NewEncoder(stdout).Encode(map[string]any{
 			"stepwise": version, "engine": v.Stepwise, "abi": v.ABI, "abi_expected": binding.ABIVersion,
 			"torch": v.Torch, "build": v.Build, "library": lib.Path(), "devices": devices, "device": lib.Device().ID,

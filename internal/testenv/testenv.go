@@ -3,7 +3,12 @@
 package testenv
 
 import (
+	"bytes"
+	"image"
+	"image/color"
+	"image/png"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -69,11 +74,14 @@ func Tiny(t testing.TB) (sdDir, segPath string) {
 	return tinySD, tinySeg
 }
 
-// Cleanup removes what Tiny made; call it from TestMain after m.Run.
-func Cleanup() {
+// Main runs a package's tests and then removes what Tiny made; every test
+// package that uses Tiny has func TestMain(m *testing.M) { testenv.Main(m) }.
+func Main(m *testing.M) {
+	code := m.Run()
 	if tinyDir != "" {
 		os.RemoveAll(tinyDir)
 	}
+	os.Exit(code)
 }
 
 // Fixtures is ../shared/fixtures beside the repository, or $STEPWISE_FIXTURES.
@@ -88,4 +96,42 @@ func Fixtures(t testing.TB) string {
 		t.Skipf("reference fixtures not found at %s (set STEPWISE_FIXTURES): skipping parity check", dir)
 	}
 	return dir
+}
+
+// Photo is a test picture as a PNG: a bright disc on a dark gradient. The
+// tiny segmentation model finds a subject in it that is neither nothing nor
+// everything, so edits of it succeed.
+func Photo(t testing.TB, w, h int) []byte {
+	t.Helper()
+	img := image.NewNRGBA(image.Rect(0, 0, w, h))
+	for y := 0; y < h; y++ {
+		for x := 0; x < w; x++ {
+			dx, dy := float64(x-w/2), float64(y-h/2)
+			c := color.NRGBA{uint8(40 + x), uint8(30 + y), 90, 255}
+			if math.Hypot(dx, dy) < float64(min(w, h))/3 {
+				c = color.NRGBA{230, 200, uint8(100 + x%50), 255}
+			}
+			img.Set(x, y, c)
+		}
+	}
+	var buf bytes.Buffer
+	if err := png.Encode(&buf, img); err != nil {
+		t.Fatalf("encode test photo: %v", err)
+	}
+	return buf.Bytes()
+}
+
+// ReadPNG decodes the PNG file at path.
+func ReadPNG(t testing.TB, path string) image.Image {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatalf("read PNG: %v", err)
+	}
+	defer f.Close()
+	img, err := png.Decode(f)
+	if err != nil {
+		t.Fatalf("decode %s: %v", path, err)
+	}
+	return img
 }

@@ -1,4 +1,9 @@
-package binding
+// Package modelcache keeps loaded models: keyed, reference counted
+// references, one load per model however many ask for it at once, and
+// least-recently-used eviction of idle models under a memory budget. It knows
+// nothing of how a model is read: a Loader does that (LibraryLoader with the
+// native engine; a fake in unit tests).
+package modelcache
 
 import (
 	"context"
@@ -9,6 +14,8 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+
+	"github.com/stepwise-sd/stepwise/binding"
 )
 
 // Kind is the kind of model a cache entry holds.
@@ -20,6 +27,7 @@ const (
 	KindSeg
 )
 
+// String is "sd" or "seg".
 func (k Kind) String() string {
 	if k == KindSeg {
 		return "seg"
@@ -31,27 +39,42 @@ func (k Kind) String() string {
 // dtype is loaded once.
 type Key struct {
 	Kind   Kind
-	Path   string // absolute, cleaned
-	Device string // resolved, e.g. "cpu", "cuda:0"
-	DType  DType  // resolved, never DTypeAuto
+	Path   string        // absolute, cleaned
+	Device string        // resolved, e.g. "cpu", "cuda:0"
+	DType  binding.DType // resolved, never DTypeAuto
 }
 
+// String names the key in logs.
 func (k Key) String() string { return fmt.Sprintf("%s:%s@%s/%s", k.Kind, k.Path, k.Device, k.DType) }
 
-// CacheOptions configure a Cache.
-type CacheOptions struct {
+// Model is a loaded model: *binding.SDModel and *binding.SegModel are.
+type Model interface {
+	Info() binding.ModelInfo
+	Close() error
+}
+
+// Loader reads models for a Cache.
+type Loader interface {
+	// Device resolves a device request ("" for the loader's own) to the device
+	// a model would be loaded on.
+	Device(name string) (binding.Device, error)
+	// Load reads the model key names. It gets no context: one load serves
+	// every request waiting for the model, so no single caller may cancel it.
+	Load(key Key) (Model, error)
+}
+
+// Options configure a Cache.
+type Options struct {
 	// Budget is the memory, in bytes, that loaded models may take; idle models
 	// are evicted, least recently used first, to stay under it. 0 means 75% of
 	// the selected device's memory, or no limit when that is unknown; < 0 means
 	// no limit.
 	Budget int64
-	// TokenizerDir overrides the tokenizer folder of SD models (single files).
-	TokenizerDir string
-	Logger       *slog.Logger
+	Logger *slog.Logger
 }
 
-// CacheStats counts what the cache did.
-type CacheStats struct {
+// Stats counts what the cache did.
+type Stats struct {
 	Loads      int64 `json:"loads"`     // models read from disk
 	Hits       int64 `json:"hits"`      // requests served by a loaded model
 	Evictions  int64 `json:"evictions"` // models freed to stay under the budget
@@ -63,15 +86,14 @@ type CacheStats struct {
 // Cache owns loaded model handles. Models are reference counted: one in use is
 // never freed, and concurrent requests for one model load it once.
 type Cache struct {
-	lib    *Library
-	opts   CacheOptions
+	loader Loader
 	budget int64
 	log    *slog.Logger
 
 	mu      sync.Mutex
 	entries map[Key]*entry
 	tick    uint64
-	stats   CacheStats
+	stats   Stats
 	closed  bool
 }
 
@@ -79,8 +101,7 @@ type entry struct {
 	key      Key
 	ready    chan struct{} // closed when the load finished
 	err      error         // the load's error, set before ready closes
-	sd       *SDModel
-	seg      *SegModel
+	model    Model
 	refs     int
 	lastUsed uint64
 	bytes    int64 // actual once loaded, estimated while loading
@@ -96,19 +117,18 @@ func (e *entry) loaded() bool {
 }
 
 func (e *entry) close() {
-	if e.sd != nil {
-		e.sd.Close()
-	}
-	if e.seg != nil {
-		e.seg.Close()
+	if e.model != nil {
+		e.model.Close()
 	}
 }
 
-// NewCache makes an empty cache over lib.
-func NewCache(lib *Library, opts CacheOptions) *Cache {
+// New makes an empty cache over loader.
+func New(loader Loader, opts Options) *Cache {
 	budget := opts.Budget
-	if budget == 0 && lib.device.TotalMemory > 0 {
-		budget = lib.device.TotalMemory / 4 * 3
+	if budget == 0 {
+		if d, err := loader.Device(""); err == nil && d.TotalMemory > 0 {
+			budget = d.TotalMemory / 4 * 3
+		}
 	}
 	if budget < 0 {
 		budget = 0
@@ -117,7 +137,7 @@ func NewCache(lib *Library, opts CacheOptions) *Cache {
 	if lg == nil {
 		lg = slog.Default()
 	}
-	return &Cache{lib: lib, opts: opts, budget: budget, log: lg, entries: map[Key]*entry{}}
+	return &Cache{loader: loader, budget: budget, log: lg, entries: map[Key]*entry{}}
 }
 
 // Ref is a counted reference to a loaded model; Release it when done.
@@ -127,51 +147,53 @@ type Ref struct {
 	once sync.Once
 }
 
-// SD is the model of a KindSD reference, else nil.
-func (r *Ref) SD() *SDModel { return r.e.sd }
+// Model is the loaded model.
+func (r *Ref) Model() Model { return r.e.model }
 
-// Seg is the model of a KindSeg reference, else nil.
-func (r *Ref) Seg() *SegModel { return r.e.seg }
+// SD is the model of a KindSD reference loaded by the engine, else nil.
+func (r *Ref) SD() *binding.SDModel {
+	m, _ := r.e.model.(*binding.SDModel)
+	return m
+}
+
+// Seg is the model of a KindSeg reference loaded by the engine, else nil.
+func (r *Ref) Seg() *binding.SegModel {
+	m, _ := r.e.model.(*binding.SegModel)
+	return m
+}
 
 // Key identifies the model.
 func (r *Ref) Key() Key { return r.e.key }
 
 // Info describes the model.
-func (r *Ref) Info() ModelInfo {
-	if r.e.sd != nil {
-		return r.e.sd.Info()
-	}
-	return r.e.seg.Info()
-}
+func (r *Ref) Info() binding.ModelInfo { return r.e.model.Info() }
 
 // Release gives the reference back; calling it again does nothing.
 func (r *Ref) Release() { r.once.Do(func() { r.c.release(r.e) }) }
 
 // KeyFor resolves a request into a cache key: the absolute path, the device
-// (empty: the library's) and the dtype (auto: the device's default).
-func (c *Cache) KeyFor(kind Kind, path, device string, dtype DType) (Key, error) {
+// (empty: the loader's) and the dtype (auto: the device's default; f32 for
+// segmentation models).
+func (c *Cache) KeyFor(kind Kind, path, device string, dtype binding.DType) (Key, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return Key{}, fmt.Errorf("model path %s: %w", path, err)
 	}
-	d := c.lib.device
-	if device != "" {
-		devices, err := c.lib.Devices()
-		if err != nil {
-			return Key{}, err
-		}
-		if d, err = SelectDevice(devices, device); err != nil {
-			return Key{}, err
-		}
+	d, err := c.loader.Device(device)
+	if err != nil {
+		return Key{}, err
 	}
-	if kind == KindSeg && dtype == DTypeAuto {
-		dtype = F32
+	if kind == KindSeg && dtype == binding.DTypeAuto {
+		dtype = binding.F32
 	}
 	return Key{Kind: kind, Path: filepath.Clean(abs), Device: d.ID, DType: dtype.Resolve(d.Kind)}, nil
 }
 
-// ErrCacheClosed is returned by Acquire after Close.
-var ErrCacheClosed = errors.New("model cache is closed")
+// ErrInUse is returned by Unload for a model that is in use or still loading.
+var ErrInUse = errors.New("model is in use")
+
+// ErrClosed is returned by Acquire after Close.
+var ErrClosed = errors.New("model cache is closed")
 
 // Acquire returns a reference to the model for key, loading it if needed. A
 // request that arrives while the same model is loading waits for that load;
@@ -180,7 +202,7 @@ func (c *Cache) Acquire(ctx context.Context, key Key) (*Ref, error) {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
-		return nil, ErrCacheClosed
+		return nil, ErrClosed
 	}
 	if e, ok := c.entries[key]; ok {
 		e.refs++
@@ -209,7 +231,8 @@ func (c *Cache) Acquire(ctx context.Context, key Key) (*Ref, error) {
 	c.mu.Unlock()
 	closeAll(victims)
 
-	sd, seg, err := c.load(key)
+	c.log.Info("loading model", "kind", key.Kind.String(), "path", key.Path, "device", key.Device, "dtype", key.DType.String())
+	m, err := c.loader.Load(key)
 
 	c.mu.Lock()
 	if err != nil {
@@ -219,12 +242,8 @@ func (c *Cache) Acquire(ctx context.Context, key Key) (*Ref, error) {
 		c.mu.Unlock()
 		return nil, err
 	}
-	e.sd, e.seg = sd, seg
-	if sd != nil {
-		e.bytes = sd.Info().WeightBytes
-	} else {
-		e.bytes = seg.Info().WeightBytes
-	}
+	e.model = m
+	e.bytes = m.Info().WeightBytes
 	c.stats.Loads++
 	close(e.ready)
 	victims = c.evictLocked(nil)
@@ -235,20 +254,6 @@ func (c *Cache) Acquire(ctx context.Context, key Key) (*Ref, error) {
 		c.log.Warn("models in use exceed the memory budget", "budget", c.budget, "model", key.String())
 	}
 	return &Ref{c: c, e: e}, nil
-}
-
-// load opens the model for k; it runs outside the cache's lock.
-func (c *Cache) load(k Key) (*SDModel, *SegModel, error) {
-	c.log.Info("loading model", "kind", k.Kind.String(), "path", k.Path, "device", k.Device, "dtype", k.DType.String())
-	switch k.Kind {
-	case KindSD:
-		m, err := c.lib.OpenSD(SDOptions{Path: k.Path, TokenizerDir: c.opts.TokenizerDir, Device: k.Device, DType: k.DType})
-		return m, nil, err
-	case KindSeg:
-		m, err := c.lib.OpenSeg(SegOptions{Path: k.Path, Device: k.Device, DType: k.DType})
-		return nil, m, err
-	}
-	return nil, nil, fmt.Errorf("load %s: unknown model kind %d", k.Path, k.Kind)
 }
 
 func (c *Cache) touch(e *entry) {
@@ -328,7 +333,7 @@ func (c *Cache) Unload(key Key) (bool, error) {
 	}
 	if e.refs > 0 || !e.loaded() {
 		c.mu.Unlock()
-		return false, fmt.Errorf("unload %s: model is in use", key.Path)
+		return false, fmt.Errorf("unload %s: %w", key.Path, ErrInUse)
 	}
 	delete(c.entries, key)
 	c.mu.Unlock()
@@ -338,11 +343,11 @@ func (c *Cache) Unload(key Key) (bool, error) {
 
 // LoadedModel describes one cache entry.
 type LoadedModel struct {
-	Key  Key       `json:"-"`
-	Kind string    `json:"kind"`
-	Path string    `json:"path"`
-	Info ModelInfo `json:"info"`
-	Refs int       `json:"in_use"`
+	Key  Key               `json:"-"`
+	Kind string            `json:"kind"`
+	Path string            `json:"path"`
+	Info binding.ModelInfo `json:"info"`
+	Refs int               `json:"in_use"`
 }
 
 // Loaded lists the loaded models, most recently used first.
@@ -358,19 +363,13 @@ func (c *Cache) Loaded() []LoadedModel {
 	sort.Slice(es, func(i, j int) bool { return es[i].lastUsed > es[j].lastUsed })
 	out := make([]LoadedModel, len(es))
 	for i, e := range es {
-		info := ModelInfo{}
-		if e.sd != nil {
-			info = e.sd.Info()
-		} else if e.seg != nil {
-			info = e.seg.Info()
-		}
-		out[i] = LoadedModel{Key: e.key, Kind: e.key.Kind.String(), Path: e.key.Path, Info: info, Refs: e.refs}
+		out[i] = LoadedModel{Key: e.key, Kind: e.key.Kind.String(), Path: e.key.Path, Info: e.model.Info(), Refs: e.refs}
 	}
 	return out
 }
 
 // Stats reports the cache's counters and memory.
-func (c *Cache) Stats() CacheStats {
+func (c *Cache) Stats() Stats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := c.stats
@@ -412,7 +411,7 @@ func estimateBytes(k Key) int64 {
 		}
 		return nil
 	})
-	if k.DType == F16 || k.DType == BF16 {
+	if k.DType == binding.F16 || k.DType == binding.BF16 {
 		n /= 2
 	}
 	return n

@@ -1,4 +1,4 @@
-package binding_test
+package modelcache_test
 
 import (
 	"context"
@@ -13,7 +13,20 @@ import (
 
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/internal/testenv"
+	"github.com/stepwise-sd/stepwise/modelcache"
 )
+
+// These tests run the cache over the real engine and the tiny models; the
+// policy itself is pinned, with a fake loader, in cache_test.go.
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+func newCache(t *testing.T, budget int64) *modelcache.Cache {
+	t.Helper()
+	c := modelcache.New(modelcache.LibraryLoader{Lib: testenv.Library(t)}, modelcache.Options{Budget: budget})
+	t.Cleanup(c.Close)
+	return c
+}
 
 // segModels writes n distinct tiny segmentation models and returns their paths
 // and the weight bytes of one of them.
@@ -29,20 +42,25 @@ func segModels(t *testing.T, lib *binding.Library, n int) []string {
 	return paths
 }
 
-func segKey(t *testing.T, c *binding.Cache, path string) binding.Key {
+func segKey(t *testing.T, c *modelcache.Cache, path string) modelcache.Key {
 	t.Helper()
-	k, err := c.KeyFor(binding.KindSeg, path, "", binding.DTypeAuto)
+	k, err := c.KeyFor(modelcache.KindSeg, path, "", binding.DTypeAuto)
 	require.NoError(t, err)
 	return k
 }
 
-func TestCacheReturnsLoadedModelWithoutReloading(t *testing.T) {
-	lib := testenv.Library(t)
+// tinySD is a cache with no budget and the key of the tiny SD model.
+func tinySD(t *testing.T) (*modelcache.Cache, modelcache.Key, string) {
+	t.Helper()
 	sdDir, _ := testenv.Tiny(t)
-	c := binding.NewCache(lib, binding.CacheOptions{Budget: -1})
-	defer c.Close()
-	key, err := c.KeyFor(binding.KindSD, sdDir, "", binding.DTypeAuto)
+	c := newCache(t, -1)
+	key, err := c.KeyFor(modelcache.KindSD, sdDir, "", binding.DTypeAuto)
 	require.NoError(t, err)
+	return c, key, sdDir
+}
+
+func TestCacheReturnsLoadedModelWithoutReloading(t *testing.T) {
+	c, key, sdDir := tinySD(t)
 	assert.Equal(t, binding.F32, key.DType, "auto resolves to f32 on the cpu")
 
 	r1, err := c.Acquire(context.Background(), key)
@@ -62,7 +80,7 @@ func TestCacheReturnsLoadedModelWithoutReloading(t *testing.T) {
 	wd, _ := os.Getwd()
 	rel, err := filepath.Rel(wd, sdDir)
 	require.NoError(t, err)
-	key2, err := c.KeyFor(binding.KindSD, rel, "cpu", binding.F32)
+	key2, err := c.KeyFor(modelcache.KindSD, rel, "cpu", binding.F32)
 	require.NoError(t, err)
 	assert.Equal(t, key, key2)
 }
@@ -76,8 +94,7 @@ func TestCacheEvictsLeastRecentlyUsedIdleModel(t *testing.T) {
 	probe.Close()
 
 	// Room for two models.
-	c := binding.NewCache(lib, binding.CacheOptions{Budget: 2*size + size/2})
-	defer c.Close()
+	c := newCache(t, 2*size+size/2)
 	ctx := context.Background()
 	a, b, cc := segKey(t, c, paths[0]), segKey(t, c, paths[1]), segKey(t, c, paths[2])
 
@@ -111,8 +128,7 @@ func TestCacheNeverEvictsModelInUse(t *testing.T) {
 	lib := testenv.Library(t)
 	paths := segModels(t, lib, 2)
 	// A budget smaller than one model: everything idle must go, nothing in use may.
-	c := binding.NewCache(lib, binding.CacheOptions{Budget: 1024})
-	defer c.Close()
+	c := newCache(t, 1024)
 	ctx := context.Background()
 	a, b := segKey(t, c, paths[0]), segKey(t, c, paths[1])
 
@@ -125,7 +141,7 @@ func TestCacheNeverEvictsModelInUse(t *testing.T) {
 	// The model in use still works.
 	assert.Contains(t, ra.Seg().Info().Arch, "seg-unet")
 	unloaded, err := c.Unload(a)
-	assert.Error(t, err, "unloading a model in use is refused")
+	assert.ErrorIs(t, err, modelcache.ErrInUse, "unloading a model in use is refused")
 	assert.False(t, unloaded)
 
 	rb.Release() // idle and over budget: freed at once
@@ -138,15 +154,10 @@ func TestCacheNeverEvictsModelInUse(t *testing.T) {
 }
 
 func TestCacheLoadsOnceForConcurrentRequests(t *testing.T) {
-	lib := testenv.Library(t)
-	sdDir, _ := testenv.Tiny(t)
-	c := binding.NewCache(lib, binding.CacheOptions{Budget: -1})
-	defer c.Close()
-	key, err := c.KeyFor(binding.KindSD, sdDir, "", binding.DTypeAuto)
-	require.NoError(t, err)
+	c, key, _ := tinySD(t)
 
 	const n = 8
-	refs := make([]*binding.Ref, n)
+	refs := make([]*modelcache.Ref, n)
 	errs := make([]error, n)
 	start := make(chan struct{})
 	var wg sync.WaitGroup
@@ -172,8 +183,7 @@ func TestCacheLoadsOnceForConcurrentRequests(t *testing.T) {
 
 func TestCacheLoadErrorsReachEveryWaiterAndAreNotCached(t *testing.T) {
 	lib := testenv.Library(t)
-	c := binding.NewCache(lib, binding.CacheOptions{Budget: -1})
-	defer c.Close()
+	c := newCache(t, -1)
 	missing := filepath.Join(t.TempDir(), "missing.safetensors")
 	key := segKey(t, c, missing)
 	var wg sync.WaitGroup
@@ -197,9 +207,8 @@ func TestCacheLoadErrorsReachEveryWaiterAndAreNotCached(t *testing.T) {
 }
 
 func TestCacheAcquireHonoursContextAndClose(t *testing.T) {
-	lib := testenv.Library(t)
 	_, segPath := testenv.Tiny(t)
-	c := binding.NewCache(lib, binding.CacheOptions{Budget: -1})
+	c := newCache(t, -1)
 	key := segKey(t, c, segPath)
 	r, err := c.Acquire(context.Background(), key)
 	require.NoError(t, err)
@@ -213,7 +222,7 @@ func TestCacheAcquireHonoursContextAndClose(t *testing.T) {
 	r2.Release()
 	c.Close()
 	_, err = c.Acquire(context.Background(), key)
-	assert.ErrorIs(t, err, binding.ErrCacheClosed)
+	assert.ErrorIs(t, err, modelcache.ErrClosed)
 	// The model in use survives Close until released.
 	assert.Contains(t, r.Seg().Info().Arch, "seg-unet")
 	r.Release()

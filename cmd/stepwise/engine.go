@@ -1,0 +1,113 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/modelcache"
+	"github.com/stepwise-sd/stepwise/models"
+	"github.com/stepwise-sd/stepwise/pipeline"
+)
+
+// engineFlags are the flags of every command that loads the engine.
+type engineFlags struct {
+	lib     string
+	device  string
+	threads int
+	verbose bool
+	log     *slog.Logger // set by load
+}
+
+func (f *engineFlags) register(cmd *cobra.Command) {
+	fs := cmd.Flags()
+	fs.StringVar(&f.lib, "lib", "", "path to libstepwise.so (default: $STEPWISE_LIB, next to the binary, ./build, system paths)")
+	fs.StringVar(&f.device, "device", "", "device: auto, cpu, cuda, cuda:N, mps (default: $STEPWISE_DEVICE, then auto)")
+	fs.IntVar(&f.threads, "threads", 0, "CPU threads for the engine (0: $STEPWISE_THREADS, else every CPU)")
+	fs.BoolVarP(&f.verbose, "verbose", "v", false, "verbose logs")
+	_ = cmd.MarkFlagFilename("lib", "so", "dylib")
+	completeWords(cmd, "device", "auto", "cpu", "cuda", "cuda:0", "mps")
+}
+
+func (f *engineFlags) load(stderr io.Writer) (*binding.Library, error) {
+	level := slog.LevelWarn
+	if f.verbose {
+		level = slog.LevelDebug
+	}
+	lg := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	f.log = lg
+	return binding.Load(binding.Options{Path: f.lib, Device: f.device, Threads: f.threads, Logger: lg})
+}
+
+// completeWords completes flag's value from a fixed list.
+func completeWords(cmd *cobra.Command, flag string, words ...string) {
+	_ = cmd.RegisterFlagCompletionFunc(flag, cobra.FixedCompletions(words, cobra.ShellCompDirectiveNoFileComp))
+}
+
+// completeSamplers and completeDTypes complete the shared value lists.
+func completeSamplers(cmd *cobra.Command, flag string) {
+	names := make([]string, len(binding.Samplers))
+	for i, s := range binding.Samplers {
+		names[i] = s.Name
+	}
+	completeWords(cmd, flag, names...)
+}
+
+func completeDTypes(cmd *cobra.Command, flag string) {
+	completeWords(cmd, flag, "auto", "f32", "f16", "bf16")
+}
+
+// defaultDataDir is $STEPWISE_DATA, else ~/.local/share/stepwise.
+func defaultDataDir() string {
+	if d := os.Getenv("STEPWISE_DATA"); d != "" {
+		return d
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "share", "stepwise")
+	}
+	return "stepwise-data"
+}
+
+// demoModels returns the tiny random-weight models under data/models, making
+// them the first time.
+func demoModels(lib *binding.Library, data string, stderr io.Writer) (sd, seg string, err error) {
+	dir := filepath.Join(data, "models")
+	sd, seg = filepath.Join(dir, models.TinySDDir), filepath.Join(dir, models.TinySegFile)
+	if _, err1 := os.Stat(filepath.Join(sd, "unet", "diffusion_pytorch_model.safetensors")); err1 == nil {
+		if _, err2 := os.Stat(seg); err2 == nil {
+			return sd, seg, nil
+		}
+	}
+	fmt.Fprintf(stderr, "making the tiny demo models in %s (random weights: the images are noise)\n", dir)
+	return models.MakeTiny(lib, dir)
+}
+
+// newEngine is the pipeline over lib: conversions of pickle checkpoints are
+// kept in data/cache; runs is nil for commands that write no run folders.
+func newEngine(lib *binding.Library, data, tokenizer string, runs *pipeline.Runs, lg *slog.Logger) *pipeline.Engine {
+	return &pipeline.Engine{
+		Cache: modelcache.New(modelcache.LibraryLoader{Lib: lib, TokenizerDir: tokenizer}, modelcache.Options{Logger: lg}),
+		Runs:  runs, ConvertDir: filepath.Join(data, "cache"), Version: version,
+	}
+}
+
+func formatBytes(n int64) string {
+	if n < 0 {
+		return "unknown"
+	}
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
