@@ -42,10 +42,34 @@ type Key struct {
 	Path   string        // absolute, cleaned
 	Device string        // resolved, e.g. "cpu", "cuda:0"
 	DType  binding.DType // resolved, never DTypeAuto
+	// VAE is the VAE that replaces an SD model's own (absolute, cleaned); empty: its own.
+	VAE string
 }
 
 // String names the key in logs.
-func (k Key) String() string { return fmt.Sprintf("%s:%s@%s/%s", k.Kind, k.Path, k.Device, k.DType) }
+func (k Key) String() string {
+	s := fmt.Sprintf("%s:%s@%s/%s", k.Kind, k.Path, k.Device, k.DType)
+	if k.VAE != "" {
+		s += "+vae:" + k.VAE
+	}
+	return s
+}
+
+// WithVAE is k with vae replacing the model's own VAE; only SD models have one.
+func (k Key) WithVAE(vae string) (Key, error) {
+	if vae == "" {
+		return k, nil
+	}
+	if k.Kind != KindSD {
+		return Key{}, fmt.Errorf("%w: only Stable Diffusion models take a VAE", binding.ErrInvalidArgument)
+	}
+	abs, err := filepath.Abs(vae)
+	if err != nil {
+		return Key{}, fmt.Errorf("VAE path %s: %w", vae, err)
+	}
+	k.VAE = filepath.Clean(abs)
+	return k, nil
+}
 
 // Model is a loaded model: *binding.SDModel and *binding.SegModel are.
 type Model interface {

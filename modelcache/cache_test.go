@@ -177,11 +177,11 @@ func TestKeyForResolvesPathDeviceAndDType(t *testing.T) {
 		want   Key
 	}{
 		{"relative path, cpu auto", binding.Device{ID: "cpu"}, KindSD, "m/../m/sd", binding.DTypeAuto,
-			Key{KindSD, filepath.Join(wd, "m", "sd"), "cpu", binding.F32}},
-		{"sd auto on cuda is f16", cuda, KindSD, "/x/sd", binding.DTypeAuto, Key{KindSD, "/x/sd", "cuda:0", binding.F16}},
+			Key{Kind: KindSD, Path: filepath.Join(wd, "m", "sd"), Device: "cpu", DType: binding.F32}},
+		{"sd auto on cuda is f16", cuda, KindSD, "/x/sd", binding.DTypeAuto, Key{Kind: KindSD, Path: "/x/sd", Device: "cuda:0", DType: binding.F16}},
 		{"seg auto is f32 everywhere", cuda, KindSeg, "/x/seg.safetensors", binding.DTypeAuto,
-			Key{KindSeg, "/x/seg.safetensors", "cuda:0", binding.F32}},
-		{"explicit dtype stays", cuda, KindSD, "/x/sd", binding.BF16, Key{KindSD, "/x/sd", "cuda:0", binding.BF16}},
+			Key{Kind: KindSeg, Path: "/x/seg.safetensors", Device: "cuda:0", DType: binding.F32}},
+		{"explicit dtype stays", cuda, KindSD, "/x/sd", binding.BF16, Key{Kind: KindSD, Path: "/x/sd", Device: "cuda:0", DType: binding.BF16}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

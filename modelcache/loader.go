@@ -30,7 +30,8 @@ func (l LibraryLoader) Load(k Key) (Model, error) {
 	// Each branch returns a nil interface on error, never a typed nil pointer.
 	switch k.Kind {
 	case KindSD:
-		m, err := l.Lib.OpenSD(binding.SDOptions{Path: k.Path, TokenizerDir: l.TokenizerDir, Device: k.Device, DType: k.DType})
+		m, err := l.Lib.OpenSD(binding.SDOptions{Path: k.Path, TokenizerDir: l.TokenizerDir, Device: k.Device, DType: k.DType,
+			VAEPath: k.VAE})
 		if err != nil {
 			return nil, err
 		}

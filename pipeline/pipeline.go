@@ -40,14 +40,19 @@ type ModelRef struct {
 // ConvertDir and found again by a stat, then the path, device and dtype are
 // resolved.
 func (e *Engine) ResolveModel(kind modelcache.Kind, m ModelRef) (modelcache.Key, error) {
-	if m.VAE != "" {
-		return modelcache.Key{}, fmt.Errorf("%w: a separate VAE (%s)", binding.ErrUnsupported, m.VAE)
-	}
 	path, err := models.Resolve(m.Path, e.ConvertDir)
 	if err != nil {
 		return modelcache.Key{}, err
 	}
-	return e.Cache.KeyFor(kind, path, m.Device, m.DType)
+	key, err := e.Cache.KeyFor(kind, path, m.Device, m.DType)
+	if err != nil || m.VAE == "" {
+		return key, err
+	}
+	vae, err := models.Resolve(m.VAE, e.ConvertDir) // a .ckpt/.pt VAE is converted like a model
+	if err != nil {
+		return modelcache.Key{}, fmt.Errorf("VAE: %w", err)
+	}
+	return key.WithVAE(vae)
 }
 
 func (e *Engine) acquire(ctx context.Context, kind modelcache.Kind, m ModelRef) (*modelcache.Ref, error) {

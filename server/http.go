@@ -356,6 +356,7 @@ func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
 	var req struct {
 		Kind  string `json:"kind"`  // "sd" or "seg"
 		Model string `json:"model"` // sd: a name from the models folder; empty: the current model
+		VAE   string `json:"vae"`   // sd: a VAE from the models folder; empty: the current one
 	}
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
@@ -370,7 +371,11 @@ func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
 		if err != nil {
 			return modelcache.Key{}, err
 		}
-		return s.engine.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: path, DType: s.cfg.DType})
+		vae, err := s.resolveVAE(req.VAE)
+		if err != nil {
+			return modelcache.Key{}, err
+		}
+		return s.engine.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: path, VAE: vae, DType: s.cfg.DType})
 	case "seg":
 		if s.cfg.SegModel == "" {
 			return modelcache.Key{}, badRequest("no segmentation model is configured")

@@ -49,9 +49,14 @@ func (f *editFlags) options() (pipeline.EditOptions, error) {
 	if err != nil {
 		return pipeline.EditOptions{}, err
 	}
+	model, segModel := f.model, f.segModel
+	vae, err := f.gen.pickModels(f.data, &model, &segModel)
+	if err != nil {
+		return pipeline.EditOptions{}, err
+	}
 	o := f.o
-	o.SD = pipeline.ModelRef{Path: f.model, DType: r.dtype}
-	o.Segment.Model, o.Segment.Classes = pipeline.ModelRef{Path: f.segModel}, f.classes
+	o.SD = pipeline.ModelRef{Path: model, VAE: vae, DType: r.dtype}
+	o.Segment.Model, o.Segment.Classes = pipeline.ModelRef{Path: segModel}, f.classes
 	o.Prompt, o.NegativePrompt, o.Steps, o.CFGScale = f.gen.prompt, f.gen.negative, f.gen.steps, f.gen.cfg
 	o.Seed, o.Sampler = r.seed, r.sampler
 	return o, nil
@@ -68,7 +73,7 @@ func (f *editFlags) run(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		return err
 	}
-	input, err := os.ReadFile(image)
+	input, err := readInput(image)
 	if err != nil {
 		return err
 	}

@@ -32,7 +32,7 @@ type generateFlags struct {
 func (f *generateFlags) register(cmd *cobra.Command) {
 	f.engine.register(cmd)
 	fs := cmd.Flags()
-	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a diffusers folder, a single-file .safetensors or a .ckpt checkpoint (required)")
+	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a diffusers folder, a single-file .safetensors or a .ckpt checkpoint, or its name in --models-dir (required)")
 	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder (vocab.json, merges.txt), for single-file checkpoints")
 	f.gen.register(cmd, "what to draw")
 	fs.IntVar(&f.width, "width", 0, fmt.Sprintf("image width, a multiple of 8 (default %d, or the init image's)", pipeline.DefaultSize))
@@ -72,8 +72,13 @@ func (f *generateFlags) options() (pipeline.GenerateOptions, error) {
 	if err != nil {
 		return pipeline.GenerateOptions{}, err
 	}
+	model := f.model
+	vae, err := f.gen.pickModels(f.data, &model, nil)
+	if err != nil {
+		return pipeline.GenerateOptions{}, err
+	}
 	o := pipeline.DefaultGenerateOptions()
-	o.SD = pipeline.ModelRef{Path: f.model, DType: r.dtype}
+	o.SD = pipeline.ModelRef{Path: model, VAE: vae, DType: r.dtype}
 	o.Prompt, o.NegativePrompt, o.Steps, o.CFGScale = f.gen.prompt, f.gen.negative, f.gen.steps, f.gen.cfg
 	o.Seed, o.Sampler, o.Width, o.Height, o.BatchSize = r.seed, r.sampler, f.width, f.height, f.batch
 	o.ClipSkip, o.Strength, o.MaskBlur, o.Preview, o.PreviewEvery = f.clipSkip, f.strength, f.maskBlur, preview, f.previewEvery
@@ -98,7 +103,7 @@ func (f *generateFlags) run(cmd *cobra.Command, _ []string) error {
 		if in.path == "" {
 			continue
 		}
-		if *in.dst, err = os.ReadFile(in.path); err != nil {
+		if *in.dst, err = readInput(in.path); err != nil {
 			return err
 		}
 	}

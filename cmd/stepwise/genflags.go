@@ -1,11 +1,14 @@
 package main
 
 import (
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/catalog"
+	"github.com/stepwise-sd/stepwise/internal/regfile"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
@@ -13,6 +16,7 @@ import (
 // are the pipeline's.
 type genFlags struct {
 	prompt, negative, sampler, dtype string
+	modelsDir, vae                   string
 	steps                            int
 	cfg                              float32
 	seed                             int64
@@ -27,10 +31,43 @@ func (g *genFlags) register(cmd *cobra.Command, promptHelp string) {
 	fs.Int64Var(&g.seed, "seed", -1, "random seed (-1: pick one)")
 	fs.StringVar(&g.sampler, "sampler", pipeline.DefaultSampler.String(), "sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm (or A1111 names)")
 	fs.StringVar(&g.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16")
+	fs.StringVar(&g.modelsDir, "models-dir", "", "folder of checkpoints: --model, --vae (and --seg-model) may name one of them")
+	fs.StringVar(&g.vae, "vae", "", "VAE replacing the model's own: a .safetensors file or diffusers VAE folder, or a name in --models-dir")
+	_ = cmd.MarkFlagDirname("models-dir")
 	_ = cmd.MarkFlagRequired("prompt")
 	completeSamplers(cmd, "sampler")
 	completeDTypes(cmd, "dtype")
 }
+
+// pickModels resolves model names against --models-dir (when given): each
+// pointer holds a path, a name in the folder, or "" (for a checkpoint or a
+// segmentation model: the folder's first). data holds the hash cache.
+func (g *genFlags) pickModels(data string, sd, seg *string) (vae string, err error) {
+	if g.modelsDir == "" {
+		return g.vae, nil
+	}
+	cat, err := catalog.Open(g.modelsDir, filepath.Join(data, "cache"))
+	if err != nil {
+		return "", err
+	}
+	if *sd, err = pickModel(cat, catalog.KindCheckpoint, *sd); err != nil {
+		return "", err
+	}
+	if seg != nil {
+		if *seg, err = pickModel(cat, catalog.KindSeg, *seg); err != nil {
+			return "", err
+		}
+	}
+	return pickModel(cat, catalog.KindVAE, g.vae)
+}
+
+// maxInputFileBytes bounds an image file the CLI reads (the pixel limit
+// applies after).
+const maxInputFileBytes = 512 << 20
+
+// readInput reads a file named on the command line, refusing FIFOs and
+// devices rather than blocking on them.
+func readInput(path string) ([]byte, error) { return regfile.ReadFile(path, maxInputFileBytes) }
 
 // resolved is what genFlags say, parsed.
 type resolved struct {
