@@ -179,3 +179,60 @@ func TestRefreshFindsCheckpointsAddedAfterStart(t *testing.T) {
 	e.get(t, "/v1/models", &models)
 	assert.Len(t, models["checkpoints"], 5)
 }
+
+// A VAE from the models folder replaces the model's own: the image changes,
+// and equals a direct run of a model folder that has that VAE in it.
+func TestVAEOverridePerJobAndThroughA1111(t *testing.T) {
+	dir := modelsDir(t)
+	fx := testenv.Fixtures(t)
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-sd15", "vae", "diffusion_pytorch_model.safetensors"),
+		filepath.Join(dir, "VAE", "alt.safetensors"))
+	withVAE := filepath.Join(t.TempDir(), "tiny-alt-vae")
+	testenv.CopyTree(t, filepath.Join(dir, "tiny"), withVAE)
+	testenv.CopyTree(t, filepath.Join(fx, "sd", "tiny-sd15", "vae"), filepath.Join(withVAE, "vae"))
+
+	e := withCatalog(t, dir)
+	direct := start(t, server.Config{Model: withVAE})
+	job := func(vae string) map[string]any {
+		b := txt(2)
+		b["model"] = "tiny"
+		if vae != "" {
+			b["vae"] = vae
+		}
+		return b
+	}
+	own := runImage(t, e, job(""))
+	alt := runImage(t, e, job("alt"))
+	assert.NotEqual(t, own, alt, "the VAE changes the decoded image")
+	assert.Equal(t, runImage(t, direct, txt(2)), alt, "equals a direct run of a model with that VAE")
+	assert.Equal(t, alt, runImage(t, e, job("VAE/alt")), "named by its path in the folder too")
+
+	var vaes []map[string]any
+	e.get(t, "/sdapi/v1/sd-vae", &vaes)
+	require.Len(t, vaes, 1)
+	assert.Equal(t, "VAE/alt", vaes[0]["model_name"])
+
+	req := map[string]any{"prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 5, "sampler_name": "Euler"}
+	want, _ := a1111Image(t, direct, req)
+	over := map[string]any{"override_settings": map[string]any{"sd_vae": "alt"}}
+	for k, v := range req {
+		over[k] = v
+	}
+	img, _ := a1111Image(t, e, over)
+	assert.Equal(t, want, img, "override_settings.sd_vae")
+	code, out := e.post(t, "/sdapi/v1/options", map[string]any{"sd_vae": "alt.safetensors"})
+	require.Equal(t, http.StatusOK, code, out)
+	img, _ = a1111Image(t, e, req)
+	assert.Equal(t, want, img, "the sd_vae option")
+	var opts map[string]any
+	e.get(t, "/sdapi/v1/options", &opts)
+	assert.Equal(t, "VAE/alt", opts["sd_vae"])
+	code, out = e.post(t, "/sdapi/v1/options", map[string]any{"sd_vae": "Automatic"})
+	require.Equal(t, http.StatusOK, code, out)
+	img, _ = a1111Image(t, e, req)
+	assert.NotEqual(t, want, img, "Automatic is the model's own VAE again")
+
+	code, out = e.post(t, "/v1/jobs", job("nope"))
+	assert.Equal(t, http.StatusBadRequest, code, out)
+	assert.Contains(t, out["error"], "VAE/alt", "the error names the choices")
+}
