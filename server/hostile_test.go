@@ -497,15 +497,7 @@ func TestRunFilesNeverFollowSymlinks(t *testing.T) {
 func TestShutdownEndsAfterItsGrace(t *testing.T) {
 	e := start(t, server.Config{})
 	id := submit(t, e, txt(150))
-	c := e.dial(t, "/v1/jobs/"+id+"/events")
-	c.SetReadDeadline(time.Now().Add(60 * time.Second))
-	for {
-		_, data, err := c.ReadMessage()
-		require.NoError(t, err)
-		if bytes.Contains(data, []byte(`"type":"progress"`)) {
-			break
-		}
-	}
+	waitForEvent(t, e.dial(t, "/v1/jobs/"+id+"/events"), "progress")
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	err := e.srv.Shutdown(ctx)
@@ -513,6 +505,19 @@ func TestShutdownEndsAfterItsGrace(t *testing.T) {
 	var v map[string]any
 	e.get(t, "/v1/jobs/"+id, &v)
 	assert.Equal(t, "cancelled", v["state"], "the job was cancelled when the grace ran out")
+}
+
+// waitForEvent reads c until an event of type typ arrives.
+func waitForEvent(t *testing.T, c *websocket.Conn, typ string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	for {
+		_, data, err := c.ReadMessage()
+		require.NoError(t, err)
+		if bytes.Contains(data, []byte(`"type":"`+typ+`"`)) {
+			return
+		}
+	}
 }
 
 func mkfifo(path string) error { return syscall.Mkfifo(path, 0o644) }
@@ -525,14 +530,7 @@ func TestCancelLandsInsideAStep(t *testing.T) {
 	id := submit(t, e, map[string]any{"kind": "txt2img", "prompt": "x", "width": 1024, "height": 1024, "steps": 2,
 		"preview": "none"})
 	c := e.dial(t, "/v1/jobs/"+id+"/events")
-	c.SetReadDeadline(time.Now().Add(60 * time.Second))
-	for {
-		_, data, err := c.ReadMessage()
-		require.NoError(t, err)
-		if bytes.Contains(data, []byte(`"type":"started"`)) {
-			break
-		}
-	}
+	waitForEvent(t, c, "started")
 	time.Sleep(500 * time.Millisecond) // well inside the first step
 	code, out := e.post(t, "/v1/jobs/"+id+"/cancel", "")
 	require.Equal(t, http.StatusAccepted, code, out)

@@ -56,7 +56,7 @@ func (f *benchFlags) register(cmd *cobra.Command) {
 	f.engine.register(cmd)
 	fs := cmd.Flags()
 	fs.StringVar(&f.model, "model", "", "model to time (default: a random-weight SD 1.5-sized model, made once in --cache)")
-	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder, for single-file checkpoints")
+	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder (default: the model's own, else the built-in CLIP vocabulary)")
 	fs.StringVar(&f.cache, "cache", filepath.Join(os.TempDir(), "stepwise-bench"), "where the random SD 1.5-sized model is kept")
 	fs.StringVar(&f.sizes, "sizes", "256,512", "square image sizes to time")
 	fs.StringVar(&f.dtypes, "dtypes", "f32", "weight dtypes to compare, e.g. f32,bf16")

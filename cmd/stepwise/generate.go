@@ -33,7 +33,7 @@ func (f *generateFlags) register(cmd *cobra.Command) {
 	f.engine.register(cmd)
 	fs := cmd.Flags()
 	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a diffusers folder, a single-file .safetensors or a .ckpt checkpoint, or its name in --models-dir (required)")
-	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder (vocab.json, merges.txt), for single-file checkpoints")
+	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder (vocab.json, merges.txt); default: the model's own, else the built-in CLIP vocabulary")
 	f.gen.register(cmd, "what to draw")
 	fs.IntVar(&f.width, "width", 0, fmt.Sprintf("image width, a multiple of 8 (default %d, or the init image's)", pipeline.DefaultSize))
 	fs.IntVar(&f.height, "height", 0, fmt.Sprintf("image height, a multiple of 8 (default %d, or the init image's)", pipeline.DefaultSize))
