@@ -56,13 +56,13 @@ type GenerateParams struct {
 }
 
 // Txt2Img draws images from a prompt.
-func (e *Engine) Txt2Img(ctx context.Context, o GenerateOptions) (*GenerateResult, error) {
+func (e *Runner) Txt2Img(ctx context.Context, o GenerateOptions) (*GenerateResult, error) {
 	o.Init, o.Mask = nil, nil
 	return e.Generate(ctx, o)
 }
 
 // Img2Img redraws an init image.
-func (e *Engine) Img2Img(ctx context.Context, o GenerateOptions) (*GenerateResult, error) {
+func (e *Runner) Img2Img(ctx context.Context, o GenerateOptions) (*GenerateResult, error) {
 	if len(o.Init) == 0 {
 		return nil, errors.New("img2img needs an init image")
 	}
@@ -71,7 +71,7 @@ func (e *Engine) Img2Img(ctx context.Context, o GenerateOptions) (*GenerateResul
 }
 
 // Inpaint repaints the masked part of an init image.
-func (e *Engine) Inpaint(ctx context.Context, o GenerateOptions) (*GenerateResult, error) {
+func (e *Runner) Inpaint(ctx context.Context, o GenerateOptions) (*GenerateResult, error) {
 	if len(o.Init) == 0 || len(o.Mask) == 0 {
 		return nil, errors.New("inpaint needs an init image and a mask")
 	}
@@ -89,7 +89,7 @@ type prepared struct {
 
 // prepare decodes the inputs, fills the defaults and builds the request:
 // every field of the request is explicit.
-func (e *Engine) prepare(o GenerateOptions) (*prepared, error) {
+func (e *Runner) prepare(o GenerateOptions) (*prepared, error) {
 	if len(o.Mask) > 0 && len(o.Init) == 0 {
 		return nil, errors.New("a mask needs an init image")
 	}
@@ -148,7 +148,7 @@ type drawn struct {
 // draw is the one generation path: prepare o, acquire the model, run the
 // engine. begin, when set, runs once the model is loaded, before the engine
 // starts (Generate opens its run folder there, so OnRun comes early).
-func (e *Engine) draw(ctx context.Context, o GenerateOptions, begin func() error) (*drawn, error) {
+func (e *Runner) draw(ctx context.Context, o GenerateOptions, begin func() error) (*drawn, error) {
 	p, err := e.prepare(o)
 	if err != nil {
 		return nil, err
@@ -171,7 +171,7 @@ func (e *Engine) draw(ctx context.Context, o GenerateOptions, begin func() error
 }
 
 // params is the run's params.json.
-func (e *Engine) params(d *drawn, t0 time.Time) GenerateParams {
+func (e *Runner) params(d *drawn, t0 time.Time) GenerateParams {
 	p, res, info := d.prepared, d.res, d.info
 	o := p.o
 	timings := map[string]float64{"text": res.Text.Seconds(), "denoise": res.Denoise.Seconds(),
@@ -190,7 +190,7 @@ func (e *Engine) params(d *drawn, t0 time.Time) GenerateParams {
 
 // Generate runs txt2img, img2img (Init) or inpaint (Init and Mask) and writes
 // a run directory: input.png and mask.png when given, image-N.png, params.json.
-func (e *Engine) Generate(ctx context.Context, o GenerateOptions) (*GenerateResult, error) {
+func (e *Runner) Generate(ctx context.Context, o GenerateOptions) (*GenerateResult, error) {
 	t0 := time.Now()
 	var run *Run
 	d, err := e.draw(ctx, o, func() error {
@@ -252,7 +252,7 @@ type Rendered struct {
 // Render is Generate without a run directory, for callers that write the
 // images where they were asked to (the CLI's --out). It takes the same path:
 // the same defaults, mask handling and model resolution.
-func (e *Engine) Render(ctx context.Context, o GenerateOptions) (*Rendered, error) {
+func (e *Runner) Render(ctx context.Context, o GenerateOptions) (*Rendered, error) {
 	t0 := time.Now()
 	d, err := e.draw(ctx, o, nil)
 	if err != nil {

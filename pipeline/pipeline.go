@@ -13,9 +13,9 @@ import (
 	"github.com/stepwise-sd/stepwise/models"
 )
 
-// Engine runs the pipelines: it acquires models from the cache, writes run
+// Runner runs the pipelines: it acquires models from the cache, writes run
 // directories, and is the only place that knows the order of the steps.
-type Engine struct {
+type Runner struct {
 	Cache *modelcache.Cache
 	Runs  *Runs
 	// ConvertDir holds safetensors conversions of pickle checkpoints.
@@ -39,7 +39,7 @@ type ModelRef struct {
 // (.ckpt, .pth) becomes its safetensors conversion, made once under
 // ConvertDir and found again by a stat, then the path, device and dtype are
 // resolved.
-func (e *Engine) ResolveModel(kind modelcache.Kind, m ModelRef) (modelcache.Key, error) {
+func (e *Runner) ResolveModel(kind modelcache.Kind, m ModelRef) (modelcache.Key, error) {
 	path, err := models.Resolve(m.Path, e.ConvertDir)
 	if err != nil {
 		return modelcache.Key{}, err
@@ -55,7 +55,7 @@ func (e *Engine) ResolveModel(kind modelcache.Kind, m ModelRef) (modelcache.Key,
 	return key.WithVAE(vae)
 }
 
-func (e *Engine) acquire(ctx context.Context, kind modelcache.Kind, m ModelRef) (*modelcache.Ref, error) {
+func (e *Runner) acquire(ctx context.Context, kind modelcache.Kind, m ModelRef) (*modelcache.Ref, error) {
 	key, err := e.ResolveModel(kind, m)
 	if err != nil {
 		return nil, err
@@ -90,7 +90,7 @@ type SegmentResult struct {
 }
 
 // Segment finds the subject of img.
-func (e *Engine) Segment(ctx context.Context, img image.Image, o SegmentOptions, logits bool) (*SegmentResult, error) {
+func (e *Runner) Segment(ctx context.Context, img image.Image, o SegmentOptions, logits bool) (*SegmentResult, error) {
 	ref, err := e.acquire(ctx, modelcache.KindSeg, o.Model)
 	if err != nil {
 		return nil, err
@@ -217,7 +217,7 @@ type ModelIdentity struct {
 	DType  string `json:"dtype"`
 }
 
-func (e *Engine) runParams(kind, prompt, negative string, seed uint64, sampler binding.Sampler, steps int, cfg float32,
+func (e *Runner) runParams(kind, prompt, negative string, seed uint64, sampler binding.Sampler, steps int, cfg float32,
 	sdPath string, sdInfo binding.ModelInfo, timings map[string]float64) RunParams {
 	return RunParams{
 		Kind: kind, Stepwise: e.Version, Prompt: prompt, NegativePrompt: negative, Seed: seed, Sampler: sampler.String(),
@@ -239,7 +239,7 @@ var ErrNoSubject = errors.New("the segmentation found no subject")
 // pixels back at full resolution → segment the result → IoU. It writes a run
 // directory (input.png, mask.png, edited.png, edited_mask.png, params.json)
 // that appears whole or not at all.
-func (e *Engine) Edit(ctx context.Context, input []byte, o EditOptions) (*EditResult, error) {
+func (e *Runner) Edit(ctx context.Context, input []byte, o EditOptions) (*EditResult, error) {
 	t0 := time.Now()
 	img, err := DecodeImage(input, e.MaxPixels)
 	if err != nil {

@@ -29,7 +29,7 @@ import (
 
 func TestMain(m *testing.M) { testenv.Main(m) }
 
-func newEngine(t *testing.T) (*pipeline.Engine, string) {
+func newEngine(t *testing.T) (*pipeline.Runner, string) {
 	t.Helper()
 	lib := testenv.Library(t)
 	dir := t.TempDir()
@@ -37,7 +37,7 @@ func newEngine(t *testing.T) (*pipeline.Engine, string) {
 	require.NoError(t, err)
 	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
 	t.Cleanup(c.Close)
-	return &pipeline.Engine{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "convert"), Version: "test"}, runs.Dir()
+	return &pipeline.Runner{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "convert"), Version: "test"}, runs.Dir()
 }
 
 func photo(t *testing.T, w, h int) []byte { return testenv.Photo(t, w, h) }

@@ -202,7 +202,7 @@ func (s *Server) handleCancel(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleRunFile(w http.ResponseWriter, r *http.Request) {
-	path, err := s.engine.Runs.Path(r.PathValue("run"), r.PathValue("file"))
+	path, err := s.runner.Runs.Path(r.PathValue("run"), r.PathValue("file"))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
@@ -342,8 +342,8 @@ func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
 		"configured":  map[string]string{"sd": s.cfg.Model, "seg": s.cfg.SegModel, "vae": s.cfg.VAE},
 		"current":     map[string]string{"sd": current, "vae": vae},
 		"checkpoints": s.checkpoints(),
-		"loaded":      s.engine.Cache.Loaded(),
-		"memory":      s.engine.Cache.Stats(),
+		"loaded":      s.runner.Cache.Loaded(),
+		"memory":      s.runner.Cache.Stats(),
 	}
 	if s.catalog != nil {
 		out["models_dir"] = s.catalog.Dir()
@@ -375,12 +375,12 @@ func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
 		if err != nil {
 			return modelcache.Key{}, err
 		}
-		return s.engine.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: path, VAE: vae, DType: s.cfg.DType})
+		return s.runner.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: path, VAE: vae, DType: s.cfg.DType})
 	case "seg":
 		if s.cfg.SegModel == "" {
 			return modelcache.Key{}, badRequest("no segmentation model is configured")
 		}
-		return s.engine.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: s.cfg.SegModel})
+		return s.runner.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: s.cfg.SegModel})
 	}
 	return modelcache.Key{}, badRequest(`kind must be "sd" or "seg"`)
 }
@@ -391,14 +391,14 @@ func (s *Server) handleModelLoad(w http.ResponseWriter, r *http.Request) {
 		writeError(w, statusOf(err), err.Error())
 		return
 	}
-	ref, err := s.engine.Cache.Acquire(r.Context(), key)
+	ref, err := s.runner.Cache.Acquire(r.Context(), key)
 	if err != nil {
 		writeError(w, statusOf(err), err.Error())
 		return
 	}
 	info := ref.Info()
 	ref.Release()
-	writeJSON(w, http.StatusOK, map[string]any{"loaded": key.Path, "info": info, "memory": s.engine.Cache.Stats()})
+	writeJSON(w, http.StatusOK, map[string]any{"loaded": key.Path, "info": info, "memory": s.runner.Cache.Stats()})
 }
 
 func (s *Server) handleModelUnload(w http.ResponseWriter, r *http.Request) {
@@ -407,10 +407,10 @@ func (s *Server) handleModelUnload(w http.ResponseWriter, r *http.Request) {
 		writeError(w, statusOf(err), err.Error())
 		return
 	}
-	freed, err := s.engine.Cache.Unload(key)
+	freed, err := s.runner.Cache.Unload(key)
 	if err != nil {
 		writeError(w, http.StatusConflict, err.Error())
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"unloaded": freed, "memory": s.engine.Cache.Stats()})
+	writeJSON(w, http.StatusOK, map[string]any{"unloaded": freed, "memory": s.runner.Cache.Stats()})
 }

@@ -29,7 +29,7 @@ type metrics struct {
 
 // newMetrics registers s's series, the Go runtime's and the process's on a
 // registry of their own. The funcs read s when scraped, so s's queue, hub and
-// engine may be set after this call.
+// runner may be set after this call.
 func newMetrics(s *Server) *metrics {
 	m := &metrics{registry: prometheus.NewRegistry()}
 	m.finishes = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -66,9 +66,9 @@ func newMetrics(s *Server) *metrics {
 		counter("stepwise_websocket_clients_dropped_total", "Websocket clients disconnected because they did not read their events.",
 			func() float64 { return float64(s.hub.slowClients.Load()) }),
 		gauge("stepwise_models_loaded", "Models loaded.",
-			func() float64 { return float64(s.engine.Cache.Stats().Loaded) }),
+			func() float64 { return float64(s.runner.Cache.Stats().Loaded) }),
 		gauge("stepwise_model_bytes", "Bytes of loaded model weights.",
-			func() float64 { return float64(s.engine.Cache.Stats().BytesInUse) }),
+			func() float64 { return float64(s.runner.Cache.Stats().BytesInUse) }),
 	)
 	return m
 }

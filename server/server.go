@@ -100,7 +100,7 @@ const concurrentDecodes = 2
 // Server runs jobs and serves the API.
 type Server struct {
 	cfg     Config
-	engine  *pipeline.Engine
+	runner  *pipeline.Runner
 	log     *slog.Logger
 	hub     *hub
 	queue   *queue
@@ -128,11 +128,11 @@ type Server struct {
 	stop    context.CancelFunc
 }
 
-// New makes a server over engine and starts its workers.
-func New(cfg Config, engine *pipeline.Engine) *Server {
+// New makes a server over runner and starts its workers.
+func New(cfg Config, runner *pipeline.Runner) *Server {
 	cfg.defaults()
 	ctx, stop := context.WithCancel(context.Background())
-	s := &Server{cfg: cfg, engine: engine, log: cfg.Logger, hub: newHub(cfg.Logger), jobs: map[string]*Job{},
+	s := &Server{cfg: cfg, runner: runner, log: cfg.Logger, hub: newHub(cfg.Logger), jobs: map[string]*Job{},
 		baseCtx: ctx, stop: stop, decodes: make(chan struct{}, concurrentDecodes), catalog: cfg.Catalog}
 	s.metrics = newMetrics(s)
 	s.described.m = map[string]catalog.Entry{}
@@ -148,7 +148,7 @@ func New(cfg Config, engine *pipeline.Engine) *Server {
 // weights' header (no model is loaded for it).
 func (s *Server) segClasses() (int, error) {
 	s.segClassesOnce.Do(func() {
-		path, err := models.Resolve(s.cfg.SegModel, s.engine.ConvertDir)
+		path, err := models.Resolve(s.cfg.SegModel, s.runner.ConvertDir)
 		if err == nil {
 			s.segClassCount, err = pipeline.SegModelClasses(path)
 		}
@@ -313,7 +313,7 @@ func (s *Server) execute(ctx context.Context, kind string, p JobParams, d *decod
 				return nil, err
 			}
 		}
-		res, err := s.engine.Generate(ctx, pipeline.GenerateOptions{
+		res, err := s.runner.Generate(ctx, pipeline.GenerateOptions{
 			SD: sdRef, Prompt: p.Prompt, NegativePrompt: p.NegativePrompt, Width: p.Width, Height: p.Height,
 			Steps: p.Steps, CFGScale: p.CFGScale, Seed: d.seed, Sampler: d.sampler, BatchSize: p.BatchSize,
 			Init: d.image, Mask: mask, Strength: p.DenoisingStrength, MaskBlur: p.MaskBlur,
@@ -328,7 +328,7 @@ func (s *Server) execute(ctx context.Context, kind string, p JobParams, d *decod
 		}
 		out.result["width"], out.result["height"] = res.Params.Width, res.Params.Height
 	case "edit":
-		res, err := s.engine.Edit(ctx, d.image, pipeline.EditOptions{
+		res, err := s.runner.Edit(ctx, d.image, pipeline.EditOptions{
 			SD: sdRef, Segment: segOpts, Prompt: p.Prompt, NegativePrompt: p.NegativePrompt, Steps: p.Steps,
 			CFGScale: p.CFGScale, Seed: d.seed, Sampler: d.sampler, WorkingSize: p.WorkingSize,
 			RepaintSubject: p.RepaintSubject, Grow: p.Grow, MaskBlur: p.MaskBlur,
@@ -368,11 +368,11 @@ func (s *Server) segmentJob(ctx context.Context, input []byte, o pipeline.Segmen
 	if err != nil {
 		return "", nil, err
 	}
-	res, err := s.engine.Segment(ctx, img, o, false)
+	res, err := s.runner.Segment(ctx, img, o, false)
 	if err != nil {
 		return "", nil, err
 	}
-	run, err := s.engine.Runs.Begin()
+	run, err := s.runner.Runs.Begin()
 	if err != nil {
 		return "", nil, err
 	}
@@ -386,7 +386,7 @@ func (s *Server) segmentJob(ctx context.Context, input []byte, o pipeline.Segmen
 	if err := run.WriteJSON("params.json", map[string]any{
 		"kind": "segment", "seg_model": o.Model.Path, "segment_scale": o.Scale, "segment_classes": o.Classes,
 		"input_size": [2]int{img.Bounds().Dx(), img.Bounds().Dy()}, "subject_fraction": res.Mask.Covers(),
-		"seconds": res.Elapsed.Seconds(), "stepwise": s.engine.Version,
+		"seconds": res.Elapsed.Seconds(), "stepwise": s.runner.Version,
 	}); err != nil {
 		return "", nil, err
 	}

@@ -52,7 +52,7 @@ func start(t *testing.T, cfg server.Config) *env {
 	runs, err := pipeline.OpenRuns(filepath.Join(dir, "runs"), pipeline.RunsOptions{})
 	require.NoError(t, err)
 	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
-	e := &pipeline.Engine{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
+	e := &pipeline.Runner{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
 	if cfg.Model == "" {
 		cfg.Model = sdDir
 	}

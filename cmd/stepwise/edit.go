@@ -97,7 +97,7 @@ func (f *editFlags) run(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		return err
 	}
-	e := newEngine(lib, f.data, "", runs, ef.log)
+	e := newRunner(lib, f.data, "", runs, ef.log)
 	defer e.Cache.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()

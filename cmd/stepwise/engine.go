@@ -87,10 +87,10 @@ func demoModels(lib *binding.Library, data string, stderr io.Writer) (sd, seg st
 	return models.MakeTiny(lib, dir)
 }
 
-// newEngine is the pipeline over lib: conversions of pickle checkpoints are
+// newRunner is the pipeline runner over lib: conversions of pickle checkpoints are
 // kept in data/cache; runs is nil for commands that write no run folders.
-func newEngine(lib *binding.Library, data, tokenizer string, runs *pipeline.Runs, lg *slog.Logger) *pipeline.Engine {
-	return &pipeline.Engine{
+func newRunner(lib *binding.Library, data, tokenizer string, runs *pipeline.Runs, lg *slog.Logger) *pipeline.Runner {
+	return &pipeline.Runner{
 		Cache: modelcache.New(modelcache.LibraryLoader{Lib: lib, TokenizerDir: tokenizer}, modelcache.Options{Logger: lg}),
 		Runs:  runs, ConvertDir: filepath.Join(data, "cache"), Version: version,
 	}

@@ -111,7 +111,7 @@ func (f *generateFlags) run(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	e := newEngine(lib, f.data, f.tokenizer, nil, ef.log)
+	e := newRunner(lib, f.data, f.tokenizer, nil, ef.log)
 	defer e.Cache.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()

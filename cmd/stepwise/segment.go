@@ -26,7 +26,7 @@ func newSegmentCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			e := newEngine(lib, data, "", nil, ef.log)
+			e := newRunner(lib, data, "", nil, ef.log)
 			defer e.Cache.Close()
 			seg.Model, seg.Classes = pipeline.ModelRef{Path: model}, classes
 			res, err := e.Segment(context.Background(), img, seg, saveLogits != "")

@@ -113,8 +113,8 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	engine := newEngine(lib, f.data, "", runs, lg)
-	defer engine.Cache.Close()
+	runner := newRunner(lib, f.data, "", runs, lg)
+	defer runner.Cache.Close()
 	srv := server.New(server.Config{
 		Model: model, SegModel: segModel, VAE: vae, Catalog: cat, DType: dtype, Token: f.token,
 		AllowedOrigins: splitList(f.origins), AllowedHosts: splitList(f.hosts),
@@ -122,7 +122,7 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 		MaxConns: f.maxConns, MaxWebsockets: f.maxWebsockets, MaxPromptBytes: f.maxPrompt, MaxPixels: f.maxPixels,
 		MaxBodyBytes: f.maxBody, ReadTimeout: f.readTimeout, KeepJobs: f.keepJobs,
 		CancelOnShutdown: f.cancelOnShutdown, Logger: lg,
-	}, engine)
+	}, runner)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
