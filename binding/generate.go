@@ -27,44 +27,32 @@ const (
 	PNDM          Sampler = 5
 )
 
-// SamplerInfo names a sampler: its stepwise name, the AUTOMATIC1111 display
-// name and other accepted aliases.
+// SamplerInfo names a sampler as the engine does (sw_sampler). Other
+// vocabularies, such as AUTOMATIC1111's display names, belong to their adapters.
 type SamplerInfo struct {
 	Sampler Sampler
-	Name    string   // e.g. "dpmpp_2m_karras"
-	Display string   // e.g. "DPM++ 2M Karras"
-	Aliases []string // other accepted spellings
+	Name    string // e.g. "dpmpp_2m_karras"
 }
 
 // Samplers lists every sampler, in a stable order.
 var Samplers = []SamplerInfo{
-	{Euler, "euler", "Euler", []string{"k_euler"}},
-	{EulerA, "euler_a", "Euler a", []string{"euler_ancestral", "k_euler_a", "k_euler_ancestral"}},
-	{DPMPP2M, "dpmpp_2m", "DPM++ 2M", []string{"k_dpmpp_2m"}},
-	{DPMPP2MKarras, "dpmpp_2m_karras", "DPM++ 2M Karras", []string{"k_dpmpp_2m_karras", "dpm++ 2m karras"}},
-	{DDIM, "ddim", "DDIM", nil},
-	{PNDM, "pndm", "PLMS", []string{"plms"}},
+	{Euler, "euler"}, {EulerA, "euler_a"}, {DPMPP2M, "dpmpp_2m"}, {DPMPP2MKarras, "dpmpp_2m_karras"}, {DDIM, "ddim"}, {PNDM, "pndm"},
 }
 
-// ParseSampler accepts a stepwise name, an A1111 display name or an alias,
-// case-insensitively.
+// ErrUnknownSampler is returned for a name that names no sampler.
+var ErrUnknownSampler = errors.New("unknown sampler")
+
+// ParseSampler accepts a sampler's name, case-insensitively.
 func ParseSampler(s string) (Sampler, error) {
 	key := strings.ToLower(strings.TrimSpace(s))
-	for _, si := range Samplers {
-		if key == si.Name || key == strings.ToLower(si.Display) {
-			return si.Sampler, nil
-		}
-		for _, a := range si.Aliases {
-			if key == a {
-				return si.Sampler, nil
-			}
-		}
-	}
 	names := make([]string, len(Samplers))
 	for i, si := range Samplers {
+		if key == si.Name {
+			return si.Sampler, nil
+		}
 		names[i] = si.Name
 	}
-	return 0, fmt.Errorf("unknown sampler %q (want one of %s, or an A1111 display name)", s, strings.Join(names, ", "))
+	return 0, fmt.Errorf("%w %q (want one of %s)", ErrUnknownSampler, s, strings.Join(names, ", "))
 }
 
 func (s Sampler) String() string {

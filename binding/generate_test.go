@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -284,10 +285,13 @@ func TestMalformedGenerationRequests(t *testing.T) {
 		})
 	}
 	_, err := binding.ParseSampler("k_lms_turbo")
+	assert.ErrorIs(t, err, binding.ErrUnknownSampler)
 	assert.ErrorContains(t, err, `unknown sampler "k_lms_turbo"`)
-	for _, name := range []string{"DPM++ 2M Karras", "euler_a", "Euler a", "PLMS", "ddim"} {
-		_, err := binding.ParseSampler(name)
-		assert.NoError(t, err, name)
+	for _, si := range binding.Samplers {
+		got, err := binding.ParseSampler(strings.ToUpper(si.Name))
+		require.NoError(t, err, si.Name)
+		assert.Equal(t, si.Sampler, got)
+		assert.Equal(t, si.Name, got.String())
 	}
 	res, err := m.Generate(context.Background(), tinyRequest(1))
 	require.NoError(t, err, "still healthy")

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
+	"strings"
 
 	"github.com/stepwise-sd/stepwise/binding"
 )
@@ -207,10 +209,41 @@ func (s *Server) a1111Interrupt(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) a1111Samplers(w http.ResponseWriter, r *http.Request) {
-	out := make([]map[string]any, 0, len(binding.Samplers))
-	for _, si := range binding.Samplers {
-		aliases := append([]string{si.Name}, si.Aliases...)
-		out = append(out, map[string]any{"name": si.Display, "aliases": aliases, "options": map[string]string{}})
+	out := make([]map[string]any, 0, len(a1111SamplerNames))
+	for _, n := range a1111SamplerNames {
+		aliases := append([]string{n.sampler.String()}, n.aliases...)
+		out = append(out, map[string]any{"name": n.display, "aliases": aliases, "options": map[string]string{}})
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// a1111SamplerNames are AUTOMATIC1111's names for the engine's samplers: the
+// display name its UI and clients send, and older spellings.
+var a1111SamplerNames = []struct {
+	sampler binding.Sampler
+	display string
+	aliases []string
+}{
+	{binding.Euler, "Euler", []string{"k_euler"}},
+	{binding.EulerA, "Euler a", []string{"euler_ancestral", "k_euler_a", "k_euler_ancestral"}},
+	{binding.DPMPP2M, "DPM++ 2M", []string{"k_dpmpp_2m"}},
+	{binding.DPMPP2MKarras, "DPM++ 2M Karras", []string{"k_dpmpp_2m_karras"}},
+	{binding.DDIM, "DDIM", nil},
+	{binding.PNDM, "PLMS", []string{"plms"}},
+}
+
+// ParseSampler accepts the engine's sampler names and AUTOMATIC1111's display
+// names and aliases, case-insensitively: what the job API and the CLI take.
+func ParseSampler(name string) (binding.Sampler, error) {
+	sampler, err := binding.ParseSampler(name)
+	if err == nil {
+		return sampler, nil
+	}
+	key := strings.ToLower(strings.TrimSpace(name))
+	for _, n := range a1111SamplerNames {
+		if key == strings.ToLower(n.display) || slices.Contains(n.aliases, key) {
+			return n.sampler, nil
+		}
+	}
+	return 0, fmt.Errorf("%w, or an A1111 name such as %q", err, a1111SamplerNames[3].display)
 }

@@ -160,7 +160,7 @@ func (s *Server) validate(kind string, p *JobParams) (*decoded, error) {
 	}
 	d := &decoded{}
 	var err error
-	if d.sampler, err = binding.ParseSampler(p.SamplerName); err != nil {
+	if d.sampler, err = ParseSampler(p.SamplerName); err != nil {
 		return nil, badRequest("%v", err)
 	}
 	if d.preview, err = binding.ParsePreview(p.Preview); err != nil {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"github.com/stepwise-sd/stepwise/binding"
 	"strings"
 	"testing"
 
@@ -75,4 +76,34 @@ func FuzzDecodeJob(f *testing.F) {
 		}
 		require.False(t, strings.ContainsRune(p.NegativePrompt, 0))
 	})
+}
+
+// The job API and the CLI take the engine's sampler names and A1111's names;
+// the binding knows only the engine's.
+func TestParseSamplerTakesA1111Names(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		want binding.Sampler
+	}{
+		{"euler_a", binding.EulerA}, {"Euler a", binding.EulerA}, {"k_euler_ancestral", binding.EulerA},
+		{"DPM++ 2M Karras", binding.DPMPP2MKarras}, {"dpm++ 2m karras", binding.DPMPP2MKarras},
+		{"PLMS", binding.PNDM}, {"pndm", binding.PNDM}, {" DDIM ", binding.DDIM}, {"Euler", binding.Euler},
+		{"DPM++ 2M", binding.DPMPP2M},
+	} {
+		got, err := ParseSampler(tt.name)
+		require.NoError(t, err, tt.name)
+		assert.Equal(t, tt.want, got, tt.name)
+	}
+	_, err := ParseSampler("k_lms")
+	assert.ErrorIs(t, err, binding.ErrUnknownSampler)
+	_, err = binding.ParseSampler("Euler a")
+	assert.ErrorIs(t, err, binding.ErrUnknownSampler, "A1111's names stay in the A1111 adapter")
+	// Every engine sampler has an A1111 name.
+	for _, si := range binding.Samplers {
+		found := false
+		for _, n := range a1111SamplerNames {
+			found = found || n.sampler == si.Sampler
+		}
+		assert.True(t, found, si.Name)
+	}
 }

@@ -7,7 +7,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
 )
@@ -16,7 +15,7 @@ import (
 // get the same value: both are the pipeline's defaults.
 func TestLeftOutFieldsMeanTheSameInTheCLIAndTheServer(t *testing.T) {
 	job := server.DefaultParams()
-	jobSampler, err := binding.ParseSampler(job.SamplerName)
+	jobSampler, err := server.ParseSampler(job.SamplerName)
 	require.NoError(t, err)
 
 	var g generateFlags

@@ -10,6 +10,7 @@ import (
 	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/internal/regfile"
 	"github.com/stepwise-sd/stepwise/pipeline"
+	"github.com/stepwise-sd/stepwise/server"
 )
 
 // genFlags are the generation flags generate and edit share; their defaults
@@ -78,7 +79,7 @@ type resolved struct {
 
 // resolve parses the sampler and dtype and picks a seed when none was given.
 func (g *genFlags) resolve() (resolved, error) {
-	sampler, err := binding.ParseSampler(g.sampler)
+	sampler, err := server.ParseSampler(g.sampler)
 	if err != nil {
 		return resolved{}, err
 	}
