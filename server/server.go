@@ -62,6 +62,14 @@ type Config struct {
 	Logger   *slog.Logger
 }
 
+// DefaultConfig is the configuration with every default filled in: what the
+// command line's flags start from.
+func DefaultConfig() Config {
+	var c Config
+	c.defaults()
+	return c
+}
+
 func (c *Config) defaults() {
 	def := func(v *int, d int) {
 		if *v <= 0 {

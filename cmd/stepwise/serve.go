@@ -27,7 +27,7 @@ type serveFlags struct {
 	origins, hosts                                []string
 	concurrency, maxQueue, maxSteps, maxSide      int
 	maxConns, maxWebsockets, maxPrompt, maxPixels int
-	keepJobs                                      int
+	keepJobs, maxBatch                            int
 	maxBody                                       int64
 	retention, grace, readTimeout                 time.Duration
 	cancelOnShutdown                              bool
@@ -49,21 +49,23 @@ func (f *serveFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16")
 	fs.StringVar(&f.token, "token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
 	fs.StringSliceVar(&f.origins, "allow-origin", nil, "comma-separated origins whose pages may use the API (the server's own always may)")
-	fs.IntVar(&f.concurrency, "concurrency", 1, "jobs running at once on the device")
-	fs.IntVar(&f.maxQueue, "max-queue", 64, "jobs waiting at most")
-	fs.IntVar(&f.maxSteps, "max-steps", 150, "steps a job may ask for")
-	fs.IntVar(&f.maxSide, "max-size", 2048, "width or height a job may ask for")
+	d := server.DefaultConfig() // the limits' defaults live with the server
+	fs.IntVar(&f.concurrency, "concurrency", d.Concurrency, "jobs running at once on the device")
+	fs.IntVar(&f.maxQueue, "max-queue", d.MaxQueue, "jobs waiting at most")
+	fs.IntVar(&f.maxSteps, "max-steps", d.MaxSteps, "steps a job may ask for")
+	fs.IntVar(&f.maxSide, "max-size", d.MaxSide, "width or height a job may ask for")
 	fs.DurationVar(&f.retention, "retention", pipeline.DefaultRetention, "how long run folders are kept")
 	fs.BoolVar(&f.cancelOnShutdown, "cancel-on-shutdown", false, "cancel running jobs on shutdown instead of letting them finish")
 	fs.DurationVar(&f.grace, "shutdown-grace", 2*time.Minute, "how long shutdown waits for running jobs")
 	fs.StringSliceVar(&f.hosts, "allow-host", nil, "comma-separated Host names the server answers to besides IP addresses and localhost (\"*\": any)")
-	fs.IntVar(&f.maxConns, "max-conns", 256, "open HTTP connections at most")
-	fs.IntVar(&f.maxWebsockets, "max-websockets", 128, "open websocket connections at most")
-	fs.IntVar(&f.maxPrompt, "max-prompt", 4096, "bytes of a prompt or negative prompt")
-	fs.IntVar(&f.maxPixels, "max-pixels", 16<<20, "pixels of an uploaded image")
-	fs.Int64Var(&f.maxBody, "max-body", 32<<20, "bytes of a request body")
-	fs.DurationVar(&f.readTimeout, "read-timeout", time.Minute, "time to read one request, body included")
-	fs.IntVar(&f.keepJobs, "keep-jobs", 200, "finished jobs kept listed by /v1/jobs")
+	fs.IntVar(&f.maxConns, "max-conns", d.MaxConns, "open HTTP connections at most")
+	fs.IntVar(&f.maxWebsockets, "max-websockets", d.MaxWebsockets, "open websocket connections at most")
+	fs.IntVar(&f.maxPrompt, "max-prompt", d.MaxPromptBytes, "bytes of a prompt or negative prompt")
+	fs.IntVar(&f.maxPixels, "max-pixels", d.MaxPixels, "pixels of an uploaded image")
+	fs.Int64Var(&f.maxBody, "max-body", d.MaxBodyBytes, "bytes of a request body")
+	fs.DurationVar(&f.readTimeout, "read-timeout", d.ReadTimeout, "time to read one request, body included")
+	fs.IntVar(&f.keepJobs, "keep-jobs", d.KeepJobs, "finished jobs kept listed by /v1/jobs")
+	fs.IntVar(&f.maxBatch, "max-batch", d.MaxBatch, "images a job may ask for")
 	_ = cmd.MarkFlagDirname("data")
 	_ = cmd.MarkFlagDirname("models-dir")
 	completeDTypes(cmd, "dtype")
@@ -120,7 +122,7 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 		AllowedOrigins: splitList(f.origins), AllowedHosts: splitList(f.hosts),
 		Concurrency: f.concurrency, MaxQueue: f.maxQueue, MaxSteps: f.maxSteps, MaxSide: f.maxSide,
 		MaxConns: f.maxConns, MaxWebsockets: f.maxWebsockets, MaxPromptBytes: f.maxPrompt, MaxPixels: f.maxPixels,
-		MaxBodyBytes: f.maxBody, ReadTimeout: f.readTimeout, KeepJobs: f.keepJobs,
+		MaxBodyBytes: f.maxBody, ReadTimeout: f.readTimeout, KeepJobs: f.keepJobs, MaxBatch: f.maxBatch,
 		CancelOnShutdown: f.cancelOnShutdown, Logger: lg,
 	}, runner)
 
