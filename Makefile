@@ -39,11 +39,12 @@ vet:
 
 # Native parity tests first (components, samplers, pipelines against
 # ../shared/fixtures), then the whole Go suite with CGO_ENABLED=0 (how stepwise
-# ships); the binding's, the model cache's, the pipeline's and the server's tests run again with
-# cgo and the race detector.
+# ships) — here a single-file checkpoint of SD 1.5's full size is made and run
+# with the built-in tokenizer (~2 min, ~9 GB); the binding's, the model cache's,
+# the pipeline's and the server's tests run again with cgo and the race detector.
 test: deps-test build vet
 	$(BUILD)/stepwise_native_test
-	CGO_ENABLED=0 $(GO) test -count=1 ./...
+	STEPWISE_SD15_FULL=1 CGO_ENABLED=0 $(GO) test -count=1 ./...
 	CGO_ENABLED=1 $(GO) test -count=1 -race ./binding/... ./modelcache/... ./pipeline/... ./server/...
 
 # Serves the demo: the tiny random-weight models, made on first use, unless
