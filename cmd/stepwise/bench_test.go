@@ -66,6 +66,7 @@ func TestBenchMeasuresEachDTypeInItsOwnProcess(t *testing.T) {
 	code, _, errOut = runCLI("bench", "--lib", testenv.LibPath(), "--device", "cpu", "--model", filepath.Join(t.TempDir(), "none"),
 		"--sizes", "64", "--steps", "2")
 	assert.Equal(t, exitError, code)
+	assert.Contains(t, errOut, "open model", "the child's own message")
 	assert.Contains(t, errOut, "stepwise bench: bench process for f32: exit status 1")
 }
 
