@@ -56,5 +56,13 @@ run: build
 bench: build
 	$(BIN) bench --sizes 256,512 --dtypes f32,bf16
 
+# Times the current tree against commit BASE on the same work and prints the
+# ratios (docs/benchmarks.md); the baseline is built once under .bench/.
+# BENCH_ARGS: bench flags for both, e.g. BENCH_ARGS="--sizes 256 --dtypes f32,bf16".
+.PHONY: bench-compare
+bench-compare:
+	@test -n "$(BASE)" || { echo "usage: make bench-compare BASE=<commit> [BENCH_ARGS=...]" >&2; exit 2; }
+	BENCH_ARGS="$(BENCH_ARGS)" GO="$(GO)" JOBS="$(JOBS)" ./scripts/bench-compare.sh $(BASE)
+
 clean:
 	rm -rf $(BUILD)

@@ -1,10 +1,15 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"sort"
@@ -15,6 +20,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/models"
@@ -34,10 +40,17 @@ type benchRow struct {
 	StepSeconds float64 `json:"step_seconds"` // median over the timed steps
 	StepMin     float64 `json:"step_seconds_min"`
 	DecodeSec   float64 `json:"vae_decode_seconds"`
-	PeakRSS     int64   `json:"peak_rss_bytes"`
-	Threads     int     `json:"threads"`
-	Preview     string  `json:"preview"`
+	// PeakRSS is the peak resident memory of the process that measured this
+	// dtype alone, up to the end of this row.
+	PeakRSS int64  `json:"peak_rss_bytes"`
+	Threads int    `json:"threads"`
+	Preview string `json:"preview"`
+	PID     int    `json:"pid,omitempty"` // the process that measured the row
 }
+
+// inProcessFlag makes bench measure in its own process instead of starting
+// one child per dtype; the parent passes it to its children.
+const inProcessFlag = "in-process"
 
 // benchFlags are bench's flags.
 type benchFlags struct {
@@ -45,11 +58,13 @@ type benchFlags struct {
 	model, tokenizer, cache, sizes, dtypes, preview string
 	steps                                           int
 	cfg                                             float32
-	asJSON                                          bool
+	asJSON, inProcess                               bool
 }
 
 func newBenchCommand() *cobra.Command {
-	return newFlaggedCommand("bench", "time text encoding, denoising steps and VAE decoding per size and dtype", cobra.NoArgs, &benchFlags{})
+	cmd := newFlaggedCommand("bench", "time text encoding, denoising steps and VAE decoding per size and dtype", cobra.NoArgs, &benchFlags{})
+	cmd.AddCommand(newBenchCompareCommand())
+	return cmd
 }
 
 func (f *benchFlags) register(cmd *cobra.Command) {
@@ -59,41 +74,168 @@ func (f *benchFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder (default: the model's own, else the built-in CLIP vocabulary)")
 	fs.StringVar(&f.cache, "cache", filepath.Join(os.TempDir(), "stepwise-bench"), "where the random SD 1.5-sized model is kept")
 	fs.StringVar(&f.sizes, "sizes", "256,512", "square image sizes to time")
-	fs.StringVar(&f.dtypes, "dtypes", "f32", "weight dtypes to compare, e.g. f32,bf16")
+	fs.StringVar(&f.dtypes, "dtypes", "f32", "weight dtypes to compare, e.g. f32,bf16 (each is measured in a process of its own)")
 	fs.IntVar(&f.steps, "steps", 3, "denoising steps per size (the first is a warm-up and not timed)")
 	fs.Float32Var(&f.cfg, "cfg-scale", pipeline.DefaultCFGScale, "guidance scale (> 1: classifier-free guidance, two UNet passes per step)")
 	fs.StringVar(&f.preview, "preview", "none", "preview mode during the timed steps: none, latent2rgb, vae")
 	fs.BoolVar(&f.asJSON, "json", false, "print JSON lines instead of a table")
+	fs.BoolVar(&f.inProcess, inProcessFlag, false, "measure in this process (what each per-dtype child runs)")
+	_ = fs.MarkHidden(inProcessFlag)
 	completeWords(cmd, "preview", "none", "latent2rgb", "vae")
 }
 
-// runBench calls the engine directly, not the pipeline: it times the engine.
-func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
-	ef, stdout, stderr := &f.engine, cmd.OutOrStdout(), cmd.ErrOrStderr()
+// benchPlan is bench's flags, checked.
+type benchPlan struct {
+	sizes   []int
+	dtypes  []binding.DType
+	preview binding.Preview
+}
+
+func (f *benchFlags) plan() (benchPlan, error) {
+	var p benchPlan
 	if f.steps < 2 {
-		return fmt.Errorf("--steps must be at least 2 (one warm-up, one timed)")
+		return p, fmt.Errorf("--steps must be at least 2 (one warm-up, one timed)")
 	}
-	var sizeList []int
 	for _, s := range strings.Split(f.sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n <= 0 || n%8 != 0 {
-			return fmt.Errorf("bad size %q: want positive multiples of 8", s)
+			return p, fmt.Errorf("bad size %q: want positive multiples of 8", s)
 		}
-		sizeList = append(sizeList, n)
+		p.sizes = append(p.sizes, n)
 	}
-	preview, err := binding.ParsePreview(f.preview)
-	if err != nil {
-		return err
+	var err error
+	if p.preview, err = binding.ParsePreview(f.preview); err != nil {
+		return p, err
 	}
-	var dtypeList []binding.DType
 	for _, s := range strings.Split(f.dtypes, ",") {
 		d, err := binding.ParseDType(s)
 		if err != nil {
+			return p, err
+		}
+		p.dtypes = append(p.dtypes, d)
+	}
+	return p, nil
+}
+
+func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
+	p, err := f.plan()
+	if err != nil {
+		return err
+	}
+	stdout, stderr := cmd.OutOrStdout(), cmd.ErrOrStderr()
+	var rows []benchRow
+	emit := func(row benchRow) error {
+		rows = append(rows, row)
+		if f.asJSON {
+			return json.NewEncoder(stdout).Encode(row)
+		}
+		fmt.Fprintf(stderr, "%s %s %dx%d: %.2f s/step\n", row.Model, row.DType, row.Size, row.Size, row.StepSeconds)
+		return nil
+	}
+	if f.inProcess {
+		err = f.measure(cmd.Context(), p, stderr, emit)
+	} else {
+		// Each dtype in a fresh process: one dtype's weights and allocator
+		// caches would otherwise count in the next one's peak RSS.
+		for _, dt := range p.dtypes {
+			if err = f.runChild(cmd, dt, stderr, emit); err != nil {
+				break
+			}
+		}
+	}
+	if err != nil || f.asJSON {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MODEL\tDEVICE\tDTYPE\tSIZE\tPREVIEW\tS/STEP (median)\tS/STEP (min)\tTEXT S\tVAE DECODE S\tLOAD S\tPEAK RSS\tTHREADS")
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d²\t%s\t%.2f\t%.2f\t%.3f\t%.2f\t%.1f\t%s\t%d\n", r.Model, r.Device, r.DType, r.Size,
+			r.Preview, r.StepSeconds, r.StepMin, r.TextSeconds, r.DecodeSec, r.LoadSeconds, formatBytes(r.PeakRSS), r.Threads)
+	}
+	return tw.Flush()
+}
+
+// benchChildError is a per-dtype bench process that failed; its own stderr
+// has already been passed on.
+type benchChildError struct {
+	DType binding.DType
+	Err   error
+}
+
+func (e *benchChildError) Error() string {
+	return fmt.Sprintf("bench process for %s: %v", e.DType, e.Err)
+}
+func (e *benchChildError) Unwrap() error { return e.Err }
+
+// runChild measures dtype dt in a child process of this binary, with the
+// flags given to this one, and emits its rows as they arrive.
+func (f *benchFlags) runChild(cmd *cobra.Command, dt binding.DType, stderr io.Writer, emit func(benchRow) error) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return &benchChildError{dt, fmt.Errorf("find this binary: %w", err)}
+	}
+	args := []string{"bench", "--dtypes", dt.String(), "--json", "--" + inProcessFlag}
+	cmd.Flags().Visit(func(fl *pflag.Flag) {
+		switch fl.Name {
+		case "dtypes", "json", inProcessFlag:
+		default:
+			args = append(args, "--"+fl.Name+"="+fl.Value.String())
+		}
+	})
+	ctx := cmd.Context()
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	child := exec.CommandContext(ctx, exe, args...)
+	child.Stderr = stderr
+	out, err := child.StdoutPipe()
+	if err != nil {
+		return &benchChildError{dt, err}
+	}
+	if err := child.Start(); err != nil {
+		return &benchChildError{dt, err}
+	}
+	var rows []benchRow
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 {
+			continue
+		}
+		var row benchRow
+		if err := json.Unmarshal(line, &row); err != nil {
+			_ = child.Process.Kill()
+			_ = child.Wait()
+			return &benchChildError{dt, fmt.Errorf("read its row %q: %w", line, err)}
+		}
+		rows = append(rows, row)
+	}
+	if err := child.Wait(); err != nil {
+		return &benchChildError{dt, err}
+	}
+	// A child that could not read its own VmHWM still has the kernel's
+	// account of it.
+	var maxRSS int64 = -1
+	if ru, ok := child.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		maxRSS = ru.Maxrss * 1024 // Linux reports KiB
+	}
+	for _, row := range rows {
+		if row.PeakRSS <= 0 {
+			row.PeakRSS = maxRSS
+		}
+		if err := emit(row); err != nil {
 			return err
 		}
-		dtypeList = append(dtypeList, d)
 	}
-	lib, err := ef.load(stderr)
+	return nil
+}
+
+// measure calls the engine directly, not the pipeline: it times the engine.
+func (f *benchFlags) measure(ctx context.Context, p benchPlan, stderr io.Writer, emit func(benchRow) error) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	lib, err := f.engine.load(stderr)
 	if err != nil {
 		return err
 	}
@@ -107,27 +249,26 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 			}
 		}
 	}
-	threads := ef.threads
+	threads := f.engine.threads
 	if threads <= 0 {
 		threads = runtime.NumCPU()
 		if n, err := strconv.Atoi(os.Getenv("STEPWISE_THREADS")); err == nil && n > 0 {
 			threads = n
 		}
 	}
-	var rows []benchRow
-	for _, dt := range dtypeList {
+	for _, dt := range p.dtypes {
 		t0 := time.Now()
 		m, err := lib.OpenSD(binding.SDOptions{Path: path, TokenizerDir: f.tokenizer, DType: dt})
 		if err != nil {
 			return err
 		}
 		load := time.Since(t0).Seconds()
-		for _, size := range sizeList {
+		for _, size := range p.sizes {
 			var stepTimes []float64
 			var last time.Duration
 			req := binding.GenerateRequest{
 				Prompt: "a photograph of an astronaut riding a horse", Width: size, Height: size, Steps: f.steps,
-				BatchSize: 1, CFGScale: f.cfg, Sampler: binding.Euler, Seed: 1, Preview: preview, PreviewEvery: 1,
+				BatchSize: 1, CFGScale: f.cfg, Sampler: binding.Euler, Seed: 1, Preview: p.preview, PreviewEvery: 1,
 				OnStep: func(s binding.Step) {
 					if s.Step > 1 {
 						stepTimes = append(stepTimes, (s.Elapsed - last).Seconds())
@@ -135,7 +276,7 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 					last = s.Elapsed
 				},
 			}
-			res, err := m.Generate(context.Background(), req)
+			res, err := m.Generate(ctx, req)
 			if err != nil {
 				m.Close()
 				return err
@@ -145,36 +286,230 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 				Model: name, Device: m.Info().Device, DType: m.Info().DType.String(), Size: size, Steps: f.steps,
 				CFG: f.cfg > 1, LoadSeconds: load, TextSeconds: res.Text.Seconds(), StepSeconds: stepTimes[len(stepTimes)/2],
 				StepMin: stepTimes[0], DecodeSec: res.Decode.Seconds(), PeakRSS: peakRSS(), Threads: threads,
-				Preview: preview.String(),
+				Preview: p.preview.String(), PID: os.Getpid(),
 			}
-			rows = append(rows, row)
-			if f.asJSON {
-				if err := json.NewEncoder(stdout).Encode(row); err != nil {
-					return err
-				}
-			} else {
-				fmt.Fprintf(stderr, "%s %s %dx%d: %.2f s/step\n", row.Model, row.DType, size, size, row.StepSeconds)
+			if err := emit(row); err != nil {
+				m.Close()
+				return err
 			}
 		}
 		m.Close()
 	}
-	if f.asJSON {
-		return nil
-	}
-	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "MODEL\tDEVICE\tDTYPE\tSIZE\tPREVIEW\tS/STEP (median)\tS/STEP (min)\tTEXT S\tVAE DECODE S\tLOAD S\tPEAK RSS\tTHREADS")
-	for _, r := range rows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d²\t%s\t%.2f\t%.2f\t%.3f\t%.2f\t%.1f\t%s\t%d\n", r.Model, r.Device, r.DType, r.Size,
-			r.Preview, r.StepSeconds, r.StepMin, r.TextSeconds, r.DecodeSec, r.LoadSeconds, formatBytes(r.PeakRSS), r.Threads)
-	}
-	return tw.Flush()
+	return nil
 }
 
-// peakRSS is the process's peak resident memory so far.
+// peakRSS is this process's peak resident memory so far: VmHWM, which
+// belongs to this process's own address space. getrusage's ru_maxrss is the
+// fallback only: across exec Linux keeps the larger of the old and new
+// peaks, so a child would inherit its parent's.
 func peakRSS() int64 {
+	if b, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+				if kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64); err == nil {
+					return kb * 1024
+				}
+			}
+		}
+	}
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		return -1
 	}
 	return ru.Maxrss * 1024 // Linux reports KiB
+}
+
+// errNoCommonRows: the two bench outputs share no (dtype, size).
+var errNoCommonRows = errors.New("the baseline and the current bench measured no (dtype, size) in common")
+
+// benchMismatchError: a (dtype, size) was measured on different work in the
+// two outputs, so its ratios would mean nothing.
+type benchMismatchError struct {
+	DType      string
+	Size       int
+	Field      string
+	Base, Curr string
+}
+
+func (e *benchMismatchError) Error() string {
+	return fmt.Sprintf("%s %d²: the runs differ in %s (baseline %s, current %s)", e.DType, e.Size, e.Field, e.Base, e.Curr)
+}
+
+// benchFileError: a bench output could not be read.
+type benchFileError struct {
+	Path string
+	Line int // 0: the file as a whole
+	Err  error
+}
+
+func (e *benchFileError) Error() string {
+	if e.Line > 0 {
+		return fmt.Sprintf("%s:%d: %v", e.Path, e.Line, e.Err)
+	}
+	return fmt.Sprintf("%s: %v", e.Path, e.Err)
+}
+func (e *benchFileError) Unwrap() error { return e.Err }
+
+// errDuplicateRow: one output measured a (dtype, size) twice.
+var errDuplicateRow = errors.New("the same dtype and size appear twice")
+
+// compareRow is a bench JSON line of any version: 201b204's fields, and the
+// optional ones later benches add.
+type compareRow struct {
+	Model       string   `json:"model"`
+	Device      string   `json:"device"`
+	DType       string   `json:"dtype"`
+	Size        int      `json:"size"`
+	Steps       int      `json:"steps"`
+	CFG         bool     `json:"cfg"`
+	LoadSeconds float64  `json:"load_seconds"`
+	TextSeconds float64  `json:"text_seconds"`
+	StepSeconds float64  `json:"step_seconds"`
+	DecodeSec   float64  `json:"vae_decode_seconds"`
+	EncodeSec   *float64 `json:"vae_encode_seconds"` // absent where not measured
+	PeakRSS     int64    `json:"peak_rss_bytes"`
+	Threads     int      `json:"threads"`
+	Preview     string   `json:"preview"`
+}
+
+type compareKey struct {
+	dtype string
+	size  int
+}
+
+func newBenchCompareCommand() *cobra.Command {
+	return newCommand("compare BASE.json CURRENT.json",
+		"print current/baseline ratios of two `bench --json` outputs, per dtype and size",
+		cobra.ExactArgs(2), func(cmd *cobra.Command, args []string) error {
+			base, err := readBenchRows(args[0])
+			if err != nil {
+				return err
+			}
+			cur, err := readBenchRows(args[1])
+			if err != nil {
+				return err
+			}
+			return compareBench(cmd.OutOrStdout(), base, cur)
+		})
+}
+
+// readBenchRows reads the JSON lines of one bench output, keyed by (dtype, size).
+func readBenchRows(path string) (map[compareKey]compareRow, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, &benchFileError{Path: path, Err: err}
+	}
+	rows := map[compareKey]compareRow{}
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" {
+			continue
+		}
+		var r compareRow
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			return nil, &benchFileError{Path: path, Line: i + 1, Err: err}
+		}
+		k := compareKey{r.DType, r.Size}
+		if _, dup := rows[k]; dup {
+			return nil, &benchFileError{Path: path, Line: i + 1, Err: fmt.Errorf("%s %d²: %w", r.DType, r.Size, errDuplicateRow)}
+		}
+		rows[k] = r
+	}
+	if len(rows) == 0 {
+		return nil, &benchFileError{Path: path, Err: errors.New("no bench rows")}
+	}
+	return rows, nil
+}
+
+// compareBench prints, per (dtype, size) that both measured, each figure of
+// the baseline and the current run and their ratio current/baseline.
+func compareBench(w io.Writer, base, cur map[compareKey]compareRow) error {
+	var keys []compareKey
+	var onlyOne []string
+	encode := false
+	for k, c := range cur {
+		b, ok := base[k]
+		if !ok {
+			onlyOne = append(onlyOne, fmt.Sprintf("%s %d² (current only)", k.dtype, k.size))
+			continue
+		}
+		if err := sameWork(b, c); err != nil {
+			return err
+		}
+		keys = append(keys, k)
+		encode = encode || (b.EncodeSec != nil && c.EncodeSec != nil)
+	}
+	for k := range base {
+		if _, ok := cur[k]; !ok {
+			onlyOne = append(onlyOne, fmt.Sprintf("%s %d² (baseline only)", k.dtype, k.size))
+		}
+	}
+	if len(keys) == 0 {
+		return errNoCommonRows
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		if keys[i].dtype != keys[j].dtype {
+			return keys[i].dtype < keys[j].dtype
+		}
+		return keys[i].size < keys[j].size
+	})
+	sort.Strings(onlyOne)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	head := "DTYPE\tSIZE\tS/STEP\tVAE DECODE"
+	if encode {
+		head += "\tVAE ENCODE"
+	}
+	fmt.Fprintln(tw, head+"\tLOAD\tTEXT ENCODE\tPEAK RSS")
+	for _, k := range keys {
+		b, c := base[k], cur[k]
+		cells := []string{k.dtype, fmt.Sprintf("%d²", k.size),
+			ratioCell(b.StepSeconds, c.StepSeconds, secs), ratioCell(b.DecodeSec, c.DecodeSec, secs)}
+		if encode {
+			cell := "-"
+			if b.EncodeSec != nil && c.EncodeSec != nil {
+				cell = ratioCell(*b.EncodeSec, *c.EncodeSec, secs)
+			}
+			cells = append(cells, cell)
+		}
+		cells = append(cells, ratioCell(b.LoadSeconds, c.LoadSeconds, secs), ratioCell(b.TextSeconds, c.TextSeconds, secs),
+			ratioCell(float64(b.PeakRSS), float64(c.PeakRSS), func(v float64) string { return formatBytes(int64(v)) }))
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(w, "each cell: baseline -> current (current/baseline; below 1 is faster or smaller)")
+	for _, s := range onlyOne {
+		fmt.Fprintf(w, "not compared: %s\n", s)
+	}
+	return nil
+}
+
+// sameWork checks that two rows timed the same work.
+func sameWork(b, c compareRow) error {
+	for _, f := range []struct{ name, b, c string }{
+		{"model", b.Model, c.Model},
+		{"device", b.Device, c.Device},
+		{"steps", strconv.Itoa(b.Steps), strconv.Itoa(c.Steps)},
+		{"cfg", strconv.FormatBool(b.CFG), strconv.FormatBool(c.CFG)},
+		{"threads", strconv.Itoa(b.Threads), strconv.Itoa(c.Threads)},
+		{"preview", b.Preview, c.Preview},
+	} {
+		if f.b != f.c {
+			return &benchMismatchError{DType: b.DType, Size: b.Size, Field: f.name, Base: f.b, Curr: f.c}
+		}
+	}
+	return nil
+}
+
+func secs(v float64) string { return fmt.Sprintf("%.3g s", v) }
+
+// ratioCell is "baseline -> current (ratio×)"; the ratio is n/a where the
+// baseline has no figure.
+func ratioCell(base, cur float64, format func(float64) string) string {
+	ratio := "n/a"
+	if base > 0 && cur >= 0 {
+		ratio = fmt.Sprintf("%.2f×", cur/base)
+	}
+	return fmt.Sprintf("%s -> %s (%s)", format(base), format(cur), ratio)
 }

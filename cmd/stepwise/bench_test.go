@@ -1,0 +1,194 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/stepwise-sd/stepwise/internal/testenv"
+)
+
+// runAsMainEnv makes this test binary act as the stepwise binary: bench
+// re-executes os.Executable() — here the test binary — once per dtype.
+const runAsMainEnv = "STEPWISE_TEST_RUN_AS_MAIN"
+
+// init runs before testing's flag parsing, which would reject bench's flags.
+func init() {
+	if os.Getenv(runAsMainEnv) == "1" {
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	// The test process itself: its children (and only they) run as main.
+	_ = os.Setenv(runAsMainEnv, "1")
+}
+
+func TestBenchMeasuresEachDTypeInItsOwnProcess(t *testing.T) {
+	sdDir, _ := testenv.Tiny(t)
+	args := []string{"bench", "--lib", testenv.LibPath(), "--device", "cpu", "--model", sdDir, "--sizes", "64", "--steps", "2"}
+
+	code, out, errOut := runCLI(append(args, "--dtypes", "f32,bf16", "--json")...)
+	require.Equal(t, exitOK, code, errOut)
+	var rows []benchRow
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		var r benchRow
+		require.NoError(t, json.Unmarshal([]byte(line), &r), line)
+		rows = append(rows, r)
+	}
+	require.Len(t, rows, 2)
+	assert.Equal(t, "f32", rows[0].DType)
+	assert.Equal(t, "bf16", rows[1].DType)
+	for _, r := range rows {
+		assert.Equal(t, sdDir, r.Model, "the flags reach the child")
+		assert.Equal(t, 64, r.Size)
+		assert.Equal(t, 2, r.Steps)
+		assert.Positive(t, r.PeakRSS, "%s has its own peak RSS", r.DType)
+		assert.NotZero(t, r.PID)
+		assert.NotEqual(t, os.Getpid(), r.PID, "%s is measured in a child, not in bench's process", r.DType)
+	}
+	assert.NotEqual(t, rows[0].PID, rows[1].PID, "one process per dtype")
+
+	// The table, from a child too.
+	code, out, errOut = runCLI(args...)
+	require.Equal(t, exitOK, code, errOut)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	require.Len(t, lines, 2, out)
+	assert.Contains(t, lines[0], "PEAK RSS")
+	assert.Contains(t, lines[1], " f32 ")
+	assert.Contains(t, lines[1], "64²")
+	assert.Contains(t, lines[1], "MiB", "a peak RSS in the row")
+	assert.Contains(t, errOut, " f32 64x64: ", "progress on stderr")
+
+	// A child that fails fails bench, with the child's own message.
+	code, _, errOut = runCLI("bench", "--lib", testenv.LibPath(), "--device", "cpu", "--model", filepath.Join(t.TempDir(), "none"),
+		"--sizes", "64", "--steps", "2")
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, errOut, "open model", "the child's own message")
+	assert.Contains(t, errOut, "stepwise bench: bench process for f32: exit status 1")
+}
+
+// Bench JSON lines as 201b204 printed them, and as bench prints them now
+// (with a pid, and a VAE encode time a later bench may add).
+const (
+	oldF32 = `{"model":"m","device":"cpu","dtype":"f32","size":256,"steps":4,"cfg":true,"load_seconds":10,"text_seconds":1,"step_seconds":5,"step_seconds_min":4.9,"vae_decode_seconds":4,"peak_rss_bytes":7516192768,"threads":2,"preview":"none"}`
+	oldBF  = `{"model":"m","device":"cpu","dtype":"bf16","size":256,"steps":4,"cfg":true,"load_seconds":2,"text_seconds":1,"step_seconds":1.5,"step_seconds_min":1.4,"vae_decode_seconds":2.5,"peak_rss_bytes":5368709120,"threads":2,"preview":"none"}`
+	newF32 = `{"model":"m","device":"cpu","dtype":"f32","size":256,"steps":4,"cfg":true,"load_seconds":5,"text_seconds":0.5,"step_seconds":3,"step_seconds_min":2.9,"vae_decode_seconds":2,"peak_rss_bytes":3758096384,"threads":2,"preview":"none","pid":41}`
+	newBF  = `{"model":"m","device":"cpu","dtype":"bf16","size":256,"steps":4,"cfg":true,"load_seconds":2,"text_seconds":1,"step_seconds":0.75,"step_seconds_min":0.7,"vae_decode_seconds":2.5,"vae_encode_seconds":1,"peak_rss_bytes":2684354560,"threads":2,"preview":"none","pid":42}`
+	newBFE = `{"model":"m","device":"cpu","dtype":"bf16","size":256,"steps":4,"cfg":true,"load_seconds":2,"text_seconds":1,"step_seconds":0.75,"step_seconds_min":0.7,"vae_decode_seconds":2.5,"vae_encode_seconds":0.5,"peak_rss_bytes":2684354560,"threads":2,"preview":"none","pid":43}`
+)
+
+func TestBenchCompare(t *testing.T) {
+	tests := []struct {
+		name      string
+		base, cur string
+		want      []string // lines or parts of lines, in order
+		notWant   []string
+	}{
+		{
+			name: "old baseline, new current",
+			base: oldF32 + "\n" + oldBF + "\n", cur: newBF + "\n" + newF32 + "\n",
+			want: []string{
+				"DTYPE  SIZE  S/STEP", "LOAD", "TEXT ENCODE", "PEAK RSS",
+				"bf16   256²  1.5 s -> 0.75 s (0.50×)  2.5 s -> 2.5 s (1.00×)  2 s -> 2 s (1.00×)",
+				"5.0 GiB -> 2.5 GiB (0.50×)",
+				"f32    256²  5 s -> 3 s (0.60×)       4 s -> 2 s (0.50×)      10 s -> 5 s (0.50×)  1 s -> 0.5 s (0.50×)  7.0 GiB -> 3.5 GiB (0.50×)",
+				"current/baseline",
+			},
+			notWant: []string{"VAE ENCODE", "not compared"},
+		},
+		{
+			name: "both measured VAE encode",
+			base: newBFE, cur: newBF,
+			want: []string{"VAE ENCODE", "bf16   256²", "0.5 s -> 1 s (2.00×)"},
+		},
+		{
+			name: "a size only one measured",
+			base: oldF32 + "\n" + oldBF, cur: newF32,
+			want: []string{"f32", "(0.60×)", "not compared: bf16 256² (baseline only)"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			base, cur := filepath.Join(dir, "base.json"), filepath.Join(dir, "cur.json")
+			require.NoError(t, os.WriteFile(base, []byte(tt.base), 0o644))
+			require.NoError(t, os.WriteFile(cur, []byte(tt.cur), 0o644))
+			code, out, errOut := runCLI("bench", "compare", base, cur)
+			require.Equal(t, exitOK, code, errOut)
+			rest := out
+			for _, w := range tt.want {
+				i := strings.Index(rest, w)
+				require.GreaterOrEqual(t, i, 0, "%q in order in:\n%s", w, out)
+				rest = rest[i+len(w):]
+			}
+			for _, w := range tt.notWant {
+				assert.NotContains(t, out, w)
+			}
+		})
+	}
+}
+
+func TestBenchCompareErrors(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) string {
+		p := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(p, []byte(text), 0o644))
+		return p
+	}
+	otherSteps := strings.Replace(newF32, `"steps":4`, `"steps":3`, 1)
+	tests := []struct {
+		name      string
+		base, cur string
+		check     func(t *testing.T, err error)
+	}{
+		{"different steps", oldF32, otherSteps, func(t *testing.T, err error) {
+			var m *benchMismatchError
+			require.ErrorAs(t, err, &m)
+			assert.Equal(t, "steps", m.Field)
+			assert.Equal(t, "4", m.Base)
+			assert.Equal(t, "3", m.Curr)
+		}},
+		{"nothing in common", oldF32, newBF, func(t *testing.T, err error) {
+			assert.ErrorIs(t, err, errNoCommonRows)
+		}},
+		{"a row twice", oldF32 + "\n" + oldF32, newF32, func(t *testing.T, err error) {
+			assert.ErrorIs(t, err, errDuplicateRow)
+			var f *benchFileError
+			require.ErrorAs(t, err, &f)
+			assert.Equal(t, 2, f.Line)
+		}},
+		{"not JSON", "size 256: 5 s/step", newF32, func(t *testing.T, err error) {
+			var f *benchFileError
+			require.ErrorAs(t, err, &f)
+			assert.Equal(t, 1, f.Line)
+		}},
+		{"empty", "\n", newF32, func(t *testing.T, err error) {
+			var f *benchFileError
+			require.ErrorAs(t, err, &f)
+			assert.Equal(t, 0, f.Line)
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			base, err := readBenchRows(write("base.json", tt.base))
+			if err == nil {
+				var cur map[compareKey]compareRow
+				cur, err = readBenchRows(write("cur.json", tt.cur))
+				require.NoError(t, err)
+				err = compareBench(new(strings.Builder), base, cur)
+			}
+			require.Error(t, err)
+			tt.check(t, err)
+		})
+	}
+
+	// Through the command: an error, and a usage error without two files.
+	code, _, errOut := runCLI("bench", "compare", write("a.json", oldF32), write("b.json", otherSteps))
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, errOut, "f32 256²: the runs differ in steps (baseline 4, current 3)")
+	code, _, _ = runCLI("bench", "compare", write("c.json", oldF32))
+	assert.Equal(t, exitUsage, code)
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# bench-compare.sh BASE: times the current tree against commit BASE on the same
+# work and prints current/baseline ratios (`make bench-compare BASE=<commit>`).
+#
+# The baseline is built once, with its own native library, in a git worktree
+# under .bench/base-<sha>/ that is kept for the next run. Both binaries run
+# `stepwise bench --json` with the same $BENCH_ARGS, one dtype per process and
+# the baseline first, and the current binary's `bench compare` prints the
+# ratios. Both outputs stay under .bench/run-<time>/.
+#
+# Environment:
+#   BENCH_ARGS    bench flags for both runs, split on spaces (no quoting). Use
+#                 only flags the baseline's bench knows too: 201b204's knows
+#                 --model --tokenizer --cache --sizes --dtypes --steps
+#                 --cfg-scale --preview --threads --device -v.
+#   CURRENT_LIB   an already built libstepwise.so for the current tree: then
+#                 only its Go binary is built (`make bin`), not `make build`.
+#   GO, JOBS      the go command and the native build's parallelism.
+set -euo pipefail
+
+say() { printf 'bench-compare: %s\n' "$*" >&2; }
+
+base=${1:-}
+if [ -z "$base" ]; then
+	say "usage: scripts/bench-compare.sh BASE (a commit; BENCH_ARGS for bench's flags)"
+	exit 2
+fi
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+GO=${GO:-$(command -v go 2>/dev/null || echo /usr/local/go/bin/go)}
+JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
+
+sha=$(git rev-parse --verify --quiet "$base^{commit}") || { say "$base is not a commit"; exit 2; }
+short=$(git rev-parse --short=7 "$sha")
+basedir=$root/.bench/base-$short
+base_bin=$basedir/build/stepwise
+base_lib=$basedir/build/libstepwise.so
+
+# --dtypes is split into one run per dtype; --json and --lib are ours to set.
+read -r -a words <<<"${BENCH_ARGS:-}"
+dtypes=f32 # both benches' default
+args=()
+for ((i = 0; i < ${#words[@]}; i++)); do
+	w=${words[i]}
+	case $w in
+	--dtypes | -dtypes)
+		i=$((i + 1))
+		dtypes=${words[i]:-}
+		;;
+	--dtypes=* | -dtypes=*) dtypes=${w#*=} ;;
+	--json | -json | --json=* | -json=*) ;;
+	--lib | -lib) i=$((i + 1)) ;;
+	--lib=* | -lib=*) ;;
+	*) args+=("$w") ;;
+	esac
+done
+if [ -z "$dtypes" ]; then
+	say "--dtypes needs a value"
+	exit 2
+fi
+
+# The baseline, built once.
+if [ ! -e "$basedir/.git" ]; then
+	say "checking out $short in $basedir"
+	mkdir -p "$root/.bench"
+	git worktree add --detach "$basedir" "$sha" >&2
+fi
+if [ ! -f "$base_lib" ] || [ ! -x "$base_bin" ]; then
+	say "building the baseline $short (once)"
+	cmake -S "$basedir" -B "$basedir/build" -DCMAKE_BUILD_TYPE=Release >&2
+	cmake --build "$basedir/build" --target stepwise -j "$JOBS" >&2
+	(cd "$basedir" && CGO_ENABLED=0 "$GO" build -trimpath -o build/stepwise ./cmd/stepwise) >&2
+else
+	say "baseline $short already built in $basedir"
+fi
+
+# The current tree.
+cur_bin=$root/build/stepwise
+if [ -n "${CURRENT_LIB:-}" ]; then
+	cur_lib=$(realpath "$CURRENT_LIB")
+	make --no-print-directory bin >&2
+else
+	cur_lib=$root/build/libstepwise.so
+	make --no-print-directory build >&2
+fi
+
+run=$root/.bench/run-$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$run"
+: >"$run/base.json"
+: >"$run/current.json"
+IFS=, read -r -a dtype_list <<<"$dtypes"
+for dt in "${dtype_list[@]}"; do
+	say "baseline $short, $dt: $base_bin bench ${args[*]} --dtypes $dt --json"
+	"$base_bin" bench "${args[@]}" --dtypes "$dt" --json --lib "$base_lib" >>"$run/base.json"
+	say "current, $dt: $cur_bin bench ${args[*]} --dtypes $dt --json"
+	"$cur_bin" bench "${args[@]}" --dtypes "$dt" --json --lib "$cur_lib" >>"$run/current.json"
+done
+say "outputs in $run"
+echo "current ($(git rev-parse --short=7 HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ', modified')) against baseline $short:"
+"$cur_bin" bench compare "$run/base.json" "$run/current.json"
