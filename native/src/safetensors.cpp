@@ -58,6 +58,17 @@ std::string shape_str(const std::vector<int64_t> &shape) {
     return s + "]";
 }
 
+// drop_pages gives the pages of [begin, end) of a read-only file mapping back
+// to the kernel once a tensor has been copied out of them, so the mapped file
+// and the loaded weights are never both resident: a model's peak memory is its
+// weights plus one tensor, not twice its file. The pages stay in the page
+// cache; reading them again faults them back in.
+void drop_pages(const void *map, size_t map_size, size_t begin, size_t end) {
+    static const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    const size_t lo = begin / page * page, hi = std::min(map_size, (end + page - 1) / page * page);
+    if (hi > lo) ::madvise(static_cast<char *>(const_cast<void *>(map)) + lo, hi - lo, MADV_DONTNEED);
+}
+
 }  // namespace
 
 SafeTensorsFile::SafeTensorsFile(const std::string &path) : path_(path) {
@@ -178,15 +189,20 @@ torch::Tensor SafeTensorsFile::load(const std::string &name) const {
     // misalignment of the data section).
     auto view = torch::from_blob(const_cast<uint8_t *>(data_ + e.begin), e.shape,
                                  torch::TensorOptions().dtype(e.scalar));
-    return view.clone();
+    auto out = view.clone();
+    drop_pages(map_, size_, static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_)) + e.begin,
+               static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_)) + e.end);
+    return out;
 }
 
 torch::Tensor SafeTensorsFile::load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const {
     const TensorEntry &e = entry(name);
     auto view = torch::from_blob(const_cast<uint8_t *>(data_ + e.begin), e.shape,
                                  torch::TensorOptions().dtype(e.scalar));
-    if (e.scalar == dtype && device.is_cpu()) return view.clone();
-    return view.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);
+    auto out = e.scalar == dtype && device.is_cpu() ? view.clone() : view.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);
+    const size_t base = static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_));
+    drop_pages(map_, size_, base + e.begin, base + e.end);
+    return out;
 }
 
 void write_safetensors(const std::string &path, const std::vector<std::pair<std::string, torch::Tensor>> &tensors,
