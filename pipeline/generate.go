@@ -89,7 +89,7 @@ type prepared struct {
 
 // prepare decodes the inputs, fills the defaults and builds the request:
 // every field of the request is explicit.
-func (e *Runner) prepare(o GenerateOptions) (*prepared, error) {
+func (e *Runner) prepare(ctx context.Context, o GenerateOptions) (*prepared, error) {
 	if len(o.Mask) > 0 && len(o.Init) == 0 {
 		return nil, errors.New("a mask needs an init image")
 	}
@@ -132,7 +132,9 @@ func (e *Runner) prepare(o GenerateOptions) (*prepared, error) {
 	}
 	if p.mask != nil {
 		work := p.mask.Resize(o.Width, o.Height)
-		work.Feather(o.MaskBlur)
+		if err := work.Feather(ctx, o.MaskBlur); err != nil {
+			return nil, err
+		}
 		p.req.Mask = &binding.Image{Width: o.Width, Height: o.Height, Channels: 1, Pix: work.Pix}
 	}
 	return p, nil
@@ -149,7 +151,7 @@ type drawn struct {
 // engine. begin, when set, runs once the model is loaded, before the engine
 // starts (Generate opens its run folder there, so OnRun comes early).
 func (e *Runner) draw(ctx context.Context, o GenerateOptions, begin func() error) (*drawn, error) {
-	p, err := e.prepare(o)
+	p, err := e.prepare(ctx, o)
 	if err != nil {
 		return nil, err
 	}

@@ -1,8 +1,13 @@
 package pipeline
 
 import (
+	"context"
 	"fmt"
 	"image"
+	"math"
+	"runtime"
+	"sync"
+	"sync/atomic"
 
 	"github.com/disintegration/imaging"
 )
@@ -138,16 +143,114 @@ func (f *lineFilter) apply(src, dst []byte) {
 	}
 }
 
-// Feather blurs the mask's edges with a Gaussian of the given sigma (pixels).
-// Pixels farther than 3 sigma from any edge keep their value exactly.
-func (m *Mask) Feather(sigma float64) {
-	if sigma <= 0 {
-		return
+// Feather blurs the mask's edges with a Gaussian of the given sigma (pixels),
+// exactly as imaging.Blur does (the same kernel, rounding and edge handling).
+// Pixels farther than 3 sigma from any edge keep their value and cost nothing,
+// so a mask's cost is its edges', and ctx is checked on every line: a large
+// mask with a wide blur can be cancelled.
+func (m *Mask) Feather(ctx context.Context, sigma float64) error {
+	if sigma <= 0 || m.Width == 0 || m.Height == 0 {
+		return nil
 	}
-	blurred := imaging.Blur(m.Image(), sigma)
-	for i := range m.Pix {
-		m.Pix[i] = blurred.Pix[4*i]
+	radius := int(math.Ceil(sigma * 3))
+	kernel := make([]float64, radius+1)
+	for i := range kernel {
+		x := float64(i)
+		kernel[i] = math.Exp(-(x*x)/(2*sigma*sigma)) / (sigma * math.Sqrt(2*math.Pi))
 	}
+	w, h := m.Width, m.Height
+	tmp := make([]byte, len(m.Pix))
+	// Rows into tmp, then columns back into m.Pix.
+	err := parallelLines(ctx, h, func(y int, line, out []byte) {
+		copy(line[:w], m.Pix[y*w:(y+1)*w])
+		blurLine(line[:w], out[:w], kernel)
+		copy(tmp[y*w:(y+1)*w], out[:w])
+	}, max(w, h))
+	if err != nil {
+		return err
+	}
+	return parallelLines(ctx, w, func(x int, line, out []byte) {
+		for y := 0; y < h; y++ {
+			line[y] = tmp[y*w+x]
+		}
+		blurLine(line[:h], out[:h], kernel)
+		for y := 0; y < h; y++ {
+			m.Pix[y*w+x] = out[y]
+		}
+	}, max(w, h))
+}
+
+// parallelLines runs f on lines 0..n-1 from a few goroutines, each with its
+// own buffers of size, checking ctx before every line.
+func parallelLines(ctx context.Context, n int, f func(i int, line, out []byte), size int) error {
+	workers := min(runtime.GOMAXPROCS(0), max(1, n/16))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			line, out := make([]byte, size), make([]byte, size)
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				f(i, line, out)
+			}
+		}()
+	}
+	wg.Wait()
+	return ctx.Err()
+}
+
+// blurLine is imaging's one-dimensional pass for an opaque gray line: a
+// window that holds one value only gives that value back and is skipped.
+func blurLine(src, dst []byte, kernel []float64) {
+	n, radius := len(src), len(kernel)-1
+	// runEnd[i] is the first index after i whose value differs from src[i].
+	runEnd := make([]int32, n)
+	runEnd[n-1] = int32(n)
+	for i := n - 2; i >= 0; i-- {
+		if src[i] == src[i+1] {
+			runEnd[i] = runEnd[i+1]
+		} else {
+			runEnd[i] = int32(i + 1)
+		}
+	}
+	for x := 0; x < n; x++ {
+		lo, hi := max(x-radius, 0), min(x+radius, n-1)
+		if int(runEnd[lo]) > hi {
+			dst[x] = src[x]
+			continue
+		}
+		var r, a float64
+		for ix := lo; ix <= hi; ix++ {
+			wa := 255 * kernel[absInt(x-ix)]
+			r += float64(src[ix]) * wa
+			a += wa
+		}
+		dst[x] = clampByte(r * (1 / a))
+	}
+}
+
+func absInt(v int) int {
+	if v < 0 {
+		return -v
+	}
+	return v
+}
+
+// clampByte rounds as imaging does.
+func clampByte(x float64) uint8 {
+	v := int64(x + 0.5)
+	if v > 255 {
+		return 255
+	}
+	if v > 0 {
+		return uint8(v)
+	}
+	return 0
 }
 
 // Image returns the mask as a gray image.

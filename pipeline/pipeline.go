@@ -307,7 +307,9 @@ func (e *Runner) Edit(ctx context.Context, input []byte, o EditOptions) (*EditRe
 
 	// Paste back: only the repaint region changes; its edge is feathered inward.
 	alpha := repaint.Clone()
-	alpha.Feather(o.MaskBlur)
+	if err := alpha.Feather(ctx, o.MaskBlur); err != nil {
+		return nil, err
+	}
 	for i, v := range repaint.Pix {
 		alpha.Pix[i] = min(alpha.Pix[i], v)
 	}
