@@ -180,6 +180,9 @@ func (m *Mask) Feather(ctx context.Context, sigma float64) error {
 	}, max(w, h))
 }
 
+// linesBlurred counts the lines parallelLines has run, for tests.
+var linesBlurred atomic.Int64
+
 // parallelLines runs f on lines 0..n-1 from a few goroutines, each with its
 // own buffers of size, checking ctx before every line.
 func parallelLines(ctx context.Context, n int, f func(i int, line, out []byte), size int) error {
@@ -197,6 +200,7 @@ func parallelLines(ctx context.Context, n int, f func(i int, line, out []byte), 
 					return
 				}
 				f(i, line, out)
+				linesBlurred.Add(1)
 			}
 		}()
 	}
