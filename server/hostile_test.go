@@ -28,6 +28,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/stepwise-sd/stepwise/catalog"
+	"github.com/stepwise-sd/stepwise/internal/testenv"
 	"github.com/stepwise-sd/stepwise/server"
 )
 
@@ -537,4 +539,50 @@ func TestCancelLandsInsideAStep(t *testing.T) {
 	s := collect(t, c, id)
 	assert.Equal(t, "cancelled", s.events[len(s.events)-1]["type"])
 	assert.Zero(t, count(s.events, "progress"), "the job stopped inside its first step")
+}
+
+// Model files that would have killed the process — a config with a zero group
+// count (SIGFPE), an unpickler exploit, a FIFO where weights belong — are
+// contained: the catalog lists what it can without blocking, the jobs naming
+// them fail with a clear error, and the server keeps serving.
+func TestBrokenModelFilesAreContained(t *testing.T) {
+	sdDir, _ := testenv.Tiny(t)
+	dir := t.TempDir()
+	testenv.CopyTree(t, sdDir, filepath.Join(dir, "tiny"))
+	testenv.CopyTree(t, sdDir, filepath.Join(dir, "badgroups"))
+	cfgPath := filepath.Join(dir, "badgroups", "unet", "config.json")
+	var cfg map[string]any
+	raw, err := os.ReadFile(cfgPath)
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal(raw, &cfg))
+	cfg["norm_num_groups"] = 0
+	raw, _ = json.Marshal(cfg)
+	require.NoError(t, os.WriteFile(cfgPath, raw, 0o644))
+	// A pickle that would call eval("1") if unpickled naively.
+	evil := []byte("\x80\x02c__builtin__\neval\nq\x00X\x01\x00\x00\x001q\x01\x85q\x02Rq\x03.")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "evil.ckpt"), evil, 0o644))
+	require.NoError(t, mkfifo(filepath.Join(dir, "pipe.safetensors")))
+
+	cat, err := catalog.Open(dir, t.TempDir())
+	require.NoError(t, err, "a FIFO in the folder neither blocks nor breaks the scan")
+	_, err = cat.Find(catalog.KindCheckpoint, "pipe")
+	require.ErrorIs(t, err, catalog.ErrUnknownModel, "special files are not models")
+	e := start(t, server.Config{Catalog: cat, Model: filepath.Join(dir, "tiny")})
+
+	for _, tc := range []struct{ model, want string }{
+		{"badgroups", "norm_num_groups"},
+		{"evil", "evil.ckpt"},
+	} {
+		b := txt(1)
+		b["model"] = tc.model
+		id := submit(t, e, b)
+		s := collect(t, e.dial(t, "/v1/jobs/"+id+"/events"), id)
+		last := s.events[len(s.events)-1]
+		require.Equal(t, "failed", last["type"], "%s: %v", tc.model, last)
+		assert.Contains(t, last["error"], tc.want)
+	}
+	code, out := e.post(t, "/v1/models/load", map[string]any{"kind": "sd", "model": "badgroups"})
+	assert.NotEqual(t, http.StatusOK, code, out)
+	assert.Contains(t, out["error"], "norm_num_groups")
+	stillServing(t, e)
 }
