@@ -571,7 +571,7 @@ func TestBrokenModelFilesAreContained(t *testing.T) {
 
 	for _, tc := range []struct{ model, want string }{
 		{"badgroups", "norm_num_groups"},
-		{"evil", "evil.ckpt"},
+		{"evil", "refusing class __builtin__.eval"},
 	} {
 		b := txt(1)
 		b["model"] = tc.model
