@@ -6,8 +6,9 @@ import (
 )
 
 // previewEncoder turns a job's raw previews into frames on its own goroutine,
-// so the engine's step callback only hands a step over and returns. When the
-// encoder falls behind, older steps are skipped.
+// so the engine's step callback only hands a step over and returns. A few
+// steps may wait (a goroutine that is not scheduled for a moment loses no
+// preview); when the encoder falls further behind, the oldest are skipped.
 type previewEncoder struct {
 	s    *Server
 	j    *Job
@@ -17,13 +18,17 @@ type previewEncoder struct {
 
 const previewJPEGQuality = 85
 
+// previewBacklog is how many steps' previews may wait for the encoder.
+const previewBacklog = 4
+
 func newPreviewEncoder(s *Server, j *Job) *previewEncoder {
-	e := &previewEncoder{s: s, j: j, in: make(chan binding.Step, 1), done: make(chan struct{})}
+	e := &previewEncoder{s: s, j: j, in: make(chan binding.Step, previewBacklog), done: make(chan struct{})}
 	go e.loop()
 	return e
 }
 
-// offer never blocks: it replaces a step the encoder has not taken yet.
+// offer never blocks: when the backlog is full it drops the oldest step the
+// encoder has not taken yet.
 func (e *previewEncoder) offer(st binding.Step) {
 	for {
 		select {
