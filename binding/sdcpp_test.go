@@ -198,6 +198,7 @@ func truncatedCopy(t *testing.T, src string) string {
 func TestSDCPPOpenErrors(t *testing.T) {
 	lib := needSDCPP(t)
 	sdDir, _ := testenv.Tiny(t)
+	sd15 := sd15Random(t, lib) // a model it takes, for the checks that must refuse it anyway
 	fifo := filepath.Join(t.TempDir(), "fifo.safetensors")
 	require.NoError(t, syscall.Mkfifo(fifo, 0o644))
 	for _, tc := range []struct {
@@ -212,8 +213,8 @@ func TestSDCPPOpenErrors(t *testing.T) {
 		}, want: binding.ErrFormat},
 		{name: "fifo", opts: binding.SDOptions{Path: fifo}, want: binding.ErrIO},
 		{name: "not SD 1.5's sizes", opts: binding.SDOptions{Path: sdDir}, want: binding.ErrUnsupported},
-		{name: "bf16", opts: binding.SDOptions{Path: sdDir, DType: binding.BF16}, want: binding.ErrUnsupported},
-		{name: "a device it lacks", opts: binding.SDOptions{Path: sdDir, Device: "cuda:0"}, want: binding.ErrUnsupported},
+		{name: "bf16", opts: binding.SDOptions{Path: sd15, DType: binding.BF16}, want: binding.ErrUnsupported},
+		{name: "a device it lacks", opts: binding.SDOptions{Path: sd15, Device: "cuda:0"}, want: binding.ErrUnsupported},
 		{name: "not a safetensors file", opts: binding.SDOptions{Path: filepath.Join(sdDir, "model_index.json")}, want: binding.ErrUnsupported},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
