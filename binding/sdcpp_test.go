@@ -128,7 +128,7 @@ func TestSDCPPBackend(t *testing.T) {
 		}
 	})
 
-	t.Run("cancel at step k stops by step k+1", func(t *testing.T) {
+	t.Run("cancel after step k stops inside step k+1", func(t *testing.T) {
 		for _, k := range []int{1, 2} {
 			ctx, cancel := context.WithCancel(context.Background())
 			var calls atomic.Int32
@@ -143,8 +143,10 @@ func TestSDCPPBackend(t *testing.T) {
 			cancel()
 			require.Error(t, err, "k=%d", k)
 			assert.ErrorIs(t, err, binding.ErrCancelled)
-			assert.LessOrEqual(t, calls.Load(), int32(k+1), "k=%d", k)
-			assert.GreaterOrEqual(t, calls.Load(), int32(k), "k=%d", k)
+			// The cancel reaches the engine while step k+1 computes (a step
+			// takes far longer than cancelSoonAfter's pause): it aborts that
+			// step's graph, so step k+1 is never reported.
+			assert.Equal(t, int32(k), calls.Load(), "k=%d: step k+1 was stopped before it finished", k)
 		}
 		res, err := m.Generate(context.Background(), sdcppRequest(2))
 		require.NoError(t, err, "the model works after a cancel")

@@ -300,7 +300,7 @@ SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_
  * 2^63 are taken modulo 2^63); batch items are sampled one after another, so
  * the callback's steps is batch_size * steps and previews hold the one image
  * being sampled; seconds_denoise is the whole call; sw_sd_model_cancel lands
- * at the next UNet evaluation (within one step). Calls into
+ * inside the running graph (UNet, text encoder or VAE) within 50 of its nodes. Calls into
  * stable-diffusion.cpp are serialised process-wide: its callbacks are globals. */
 SW_API void sw_generate_result_free(sw_generate_result *r);
 

@@ -65,6 +65,7 @@ struct Api {
     decltype(&::sd_set_log_callback) set_log_callback = nullptr;
     decltype(&::sd_set_progress_callback) set_progress_callback = nullptr;
     decltype(&::sd_set_preview_callback) set_preview_callback = nullptr;
+    decltype(&::sd_set_backend_eval_callback) set_eval_callback = nullptr;
 };
 
 // The libraries tried, in order: $STEPWISE_SDCPP_LIB, the one the build was
@@ -189,6 +190,22 @@ void on_preview(int step, int frame_count, sd_image_t *frames, bool is_noisy, vo
     c->preview = torch::stack(imgs);
 }
 
+// sd.cpp checks its cancel flag only before each UNet evaluation. To stop
+// inside one, ggml is asked to hand back control every kEvalChunk graph nodes
+// (computing the graph in chunks, at no measurable cost) and told to abort
+// there once the call is cancelled.
+constexpr int kEvalChunk = 50;
+
+bool on_eval(struct ggml_tensor *, bool ask, void *) {
+    Call *c = t_call;
+    if (c == nullptr) return !ask;  // outside a generation: observe nothing, abort nothing
+    if (ask) {
+        static thread_local int n = 0;
+        return ++n % kEvalChunk == 0;
+    }
+    return !(c->hook_cancelled || c->model->cancel.load());
+}
+
 Api load_api() {
     Api a;
     std::string tried;
@@ -226,9 +243,11 @@ Api load_api() {
     resolve(a.set_log_callback, "sd_set_log_callback");
     resolve(a.set_progress_callback, "sd_set_progress_callback");
     resolve(a.set_preview_callback, "sd_set_preview_callback");
+    resolve(a.set_eval_callback, "sd_set_backend_eval_callback");
     if (!a.error.empty()) return a;  // the handle stays open: dlclose of a C++ library is not worth the risk
     a.set_log_callback(on_log, nullptr);
     a.set_progress_callback(on_progress, nullptr);
+    a.set_eval_callback(on_eval, nullptr);
     return a;
 }
 
