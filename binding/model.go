@@ -46,7 +46,7 @@ type SDOptions struct {
 	// keys) or a diffusers VAE folder, of the model's VAE architecture.
 	VAEPath string
 	// Backend runs the model: BackendLibtorch (the zero value) or
-	// BackendSDCPP (stable-diffusion.cpp: SD 1.x, cpu, txt2img; see
+	// BackendSDCPP (stable-diffusion.cpp: SD 1.x, cpu; see
 	// docs/engine.md).
 	Backend Backend
 }

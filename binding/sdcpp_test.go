@@ -1,6 +1,7 @@
 package binding_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -101,12 +102,12 @@ func TestSDCPPBackend(t *testing.T) {
 
 		again, err := m.Generate(context.Background(), sdcppRequest(2))
 		require.NoError(t, err)
-		assert.Equal(t, img.Pix, again.Images[0].Pix, "the same seed gives the same image")
+		assert.True(t, bytes.Equal(img.Pix, again.Images[0].Pix), "the same seed gives the same image")
 		r = sdcppRequest(2)
 		r.Seed = 8
 		other, err := m.Generate(context.Background(), r)
 		require.NoError(t, err)
-		assert.NotEqual(t, img.Pix, other.Images[0].Pix, "another seed gives another image")
+		assert.False(t, bytes.Equal(img.Pix, other.Images[0].Pix), "another seed gives another image")
 	})
 
 	t.Run("batch and previews", func(t *testing.T) {
@@ -169,12 +170,42 @@ func TestSDCPPBackend(t *testing.T) {
 		}
 	})
 
-	t.Run("img2img is not there yet", func(t *testing.T) {
+	t.Run("img2img and inpaint", func(t *testing.T) {
+		init := &binding.Image{Width: 64, Height: 64, Channels: 3, Pix: make([]byte, 64*64*3)}
+		for i := range init.Pix {
+			init.Pix[i] = byte(i * 7 % 251)
+		}
+		gray := func(v byte) *binding.Image {
+			m := &binding.Image{Width: 64, Height: 64, Channels: 1, Pix: make([]byte, 64*64)}
+			for i := range m.Pix {
+				m.Pix[i] = v
+			}
+			return m
+		}
+		run := func(mask *binding.Image) ([]binding.Step, *binding.GenerateResult) {
+			var steps []binding.Step
+			r := sdcppRequest(4)
+			r.Init, r.Strength, r.Mask = init, 0.5, mask
+			r.OnStep = func(s binding.Step) { steps = append(steps, s) }
+			res, err := m.Generate(context.Background(), r)
+			require.NoError(t, err)
+			require.Len(t, res.Images, 1)
+			return steps, res
+		}
+		steps, img2img := run(nil)
+		require.NotEmpty(t, steps)
+		assert.Less(t, steps[0].Steps, 4, "strength 0.5 runs fewer steps than asked for")
+		assert.Len(t, steps, steps[0].Steps, "one event per step it runs")
+
+		_, white := run(gray(255))
+		assert.True(t, bytes.Equal(img2img.Images[0].Pix, white.Images[0].Pix), "a white mask repaints everything: img2img")
+		_, black := run(gray(0))
+		assert.False(t, bytes.Equal(img2img.Images[0].Pix, black.Images[0].Pix), "a black mask keeps the init image")
+
 		r := sdcppRequest(2)
-		r.Init = &binding.Image{Width: 64, Height: 64, Channels: 3, Pix: make([]byte, 64*64*3)}
-		r.Strength = 0.5
+		r.Mask = gray(255)
 		_, err := m.Generate(context.Background(), r)
-		assert.ErrorIs(t, err, binding.ErrUnsupported)
+		assert.ErrorIs(t, err, binding.ErrInvalidArgument, "a mask needs an init image")
 	})
 }
 

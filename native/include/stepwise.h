@@ -294,7 +294,8 @@ SW_API void sw_generate_default_params(sw_generate_params *p);
  * generator seeded with seed, in the reference's order. One call per model at
  * a time. On success *out holds the result, freed with sw_generate_result_free. */
 SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_generate_result **out, sw_error *err);
-/* On an SW_BACKEND_SDCPP model (so far): txt2img only; samplers EULER, EULER_A,
+/* On an SW_BACKEND_SDCPP model (so far): txt2img, img2img and inpaint (with
+ * its own step count for a strength: the callback's steps says it); samplers EULER, EULER_A,
  * DPMPP_2M and DPMPP_2M_KARRAS (others SW_ERR_UNSUPPORTED); its own noise, so
  * images differ from the libtorch backend's for the same seed (seeds above
  * 2^63 are taken modulo 2^63); batch items are sampled one after another, so

@@ -88,7 +88,8 @@ struct Call {
     const GenerateRequest *request = nullptr;
     const StepHook *hook = nullptr;
     std::chrono::steady_clock::time_point start;
-    bool sampling = false;      // progress with step 0 and our step count was seen
+    bool sampling = false;      // a report of step 0 opened sampling
+    int item_steps = 0;         // the steps it announced (img2img: fewer than asked for)
     int64_t item = -1;          // the batch item being sampled: sd.cpp samples them one after another
     bool hook_cancelled = false;
     torch::Tensor preview;      // the latest preview, uint8 [B, H, W, 3], for the next step event
@@ -135,17 +136,18 @@ void on_preview(int step, int frame_count, sd_image_t *frames, bool is_noisy, vo
 // A progress report is a sampling step only while sampling: sd.cpp reports
 // weight loading and tiled decoding through the same callback, untagged, and
 // opens the sampling of each batch item (it samples them one after another)
-// with a report of step 0 of the run's step count. Events count the steps of
-// the whole batch: item i's step s is i * steps + s of batch * steps.
+// with a report of step 0 and the steps it will take (img2img: fewer than
+// asked for). Events count the steps of the whole batch: item i's step s is
+// i * steps + s of batch * steps.
 void on_progress(int step, int steps, float, void *) {
     Call *c = t_call;
     if (c == nullptr) return;
     const auto &r = *c->request;
-    if (steps != r.steps) return;
     if (step == 0) {
         c->sampling = true;
+        c->item_steps = steps;
         c->item++;
-    } else if (c->sampling && step >= 1 && step <= steps) {
+    } else if (c->sampling && steps == c->item_steps && step >= 1 && step <= steps) {
         if (c->hook != nullptr && *c->hook) {
             StepEvent ev;
             ev.step = c->item * steps + step;
@@ -488,8 +490,9 @@ std::pair<sample_method_t, scheduler_t> sampler_for(SamplerKind s) {
 GenerateOutput sdcpp_generate(sw_sd_model &m, const GenerateRequest &r, const StepHook &hook) {
     const Api &a = usable_api();
     if (!m.sdcpp || m.sdcpp->ctx == nullptr) fail(SW_ERR_INVALID_ARGUMENT, "not an sdcpp model");
-    if (r.init_image.defined() || r.mask.defined())
-        fail(SW_ERR_UNSUPPORTED, "the sdcpp backend runs txt2img only so far (no init image or mask)");
+    if (r.mask.defined() && !r.init_image.defined()) fail(SW_ERR_INVALID_ARGUMENT, "a mask needs an init image");
+    if (r.init_image.defined() && (r.strength <= 0 || r.strength > 1))
+        fail(SW_ERR_INVALID_ARGUMENT, "strength must be in (0, 1]");
     if (r.width < 64 || r.height < 64 || r.width > 2048 || r.height > 2048 || r.width % 8 || r.height % 8)
         fail(SW_ERR_INVALID_ARGUMENT, "size " + std::to_string(r.width) + "x" + std::to_string(r.height) +
                                           ": the sdcpp backend takes multiples of 8 from 64 to 2048");
@@ -518,6 +521,28 @@ GenerateOutput sdcpp_generate(sw_sd_model &m, const GenerateRequest &r, const St
     g.sample_params.sample_steps = static_cast<int>(r.steps);
     g.seed = static_cast<int64_t>(r.seed & 0x7fffffffffffffffULL);  // sd.cpp's -1 means "random"
     g.batch_count = static_cast<int>(r.batch);
+
+    // img2img and inpaint: sd.cpp takes 8-bit images; these are the caller's
+    // own bytes back (api.cpp made them floats). Without a mask, a white one:
+    // repaint everything.
+    torch::Tensor init_u8, mask_u8;
+    if (r.init_image.defined()) {
+        if (r.init_image.size(2) != r.height || r.init_image.size(3) != r.width ||
+            (r.mask.defined() && (r.mask.size(2) != r.height || r.mask.size(3) != r.width)))
+            fail(SW_ERR_INVALID_ARGUMENT, "the init image and mask must be " + std::to_string(r.width) + "x" +
+                                              std::to_string(r.height));
+        init_u8 = ((r.init_image[0].to(torch::kFloat32) + 1) * 127.5)
+                      .round()
+                      .clamp(0, 255)
+                      .to(torch::kUInt8)
+                      .permute({1, 2, 0})
+                      .contiguous();
+        mask_u8 = r.mask.defined() ? (r.mask[0][0].to(torch::kFloat32) * 255).round().clamp(0, 255).to(torch::kUInt8).contiguous()
+                                   : torch::full({r.height, r.width}, 255, torch::kUInt8);
+        g.init_image = {static_cast<uint32_t>(r.width), static_cast<uint32_t>(r.height), 3, init_u8.data_ptr<uint8_t>()};
+        g.mask_image = {static_cast<uint32_t>(r.width), static_cast<uint32_t>(r.height), 1, mask_u8.data_ptr<uint8_t>()};
+        g.strength = static_cast<float>(r.strength);
+    }
 
     Call call;
     call.model = &m;

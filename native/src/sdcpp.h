@@ -23,8 +23,8 @@ std::string sdcpp_describe();
 // through stable-diffusion.cpp, after checking what can be checked without it.
 sw_sd_model *open_sdcpp_model(const sw_sd_model_params &p);
 
-// txt2img on a model opened by open_sdcpp_model; hook gets one event per
-// sampling step. The result has images and pixels, no latents.
+// txt2img, img2img or inpaint on a model opened by open_sdcpp_model; hook
+// gets one event per sampling step. The result has images and pixels, no latents.
 GenerateOutput sdcpp_generate(sw_sd_model &m, const GenerateRequest &r, const StepHook &hook);
 
 // Forwards a cancel request to the running generation (its flag is already set).
