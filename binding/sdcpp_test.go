@@ -129,6 +129,20 @@ func TestSDCPPBackend(t *testing.T) {
 		}
 	})
 
+	t.Run("vae previews on the steps preview_every picks", func(t *testing.T) {
+		var steps []binding.Step
+		r := sdcppRequest(3)
+		r.Preview, r.PreviewEvery = binding.PreviewVAE, 2
+		r.OnStep = func(s binding.Step) { steps = append(steps, s) }
+		_, err := m.Generate(context.Background(), r)
+		require.NoError(t, err)
+		require.Len(t, steps, 3)
+		got := []int{len(steps[0].Previews), len(steps[1].Previews), len(steps[2].Previews)}
+		assert.Equal(t, []int{0, 1, 1}, got, "step 2 (every 2nd) and the last step")
+		p := steps[1].Previews[0]
+		assert.Equal(t, [3]int{64, 64, 3}, [3]int{p.Width, p.Height, p.Channels})
+	})
+
 	t.Run("cancel after step k stops inside step k+1", func(t *testing.T) {
 		for _, k := range []int{1, 2} {
 			ctx, cancel := context.WithCancel(context.Background())

@@ -153,16 +153,14 @@ void on_progress(int step, int steps, float, void *) {
             ev.step = c->item * steps + step;
             ev.steps = r.batch * steps;
             ev.elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - c->start).count();
-            ev.preview = c->preview;
+            // sd.cpp makes a preview on every step whatever interval it is
+            // given (and reads its mode once per run): VAE previews are passed
+            // on for the steps preview_every picks, as the libtorch backend's.
+            const bool due = r.preview != SW_PREVIEW_VAE || step % r.preview_every == 0 || step == steps;
+            if (due) ev.preview = c->preview;
             if ((*c->hook)(ev)) c->hook_cancelled = true;
         }
         c->preview = torch::Tensor();
-        // sd.cpp previews every step whatever interval it is given: the mode is
-        // switched on only for the steps that want one.
-        if (r.preview == SW_PREVIEW_VAE) {
-            const bool next = r.preview_every <= 1 || (step + 1) % r.preview_every == 0 || step + 1 == steps;
-            api().set_preview_callback(on_preview, next ? PREVIEW_VAE : PREVIEW_NONE, 1, true, false, nullptr);
-        }
     }
     // Our flag is checked here too: sd.cpp clears its own on entry to
     // generate_image, so a cancel that came before that would be lost.
@@ -557,10 +555,9 @@ GenerateOutput sdcpp_generate(sw_sd_model &m, const GenerateRequest &r, const St
     {
         std::lock_guard<std::mutex> lock(sd_mutex());
         if (m.cancel.load()) fail(SW_CANCELLED, "cancelled");
-        const bool vae_first = r.preview_every <= 1 || r.steps == 1;
-        const preview_t mode = r.preview == SW_PREVIEW_LATENT2RGB                 ? PREVIEW_PROJ
-                               : r.preview == SW_PREVIEW_VAE && vae_first ? PREVIEW_VAE
-                                                                          : PREVIEW_NONE;
+        const preview_t mode = r.preview == SW_PREVIEW_LATENT2RGB ? PREVIEW_PROJ
+                               : r.preview == SW_PREVIEW_VAE      ? PREVIEW_VAE
+                                                                  : PREVIEW_NONE;
         a.set_preview_callback(on_preview, mode, 1, true, false, nullptr);
         t_call = &call;
         t_last_error = &last_error;
