@@ -79,6 +79,7 @@ func TestSDCPPBackend(t *testing.T) {
 	assert.Contains(t, info.Arch, "stable-diffusion.cpp")
 	assert.Equal(t, binding.F16, info.DType)
 	assert.Greater(t, info.Params, int64(1_000_000_000), "SD 1.5 has about 1.07e9 parameters")
+	assert.Equal(t, 2*info.Params, info.WeightBytes, "f16 weights from a float32 file")
 
 	t.Run("steps report once each and images come back RGB", func(t *testing.T) {
 		var steps []binding.Step

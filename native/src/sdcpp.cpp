@@ -434,7 +434,15 @@ sw_sd_model *open_sdcpp_model(const sw_sd_model_params &p) {
     m->path = root;
     m->dtype = dtype;
     m->params = counts.params;
-    m->bytes = counts.bytes;
+    // As stored for auto; after a conversion, an estimate: sd.cpp leaves
+    // biases, norms and 3x3 convs (under the q types) unconverted.
+    const double per_param = wtype == SD_TYPE_F32    ? 4.0
+                             : wtype == SD_TYPE_F16  ? 2.0
+                             : wtype == SD_TYPE_Q8_0 ? 34.0 / 32
+                             : wtype == SD_TYPE_Q5_0 ? 22.0 / 32
+                             : wtype == SD_TYPE_Q4_0 ? 18.0 / 32
+                                                     : 0.0;
+    m->bytes = per_param > 0 ? static_cast<int64_t>(static_cast<double>(counts.params) * per_param) : counts.bytes;
     m->arch = std::string("sd1 (stable-diffusion.cpp") + (is_dir ? ")" : ", single file)");
     m->tokenizer = std::make_unique<Tokenizer>(ClipPad::EndOfText);
     auto holder = std::make_shared<SdcppContext>();
