@@ -322,3 +322,19 @@ func TestBackendsAndDTypes(t *testing.T) {
 	_, err = lib.OpenSD(binding.SDOptions{Path: sdDir, Backend: binding.Backend(7)})
 	assert.ErrorIs(t, err, binding.ErrInvalidArgument)
 }
+
+// TestSDCPPQuantised opens the model converted to q8_0 on load and generates.
+func TestSDCPPQuantised(t *testing.T) {
+	lib := needSDCPP(t)
+	dir := sd15Random(t, lib)
+	m, err := lib.OpenSD(binding.SDOptions{Path: dir, Backend: binding.BackendSDCPP, DType: binding.Q8_0})
+	require.NoError(t, err)
+	defer m.Close()
+	info := m.Info()
+	assert.Equal(t, binding.Q8_0, info.DType)
+	assert.Equal(t, info.Params*34/32, info.WeightBytes, "q8_0 stores 32 weights in 34 bytes")
+	res, err := m.Generate(context.Background(), sdcppRequest(1))
+	require.NoError(t, err)
+	require.Len(t, res.Images, 1)
+	assert.Len(t, res.Images[0].Pix, 64*64*3)
+}
