@@ -7,7 +7,11 @@ VERSION   := $(shell cat VERSION)
 COMMIT    := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 DATA      ?= $(HOME)/.local/share/stepwise
-CMAKE_ARGS ?=
+# The stable-diffusion.cpp backend is built in when SDCPP_DIR (include/ and
+# lib/ of a stable-diffusion.cpp build) exists: by default the prebuilt one
+# beside the repository, for tests; without it the backend is left out.
+SDCPP_DIR ?= $(wildcard ../shared/sdcpp)
+CMAKE_ARGS ?= $(if $(SDCPP_DIR),-DSTEPWISE_SDCPP_DIR=$(abspath $(SDCPP_DIR)))
 
 LIB := $(BUILD)/libstepwise.so
 BIN := $(BUILD)/stepwise

@@ -9,7 +9,7 @@ import (
 
 // ABIVersion is the SW_ABI_VERSION this package was written for. A library
 // reporting another version is refused.
-const ABIVersion = 2
+const ABIVersion = 3
 
 // Mirrors of the structs in stepwise.h. Field order, sizes and padding match
 // the C layout on 64-bit platforms; they change only with ABIVersion.
@@ -44,6 +44,7 @@ type cSDModelParams struct {
 	Device       *byte
 	DType        int32
 	VAEPath      *byte
+	Backend      int32
 }
 
 type cSegModelParams struct {

@@ -14,6 +14,10 @@ const (
 	F32       DType = 1
 	F16       DType = 2
 	BF16      DType = 3
+	// ggml's block-quantised types, for the sdcpp backend only.
+	Q8_0 DType = 4
+	Q5_0 DType = 5
+	Q4_0 DType = 6
 )
 
 func (t DType) String() string {
@@ -24,13 +28,19 @@ func (t DType) String() string {
 		return "f16"
 	case BF16:
 		return "bf16"
+	case Q8_0:
+		return "q8_0"
+	case Q5_0:
+		return "q5_0"
+	case Q4_0:
+		return "q4_0"
 	default:
 		return "auto"
 	}
 }
 
-// ParseDType reads "auto", "f32"/"float32"/"fp32", "f16"/"float16"/"fp16" or
-// "bf16"/"bfloat16".
+// ParseDType reads "auto", "f32"/"float32"/"fp32", "f16"/"float16"/"fp16",
+// "bf16"/"bfloat16", or (sdcpp backend only) "q8_0", "q5_0", "q4_0".
 func ParseDType(s string) (DType, error) {
 	switch strings.ToLower(strings.TrimSpace(s)) {
 	case "", "auto":
@@ -41,8 +51,14 @@ func ParseDType(s string) (DType, error) {
 		return F16, nil
 	case "bf16", "bfloat16":
 		return BF16, nil
+	case "q8_0":
+		return Q8_0, nil
+	case "q5_0":
+		return Q5_0, nil
+	case "q4_0":
+		return Q4_0, nil
 	}
-	return DTypeAuto, fmt.Errorf("unknown dtype %q (want auto, f32, f16 or bf16)", s)
+	return DTypeAuto, fmt.Errorf("unknown dtype %q (want auto, f32, f16, bf16, q8_0, q5_0 or q4_0)", s)
 }
 
 // Resolve maps DTypeAuto to the default for a device kind.

@@ -52,6 +52,8 @@ type functions struct {
 	deviceCount    func() int32
 	deviceGet      func(i int32, out *cDeviceInfo, err *cError) int32
 
+	backendAvailable func(backend int32, err *cError) int32
+
 	sdDefaultParams func(p *cSDModelParams)
 	sdOpen          func(p *cSDModelParams, out *uintptr, err *cError) int32
 	sdClose         func(m uintptr)
@@ -93,6 +95,7 @@ func (f *functions) symbols() []struct {
 		{"sw_set_num_threads", &f.setNumThreads},
 		{"sw_device_count", &f.deviceCount},
 		{"sw_device_get", &f.deviceGet},
+		{"sw_backend_available", &f.backendAvailable},
 		{"sw_sd_model_default_params", &f.sdDefaultParams},
 		{"sw_sd_model_open", &f.sdOpen},
 		{"sw_sd_model_close", &f.sdClose},
@@ -307,18 +310,45 @@ func (l *Library) Device() Device { return l.device }
 
 // VersionInfo describes the library.
 type VersionInfo struct {
-	Stepwise string `json:"stepwise"`
-	ABI      int32  `json:"abi"`
-	Torch    string `json:"torch"`
-	Build    string `json:"build"`
+	Stepwise string          `json:"stepwise"`
+	ABI      int32           `json:"abi"`
+	Torch    string          `json:"torch"`
+	Build    string          `json:"build"`
+	Backends []BackendStatus `json:"backends"`
 }
 
-// Version reports the library's versions and build flags.
+// BackendStatus says whether one backend can be used in this process.
+type BackendStatus struct {
+	Backend   Backend `json:"backend"`
+	Available bool    `json:"available"`
+	// Reason is why it is not available (not built in, its library or a
+	// symbol missing); empty when it is.
+	Reason string `json:"reason,omitempty"`
+}
+
+// Version reports the library's versions, build flags and backends.
 func (l *Library) Version() VersionInfo {
-	return VersionInfo{
+	v := VersionInfo{
 		Stepwise: l.fn.version(),
 		ABI:      l.fn.abiVersion(),
 		Torch:    l.fn.torchVersion(),
 		Build:    l.fn.buildInfo(),
 	}
+	for _, b := range Backends() {
+		st := BackendStatus{Backend: b, Available: true}
+		if err := l.BackendAvailable(b); err != nil {
+			st.Available, st.Reason = false, err.Error()
+		}
+		v.Backends = append(v.Backends, st)
+	}
+	return v
+}
+
+// BackendAvailable returns nil when b can open models in this process, else
+// an error matching ErrUnsupported that says why (the sdcpp backend: not built
+// in, or its library or one of its symbols missing). The first call for
+// BackendSDCPP loads stable-diffusion.cpp's library.
+func (l *Library) BackendAvailable(b Backend) error {
+	var ce cError
+	return check("sw_backend_available", l.fn.backendAvailable(int32(b), &ce), &ce)
 }

@@ -45,6 +45,10 @@ type SDOptions struct {
 	// VAEPath replaces the model's VAE: a .safetensors file (LDM or diffusers
 	// keys) or a diffusers VAE folder, of the model's VAE architecture.
 	VAEPath string
+	// Backend runs the model: BackendLibtorch (the zero value) or
+	// BackendSDCPP (stable-diffusion.cpp: SD 1.x, cpu; see
+	// docs/engine.md).
+	Backend Backend
 }
 
 // SegOptions say which segmentation model to open and how.
@@ -180,7 +184,12 @@ func (l *Library) OpenSD(o SDOptions) (*SDModel, error) {
 			l.fn.sdDefaultParams(&p)
 			p.TokenizerDir = pinStr(pin, o.TokenizerDir) // empty: the model's own
 			p.VAEPath = pinStr(pin, o.VAEPath)           // empty: the model's own
-			p.Path, p.Device, p.DType = pinStr(pin, o.Path), pinStr(pin, l.deviceOr(o.Device)), int32(o.DType)
+			device := l.deviceOr(o.Device)
+			if o.Backend == BackendSDCPP && o.Device == "" {
+				device = "cpu" // the library's selected device is libtorch's
+			}
+			p.Path, p.Device, p.DType = pinStr(pin, o.Path), pinStr(pin, device), int32(o.DType)
+			p.Backend = int32(o.Backend)
 			return l.fn.sdOpen(&p, out, ce)
 		}, func(m *model) *SDModel { return &SDModel{m} })
 }

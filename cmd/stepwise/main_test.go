@@ -27,6 +27,8 @@ func TestVersion(t *testing.T) {
 	assert.Contains(t, out, fmt.Sprintf("(ABI %d)", binding.ABIVersion))
 	assert.Contains(t, out, "libtorch ")
 	assert.Contains(t, out, "* cpu")
+	assert.Regexp(t, `(?m)^   libtorch +available$`, out, "version lists the backends")
+	assert.Regexp(t, `(?m)^   sdcpp +(available|unavailable: .+)$`, out)
 
 	code, out, errOut = runCLI("version", "--json", "--lib", testenv.LibPath())
 	require.Equal(t, 0, code, errOut)
@@ -35,6 +37,8 @@ func TestVersion(t *testing.T) {
 	assert.EqualValues(t, binding.ABIVersion, v["abi"])
 	assert.EqualValues(t, binding.ABIVersion, v["abi_expected"])
 	assert.NotEmpty(t, v["devices"])
+	require.Len(t, v["backends"], 2)
+	assert.Equal(t, "libtorch", v["backends"].([]any)[0].(map[string]any)["backend"])
 }
 
 func TestHelpAndCompletion(t *testing.T) {

@@ -37,12 +37,21 @@ func runVersion(ef *engineFlags, asJSON bool, stdout, stderr io.Writer) error {
 		return json.NewEncoder(stdout).Encode(map[string]any{
 			"stepwise": version, "engine": v.Stepwise, "abi": v.ABI, "abi_expected": binding.ABIVersion,
 			"torch": v.Torch, "build": v.Build, "library": lib.Path(), "devices": devices, "device": lib.Device().ID,
+			"backends": v.Backends,
 		})
 	}
 	fmt.Fprintf(stdout, "stepwise %s\n", version)
 	fmt.Fprintf(stdout, "engine   %s (ABI %d) at %s\n", v.Stepwise, v.ABI, lib.Path())
 	fmt.Fprintf(stdout, "libtorch %s\n", v.Torch)
 	fmt.Fprintf(stdout, "build    %s\n", v.Build)
+	fmt.Fprintln(stdout, "backends:")
+	for _, b := range v.Backends {
+		state := "available"
+		if !b.Available {
+			state = "unavailable: " + b.Reason
+		}
+		fmt.Fprintf(stdout, "   %-8s %s\n", b.Backend, state)
+	}
 	fmt.Fprintln(stdout, "devices:")
 	for _, d := range devices {
 		mark := " "

@@ -52,7 +52,7 @@ extern "C" {
 #endif
 
 /* Bumped on every change of a struct layout or a function signature. */
-#define SW_ABI_VERSION 2
+#define SW_ABI_VERSION 3
 
 /* ---- status and errors ------------------------------------------------- */
 
@@ -85,7 +85,8 @@ SW_API int32_t sw_abi_version(void);
 /* [any thread] Static strings owned by the library. */
 SW_API const char *sw_version(void);       /* stepwise version, e.g. "0.1.0" */
 SW_API const char *sw_torch_version(void); /* libtorch version, e.g. "1.13.1" */
-SW_API const char *sw_build_info(void);    /* compiler, CUDA/MPS support, CXX11 ABI, threads */
+SW_API const char *sw_build_info(void);    /* compiler, CUDA/MPS support, CXX11 ABI, threads, backends (and
+                                              the stable-diffusion.cpp library in use, or why it is not) */
 
 typedef enum sw_log_level {
     SW_LOG_DEBUG = 0,
@@ -134,8 +135,24 @@ typedef enum sw_dtype {
     SW_DTYPE_AUTO = 0, /* float32 on cpu, float16 on cuda and mps */
     SW_DTYPE_F32 = 1,
     SW_DTYPE_F16 = 2,
-    SW_DTYPE_BF16 = 3
+    SW_DTYPE_BF16 = 3,
+    /* ggml block-quantised weights: the stable-diffusion.cpp backend only */
+    SW_DTYPE_Q8_0 = 4,
+    SW_DTYPE_Q5_0 = 5,
+    SW_DTYPE_Q4_0 = 6
 } sw_dtype;
+
+/* ---- backends ------------------------------------------------------------ */
+
+typedef enum sw_backend {
+    SW_BACKEND_LIBTORCH = 0, /* the built-in C++/libtorch engine */
+    SW_BACKEND_SDCPP = 1     /* stable-diffusion.cpp, opened at run time (see sw_backend_available) */
+} sw_backend;
+
+/* [any thread] Whether backend can be used in this process: SW_OK, or
+ * SW_ERR_UNSUPPORTED with the reason in err (not built in; its library or one
+ * of its symbols missing, named). The first call for sdcpp loads its library. */
+SW_API sw_status sw_backend_available(int32_t backend, sw_error *err);
 
 /* ---- loaded models ------------------------------------------------------ */
 
@@ -160,9 +177,11 @@ typedef struct sw_sd_model_params {
     int32_t dtype;             /* an sw_dtype */
     const char *vae_path;      /* replaces the model's VAE: a .safetensors file (LDM or diffusers keys) or a
                                   diffusers VAE folder, of the same architecture; NULL: the model's own */
+    int32_t backend;           /* an sw_backend; SW_BACKEND_SDCPP takes device "cpu", dtype AUTO (the file's
+                                  types), F32, F16, Q8_0, Q5_0 or Q4_0, and no tokenizer_dir or vae_path */
 } sw_sd_model_params;
 
-/* [any thread] Fills p with defaults (path NULL, device "cpu", dtype AUTO, vae_path NULL). */
+/* [any thread] Fills p with defaults (path NULL, device "cpu", dtype AUTO, vae_path NULL, backend libtorch). */
 SW_API void sw_sd_model_default_params(sw_sd_model_params *p);
 
 /* [any thread] Loads every component of a Stable Diffusion model (text encoder,
@@ -257,7 +276,8 @@ typedef struct sw_generate_result {
     int32_t count;         /* images (the batch size) */
     sw_image *images;      /* RGB8, width x height */
     int32_t latent_shape[4]; /* [B, 4, H/8, W/8] */
-    float *latents;        /* final latents, before division by the VAE scaling factor */
+    float *latents;        /* final latents, before division by the VAE scaling factor; NULL (and
+                              latent_shape zeros) for the sdcpp backend */
     float *pixels;         /* [B, H, W, 3] in 0..1, before 8-bit quantisation */
     int32_t tokens;        /* BPE tokens of the prompt */
     int32_t truncated;     /* non-zero when the prompt was cut to fit */
@@ -274,6 +294,15 @@ SW_API void sw_generate_default_params(sw_generate_params *p);
  * generator seeded with seed, in the reference's order. One call per model at
  * a time. On success *out holds the result, freed with sw_generate_result_free. */
 SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_generate_result **out, sw_error *err);
+/* On an SW_BACKEND_SDCPP model (so far): txt2img, img2img and inpaint (with
+ * its own step count for a strength: the callback's steps says it); samplers EULER, EULER_A,
+ * DPMPP_2M and DPMPP_2M_KARRAS (others SW_ERR_UNSUPPORTED); its own noise, so
+ * images differ from the libtorch backend's for the same seed (seeds above
+ * 2^63 are taken modulo 2^63); batch items are sampled one after another, so
+ * the callback's steps is batch_size * steps and previews hold the one image
+ * being sampled; seconds_denoise is the whole call; sw_sd_model_cancel lands
+ * inside the running graph (UNet, text encoder or VAE) within 50 of its nodes. Calls into
+ * stable-diffusion.cpp are serialised process-wide: its callbacks are globals. */
 SW_API void sw_generate_result_free(sw_generate_result *r);
 
 /* Tokenizes text with the model's tokenizer: BPE ids without BOS/EOS,

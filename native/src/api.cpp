@@ -8,6 +8,7 @@
 #include "generate.h"
 #include "segment.h"
 #include "models.h"
+#include "sdcpp.h"
 
 #ifndef SW_VERSION_STRING
 #define SW_VERSION_STRING "0.0.0-dev"
@@ -62,6 +63,7 @@ std::string build_info() {
     s += std::string("; mps: ") + (at::hasMPS() ? "yes" : "no");
     s += "; cxx11 abi: " + std::to_string(_GLIBCXX_USE_CXX11_ABI);
     s += "; threads: " + std::to_string(at::get_num_threads());
+    s += "; backends: libtorch, " + sw::sdcpp_describe();
 #if defined(__clang__)
     s += "; compiler: clang " __clang_version__;
 #elif defined(__GNUC__)
@@ -186,8 +188,33 @@ SW_API void sw_seg_model_default_params(sw_seg_model_params *p) {
     p->dtype = SW_DTYPE_F32;
 }
 
+SW_API sw_status sw_backend_available(int32_t backend, sw_error *err) {
+    return guarded(err, [&] {
+        std::string reason;
+        switch (backend) {
+            case SW_BACKEND_LIBTORCH:
+                return;
+            case SW_BACKEND_SDCPP:
+                if (!sw::sdcpp_available(&reason)) sw::fail(SW_ERR_UNSUPPORTED, "sdcpp backend: " + reason);
+                return;
+            default:
+                sw::fail(SW_ERR_INVALID_ARGUMENT, "unknown backend " + std::to_string(backend));
+        }
+    });
+}
+
 SW_API sw_status sw_sd_model_open(const sw_sd_model_params *p, sw_sd_model **out, sw_error *err) {
-    return open_model(p, out, err, sw::open_sd_model);
+    return open_model(p, out, err, [](const sw_sd_model_params &params) {
+        switch (params.backend) {
+            case SW_BACKEND_LIBTORCH:
+                return sw::open_sd_model(params);
+            case SW_BACKEND_SDCPP:
+                return sw::open_sdcpp_model(params);
+            default:
+                sw::fail(SW_ERR_INVALID_ARGUMENT, "unknown backend " + std::to_string(params.backend) +
+                                                      " (want libtorch or sdcpp)");
+        }
+    });
 }
 SW_API sw_status sw_seg_model_open(const sw_seg_model_params *p, sw_seg_model **out, sw_error *err) {
     return open_model(p, out, err, sw::open_seg_model);
@@ -196,7 +223,15 @@ SW_API sw_status sw_seg_model_open(const sw_seg_model_params *p, sw_seg_model **
 SW_API void sw_sd_model_close(sw_sd_model *m) { close_model(m); }
 SW_API void sw_seg_model_close(sw_seg_model *m) { close_model(m); }
 
-SW_API void sw_sd_model_cancel(sw_sd_model *m) { cancel_model(m); }
+SW_API void sw_sd_model_cancel(sw_sd_model *m) {
+    cancel_model(m);
+    if (m != nullptr && m->sdcpp) {
+        try {
+            sw::sdcpp_cancel(*m);
+        } catch (...) {
+        }
+    }
+}
 SW_API void sw_seg_model_cancel(sw_seg_model *m) { cancel_model(m); }
 
 SW_API sw_status sw_sd_model_info(const sw_sd_model *m, sw_model_info *out, sw_error *err) {
@@ -333,7 +368,7 @@ SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_
                 return p->callback(&info, p->user_data) != 0;
             };
         }
-        auto res = sw::generate(model, r, hook);
+        auto res = model.sdcpp ? sw::sdcpp_generate(model, r, hook) : sw::generate(model, r, hook);
         auto holder = std::make_unique<Holder<sw_generate_result>>();
         const auto b = res.images.size(0), h = res.images.size(1), w = res.images.size(2);
         for (int64_t i = 0; i < b; i++)
@@ -342,8 +377,10 @@ SW_API sw_status sw_sd_generate(sw_sd_model *m, const sw_generate_params *p, sw_
         sw_generate_result &o = *holder;
         o.count = static_cast<int32_t>(b);
         o.images = holder->images.data();
-        for (int i = 0; i < 4; i++) o.latent_shape[i] = static_cast<int32_t>(res.latents.size(i));
-        o.latents = holder->keep<float>(res.latents);
+        if (res.latents.defined()) {  // the sdcpp backend hands out images only
+            for (int i = 0; i < 4; i++) o.latent_shape[i] = static_cast<int32_t>(res.latents.size(i));
+            o.latents = holder->keep<float>(res.latents);
+        }
         o.pixels = holder->keep<float>(res.pixels);
         o.tokens = static_cast<int32_t>(res.tokens);
         o.truncated = res.truncated ? 1 : 0;

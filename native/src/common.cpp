@@ -82,6 +82,11 @@ sw_dtype resolve_dtype(int32_t dtype, const torch::Device &device) {
         case SW_DTYPE_F16:
         case SW_DTYPE_BF16:
             return static_cast<sw_dtype>(dtype);
+        case SW_DTYPE_Q8_0:
+        case SW_DTYPE_Q5_0:
+        case SW_DTYPE_Q4_0:
+            fail(SW_ERR_UNSUPPORTED, std::string("dtype ") + dtype_name(static_cast<sw_dtype>(dtype)) +
+                                         " is for the sdcpp backend only (libtorch takes auto, f32, f16 or bf16)");
         default:
             fail(SW_ERR_INVALID_ARGUMENT, "unknown dtype " + std::to_string(dtype) + " (want auto, f32, f16 or bf16)");
     }
@@ -106,6 +111,12 @@ const char *dtype_name(sw_dtype dtype) {
             return "bf16";
         case SW_DTYPE_F32:
             return "f32";
+        case SW_DTYPE_Q8_0:
+            return "q8_0";
+        case SW_DTYPE_Q5_0:
+            return "q5_0";
+        case SW_DTYPE_Q4_0:
+            return "q4_0";
         default:
             return "auto";
     }

@@ -29,6 +29,8 @@ struct ModelHandle {
     std::mutex busy;
 };
 
+struct SdcppContext;  // sdcpp.cpp
+
 }  // namespace sw
 
 struct sw_sd_model : sw::ModelHandle {
@@ -38,6 +40,9 @@ struct sw_sd_model : sw::ModelHandle {
     sw::VAE vae{nullptr};
     sw::Config scheduler_config;
     std::unique_ptr<sw::Tokenizer> tokenizer;
+    // Set for the stable-diffusion.cpp backend, whose context holds the weights
+    // instead of the modules above (which stay empty).
+    std::shared_ptr<sw::SdcppContext> sdcpp;
 };
 
 struct sw_seg_model : sw::ModelHandle {

@@ -1,0 +1,340 @@
+package binding_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/internal/testenv"
+	"github.com/stepwise-sd/stepwise/models"
+)
+
+// sdcppSeed fixes the random-weight SD 1.5 model the sdcpp tests share.
+const sdcppSeed = 5
+
+// needSDCPP skips, saying why, unless the library was built with the sdcpp
+// backend and ../shared/sdcpp (the prebuilt stable-diffusion.cpp for tests) is
+// there.
+func needSDCPP(t *testing.T) *binding.Library {
+	t.Helper()
+	lib := testenv.Library(t)
+	shared := filepath.Join(testenv.Root(), "..", "shared", "sdcpp")
+	if _, err := os.Stat(shared); err != nil {
+		t.Skipf("no stable-diffusion.cpp build at %s: skipping the sdcpp backend's tests", shared)
+	}
+	if err := lib.BackendAvailable(binding.BackendSDCPP); err != nil {
+		t.Skipf("sdcpp backend unavailable (build with make, which passes -DSTEPWISE_SDCPP_DIR): %v", err)
+	}
+	return lib
+}
+
+// sd15Random is a random-weight diffusers model with SD 1.5's real sizes (the
+// only kind stable-diffusion.cpp loads), float32, about 4.3 GB: made once in
+// a folder of the system's temp dir named after what makes it, and reused by
+// later runs. It is built beside its final name and renamed into place, so a
+// run that is killed half-way leaves no half model behind it.
+func sd15Random(t *testing.T, lib *binding.Library) string {
+	t.Helper()
+	dir := filepath.Join(os.TempDir(), fmt.Sprintf("stepwise-sd15-random-seed%d-abi%d", sdcppSeed, binding.ABIVersion))
+	if _, err := os.Stat(filepath.Join(dir, "model_index.json")); err == nil {
+		return dir
+	}
+	tmp, err := os.MkdirTemp(os.TempDir(), "stepwise-sd15-random-")
+	require.NoError(t, err)
+	defer os.RemoveAll(tmp)
+	require.NoError(t, models.MakeRandomSD(lib, tmp, models.SD15Arch(), sdcppSeed))
+	if err := os.Rename(tmp, dir); err != nil {
+		// Another test binary made it first.
+		_, statErr := os.Stat(filepath.Join(dir, "model_index.json"))
+		require.NoError(t, statErr, "rename %s: %v", tmp, err)
+	}
+	return dir
+}
+
+func sdcppRequest(steps int) binding.GenerateRequest {
+	return binding.GenerateRequest{Prompt: "a cat sitting on a chair", Width: 64, Height: 64, Steps: steps,
+		CFGScale: 7, Seed: 7, BatchSize: 1, Sampler: binding.Euler, Strength: 1, PreviewEvery: 1}
+}
+
+// TestSDCPPBackend runs the sdcpp backend on one SD 1.5-sized model, opened
+// once, at 64x64 with 2 steps.
+func TestSDCPPBackend(t *testing.T) {
+	lib := needSDCPP(t)
+	dir := sd15Random(t, lib)
+	m, err := lib.OpenSD(binding.SDOptions{Path: dir, Backend: binding.BackendSDCPP, DType: binding.F16})
+	require.NoError(t, err)
+	t.Cleanup(func() { m.Close() })
+	info := m.Info()
+	assert.Contains(t, info.Arch, "stable-diffusion.cpp")
+	assert.Equal(t, binding.F16, info.DType)
+	assert.Greater(t, info.Params, int64(1_000_000_000), "SD 1.5 has about 1.07e9 parameters")
+	assert.Equal(t, 2*info.Params, info.WeightBytes, "f16 weights from a float32 file")
+
+	t.Run("steps report once each and images come back RGB", func(t *testing.T) {
+		var steps []binding.Step
+		r := sdcppRequest(2)
+		r.OnStep = func(s binding.Step) { steps = append(steps, s) }
+		res, err := m.Generate(context.Background(), r)
+		require.NoError(t, err)
+		require.Len(t, steps, 2)
+		for i, s := range steps {
+			assert.Equal(t, i+1, s.Step)
+			assert.Equal(t, 2, s.Steps)
+			assert.Empty(t, s.Previews, "no preview was asked for")
+		}
+		require.Len(t, res.Images, 1)
+		img := res.Images[0]
+		assert.Equal(t, [3]int{64, 64, 3}, [3]int{img.Width, img.Height, img.Channels})
+		require.Len(t, img.Pix, 64*64*3)
+		assert.Empty(t, res.Latents.Data, "stable-diffusion.cpp hands out no latents")
+		assert.Equal(t, []int{1, 64, 64, 3}, res.Pixels.Shape)
+		assert.Positive(t, res.Tokens)
+
+		again, err := m.Generate(context.Background(), sdcppRequest(2))
+		require.NoError(t, err)
+		assert.True(t, bytes.Equal(img.Pix, again.Images[0].Pix), "the same seed gives the same image")
+		r = sdcppRequest(2)
+		r.Seed = 8
+		other, err := m.Generate(context.Background(), r)
+		require.NoError(t, err)
+		assert.False(t, bytes.Equal(img.Pix, other.Images[0].Pix), "another seed gives another image")
+	})
+
+	t.Run("batch and previews", func(t *testing.T) {
+		var steps []binding.Step
+		r := sdcppRequest(2)
+		r.BatchSize = 2
+		r.Preview = binding.PreviewLatent2RGB
+		r.OnStep = func(s binding.Step) { steps = append(steps, s) }
+		res, err := m.Generate(context.Background(), r)
+		require.NoError(t, err)
+		require.Len(t, res.Images, 2)
+		require.Len(t, steps, 4, "the batch items are sampled one after another")
+		for i, s := range steps {
+			assert.Equal(t, i+1, s.Step)
+			assert.Equal(t, 4, s.Steps)
+			require.Len(t, s.Previews, 1, "step %d", s.Step)
+			p := s.Previews[0]
+			assert.Equal(t, [3]int{64, 64, 3}, [3]int{p.Width, p.Height, p.Channels}, "previews come at the output size")
+		}
+	})
+
+	t.Run("vae previews on the steps preview_every picks", func(t *testing.T) {
+		var steps []binding.Step
+		r := sdcppRequest(3)
+		r.Preview, r.PreviewEvery = binding.PreviewVAE, 2
+		r.OnStep = func(s binding.Step) { steps = append(steps, s) }
+		_, err := m.Generate(context.Background(), r)
+		require.NoError(t, err)
+		require.Len(t, steps, 3)
+		got := []int{len(steps[0].Previews), len(steps[1].Previews), len(steps[2].Previews)}
+		assert.Equal(t, []int{0, 1, 1}, got, "step 2 (every 2nd) and the last step")
+		p := steps[1].Previews[0]
+		assert.Equal(t, [3]int{64, 64, 3}, [3]int{p.Width, p.Height, p.Channels})
+	})
+
+	t.Run("cancel after step k stops inside step k+1", func(t *testing.T) {
+		for _, k := range []int{1, 2} {
+			ctx, cancel := context.WithCancel(context.Background())
+			var calls atomic.Int32
+			r := sdcppRequest(4)
+			r.OnStep = func(s binding.Step) {
+				calls.Add(1)
+				if s.Step == k {
+					cancelSoonAfter(cancel)
+				}
+			}
+			_, err := m.Generate(ctx, r)
+			cancel()
+			require.Error(t, err, "k=%d", k)
+			assert.ErrorIs(t, err, binding.ErrCancelled)
+			// The cancel reaches the engine while step k+1 computes (a step
+			// takes far longer than cancelSoonAfter's pause): it aborts that
+			// step's graph, so step k+1 is never reported.
+			assert.Equal(t, int32(k), calls.Load(), "k=%d: step k+1 was stopped before it finished", k)
+		}
+		res, err := m.Generate(context.Background(), sdcppRequest(2))
+		require.NoError(t, err, "the model works after a cancel")
+		assert.Len(t, res.Images, 1)
+	})
+
+	t.Run("samplers it lacks are refused", func(t *testing.T) {
+		for _, s := range []binding.Sampler{binding.DDIM, binding.PNDM} {
+			r := sdcppRequest(2)
+			r.Sampler = s
+			_, err := m.Generate(context.Background(), r)
+			require.Error(t, err, "%v", s)
+			assert.ErrorIs(t, err, binding.ErrUnsupported)
+		}
+		for _, s := range []binding.Sampler{binding.EulerA, binding.DPMPP2MKarras} {
+			r := sdcppRequest(1)
+			r.Sampler = s
+			_, err := m.Generate(context.Background(), r)
+			require.NoError(t, err, "%v", s)
+		}
+	})
+
+	t.Run("img2img and inpaint", func(t *testing.T) {
+		init := &binding.Image{Width: 64, Height: 64, Channels: 3, Pix: make([]byte, 64*64*3)}
+		for i := range init.Pix {
+			init.Pix[i] = byte(i * 7 % 251)
+		}
+		gray := func(v byte) *binding.Image {
+			m := &binding.Image{Width: 64, Height: 64, Channels: 1, Pix: make([]byte, 64*64)}
+			for i := range m.Pix {
+				m.Pix[i] = v
+			}
+			return m
+		}
+		run := func(mask *binding.Image) ([]binding.Step, *binding.GenerateResult) {
+			var steps []binding.Step
+			r := sdcppRequest(4)
+			r.Init, r.Strength, r.Mask = init, 0.5, mask
+			r.OnStep = func(s binding.Step) { steps = append(steps, s) }
+			res, err := m.Generate(context.Background(), r)
+			require.NoError(t, err)
+			require.Len(t, res.Images, 1)
+			return steps, res
+		}
+		steps, img2img := run(nil)
+		require.NotEmpty(t, steps)
+		assert.Less(t, steps[0].Steps, 4, "strength 0.5 runs fewer steps than asked for")
+		assert.Len(t, steps, steps[0].Steps, "one event per step it runs")
+
+		_, white := run(gray(255))
+		assert.True(t, bytes.Equal(img2img.Images[0].Pix, white.Images[0].Pix), "a white mask repaints everything: img2img")
+		_, black := run(gray(0))
+		assert.False(t, bytes.Equal(img2img.Images[0].Pix, black.Images[0].Pix), "a black mask keeps the init image")
+
+		r := sdcppRequest(2)
+		r.Mask = gray(255)
+		_, err := m.Generate(context.Background(), r)
+		assert.ErrorIs(t, err, binding.ErrInvalidArgument, "a mask needs an init image")
+	})
+}
+
+// truncatedCopy writes the first half of src to a new .safetensors file.
+func truncatedCopy(t *testing.T, src string) string {
+	t.Helper()
+	in, err := os.Open(src)
+	require.NoError(t, err)
+	defer in.Close()
+	st, err := in.Stat()
+	require.NoError(t, err)
+	dst := filepath.Join(t.TempDir(), "truncated.safetensors")
+	out, err := os.Create(dst)
+	require.NoError(t, err)
+	_, err = io.CopyN(out, in, st.Size()/2)
+	require.NoError(t, err)
+	require.NoError(t, out.Close())
+	return dst
+}
+
+// TestSDCPPOpenErrors: what stable-diffusion.cpp could abort on is refused
+// with a typed error before it sees it.
+func TestSDCPPOpenErrors(t *testing.T) {
+	lib := needSDCPP(t)
+	sdDir, _ := testenv.Tiny(t)
+	sd15 := sd15Random(t, lib) // a model it takes, for the checks that must refuse it anyway
+	fifo := filepath.Join(t.TempDir(), "fifo.safetensors")
+	require.NoError(t, syscall.Mkfifo(fifo, 0o644))
+	for _, tc := range []struct {
+		name  string
+		opts  binding.SDOptions
+		want  error
+		input func() string
+	}{
+		{name: "missing file", opts: binding.SDOptions{Path: filepath.Join(t.TempDir(), "none.safetensors")}, want: binding.ErrNotFound},
+		{name: "truncated file", input: func() string {
+			return truncatedCopy(t, filepath.Join(sdDir, "unet", "diffusion_pytorch_model.safetensors"))
+		}, want: binding.ErrFormat},
+		{name: "fifo", opts: binding.SDOptions{Path: fifo}, want: binding.ErrIO},
+		{name: "not SD 1.5's sizes", opts: binding.SDOptions{Path: sdDir}, want: binding.ErrUnsupported},
+		{name: "bf16", opts: binding.SDOptions{Path: sd15, DType: binding.BF16}, want: binding.ErrUnsupported},
+		{name: "a device it lacks", opts: binding.SDOptions{Path: sd15, Device: "cuda:0"}, want: binding.ErrUnsupported},
+		{name: "not a safetensors file", opts: binding.SDOptions{Path: filepath.Join(sdDir, "model_index.json")}, want: binding.ErrUnsupported},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := tc.opts
+			if tc.input != nil {
+				o.Path = tc.input()
+			}
+			o.Backend = binding.BackendSDCPP
+			m, err := lib.OpenSD(o)
+			require.Error(t, err)
+			assert.Nil(t, m)
+			assert.ErrorIs(t, err, tc.want, "%v", err)
+		})
+	}
+}
+
+// TestBackendsAndDTypes needs no stable-diffusion.cpp: the names parse, the
+// libtorch backend is always there and refuses the quantised types, and an
+// unknown backend number is refused.
+func TestBackendsAndDTypes(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want binding.Backend
+	}{{"", binding.BackendLibtorch}, {"libtorch", binding.BackendLibtorch}, {"SDCPP", binding.BackendSDCPP}, {"stable-diffusion.cpp", binding.BackendSDCPP}} {
+		got, err := binding.ParseBackend(tc.in)
+		require.NoError(t, err, tc.in)
+		assert.Equal(t, tc.want, got, tc.in)
+		if tc.in != "" && tc.in != "stable-diffusion.cpp" {
+			again, err := binding.ParseBackend(got.String())
+			require.NoError(t, err)
+			assert.Equal(t, got, again)
+		}
+	}
+	_, err := binding.ParseBackend("onnx")
+	var ub *binding.UnknownBackendError
+	require.True(t, errors.As(err, &ub))
+	assert.Equal(t, "onnx", ub.Name)
+
+	for _, s := range []string{"q8_0", "q5_0", "q4_0"} {
+		d, err := binding.ParseDType(s)
+		require.NoError(t, err)
+		assert.Equal(t, s, d.String())
+	}
+
+	lib := testenv.Library(t)
+	require.NoError(t, lib.BackendAvailable(binding.BackendLibtorch))
+	assert.ErrorIs(t, lib.BackendAvailable(binding.Backend(7)), binding.ErrInvalidArgument)
+	v := lib.Version()
+	require.Len(t, v.Backends, 2)
+	assert.True(t, v.Backends[0].Available)
+	assert.Equal(t, v.Backends[1].Available, v.Backends[1].Reason == "")
+	assert.Contains(t, v.Build, "backends: libtorch")
+
+	sdDir, _ := testenv.Tiny(t)
+	_, err = lib.OpenSD(binding.SDOptions{Path: sdDir, DType: binding.Q8_0})
+	assert.ErrorIs(t, err, binding.ErrUnsupported, "q8_0 is for the sdcpp backend only")
+	_, err = lib.OpenSD(binding.SDOptions{Path: sdDir, Backend: binding.Backend(7)})
+	assert.ErrorIs(t, err, binding.ErrInvalidArgument)
+}
+
+// TestSDCPPQuantised opens the model converted to q8_0 on load and generates.
+func TestSDCPPQuantised(t *testing.T) {
+	lib := needSDCPP(t)
+	dir := sd15Random(t, lib)
+	m, err := lib.OpenSD(binding.SDOptions{Path: dir, Backend: binding.BackendSDCPP, DType: binding.Q8_0})
+	require.NoError(t, err)
+	defer m.Close()
+	info := m.Info()
+	assert.Equal(t, binding.Q8_0, info.DType)
+	assert.Equal(t, info.Params*34/32, info.WeightBytes, "q8_0 stores 32 weights in 34 bytes")
+	res, err := m.Generate(context.Background(), sdcppRequest(1))
+	require.NoError(t, err)
+	require.Len(t, res.Images, 1)
+	assert.Len(t, res.Images[0].Pix, 64*64*3)
+}
