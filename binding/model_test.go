@@ -188,11 +188,8 @@ func TestCorruptSegmentationFilesGiveClearErrors(t *testing.T) {
 			p := filepath.Join(dir, tt.name+".safetensors")
 			tt.make(p)
 			m, err := lib.OpenSeg(binding.SegOptions{Path: p})
-			require.Error(t, err)
 			assert.Nil(t, m)
-			var be *binding.Error
-			require.ErrorAs(t, err, &be)
-			assert.Equal(t, tt.status, be.Status, err.Error())
+			requireStatus(t, err, tt.status)
 			assert.Contains(t, err.Error(), p, "the error names the file")
 			for _, w := range tt.want {
 				assert.Contains(t, err.Error(), w)
@@ -267,11 +264,8 @@ func TestBrokenSDFoldersGiveClearErrors(t *testing.T) {
 			copyDir(t, sdDir, d)
 			tt.breakF(d)
 			m, err := lib.OpenSD(binding.SDOptions{Path: d})
-			require.Error(t, err)
 			assert.Nil(t, m)
-			var be *binding.Error
-			require.ErrorAs(t, err, &be)
-			assert.Equal(t, tt.status, be.Status, err.Error())
+			requireStatus(t, err, tt.status)
 			assert.Contains(t, err.Error(), tt.want)
 		})
 	}
@@ -316,4 +310,13 @@ func TestSingleFileCheckpoint(t *testing.T) {
 	_, err = lib.OpenSD(binding.SDOptions{Path: ckpt, TokenizerDir: tok})
 	assert.ErrorIs(t, err, binding.ErrUnsupported)
 	assert.ErrorContains(t, err, "convert it to .safetensors")
+}
+
+// requireStatus asserts that err is the engine's error with status.
+func requireStatus(t *testing.T, err error, status binding.Status) {
+	t.Helper()
+	require.Error(t, err)
+	var be *binding.Error
+	require.ErrorAs(t, err, &be)
+	assert.Equal(t, status, be.Status, err.Error())
 }

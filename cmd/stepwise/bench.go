@@ -353,23 +353,11 @@ func (e *benchFileError) Unwrap() error { return e.Err }
 // errDuplicateRow: one output measured a (dtype, size) twice.
 var errDuplicateRow = errors.New("the same dtype and size appear twice")
 
-// compareRow is a bench JSON line of any version: 201b204's fields, and the
-// optional ones later benches add.
+// compareRow is a bench JSON line of any version: 201b204's fields are
+// benchRow's, and later benches may add the optional ones here.
 type compareRow struct {
-	Model       string   `json:"model"`
-	Device      string   `json:"device"`
-	DType       string   `json:"dtype"`
-	Size        int      `json:"size"`
-	Steps       int      `json:"steps"`
-	CFG         bool     `json:"cfg"`
-	LoadSeconds float64  `json:"load_seconds"`
-	TextSeconds float64  `json:"text_seconds"`
-	StepSeconds float64  `json:"step_seconds"`
-	DecodeSec   float64  `json:"vae_decode_seconds"`
-	EncodeSec   *float64 `json:"vae_encode_seconds"` // absent where not measured
-	PeakRSS     int64    `json:"peak_rss_bytes"`
-	Threads     int      `json:"threads"`
-	Preview     string   `json:"preview"`
+	benchRow
+	EncodeSec *float64 `json:"vae_encode_seconds"` // absent where not measured
 }
 
 type compareKey struct {
