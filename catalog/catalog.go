@@ -7,7 +7,6 @@ package catalog
 
 import (
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/stepwise-sd/stepwise/internal/atomicfile"
 	"github.com/stepwise-sd/stepwise/internal/regfile"
+	"github.com/stepwise-sd/stepwise/internal/safetensors"
 )
 
 // Kinds of entry.
@@ -292,43 +292,14 @@ func describeTensors(e *Entry, names []string, shapes map[string][]int64) {
 	}
 }
 
-// maxHeaderBytes bounds a safetensors header read for names and shapes.
-const maxHeaderBytes = 100 << 20
-
 func readHeader(p string) ([]string, map[string][]int64, error) {
-	f, _, err := regfile.Open(p)
+	shapes, err := safetensors.ReadShapes(p)
 	if err != nil {
 		return nil, nil, err
 	}
-	defer f.Close()
-	var n uint64
-	if err := binary.Read(f, binary.LittleEndian, &n); err != nil {
-		return nil, nil, fmt.Errorf("%s: truncated safetensors file", p)
-	}
-	if n > maxHeaderBytes {
-		return nil, nil, fmt.Errorf("%s: safetensors header of %d bytes is too large", p, n)
-	}
-	head := make([]byte, n)
-	if _, err := io.ReadFull(f, head); err != nil {
-		return nil, nil, fmt.Errorf("%s: truncated safetensors header", p)
-	}
-	var raw map[string]json.RawMessage
-	if err := json.Unmarshal(head, &raw); err != nil {
-		return nil, nil, fmt.Errorf("%s: bad safetensors header: %w", p, err)
-	}
-	names := make([]string, 0, len(raw))
-	shapes := map[string][]int64{}
-	for k, v := range raw {
-		if k == "__metadata__" {
-			continue
-		}
-		names = append(names, k)
-		var t struct {
-			Shape []int64 `json:"shape"`
-		}
-		if json.Unmarshal(v, &t) == nil {
-			shapes[k] = t.Shape
-		}
+	names := make([]string, 0, len(shapes))
+	for name := range shapes {
+		names = append(names, name)
 	}
 	sort.Strings(names)
 	return names, shapes, nil

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"sort"
 	"unicode/utf8"
@@ -270,4 +271,46 @@ func (t Tensor) Int64s() ([]int64, error) {
 		out[i] = int64(binary.LittleEndian.Uint64(t.Data[8*i:]))
 	}
 	return out, nil
+}
+
+// ReadShapes reads a file's header alone — not its tensor data — and returns
+// each tensor's shape by name: enough to tell a model's architecture without
+// loading it. Only regular files are read; the header length is checked
+// against MaxHeaderBytes and the file before it is allocated.
+func ReadShapes(path string) (map[string][]int64, error) {
+	f, info, err := regfile.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%s: %w: %s", path, ErrMalformed, fmt.Sprintf(format, a...))
+	}
+	var n uint64
+	if err := binary.Read(f, binary.LittleEndian, &n); err != nil {
+		return nil, bad("truncated file")
+	}
+	if n > MaxHeaderBytes || n > uint64(info.Size()-8) {
+		return nil, bad("header of %d bytes in a file of %d", n, info.Size())
+	}
+	head := make([]byte, n)
+	if _, err := io.ReadFull(f, head); err != nil {
+		return nil, bad("truncated header")
+	}
+	var raw map[string]json.RawMessage
+	if err := json.Unmarshal(head, &raw); err != nil {
+		return nil, bad("header is not a JSON object: %v", err)
+	}
+	shapes := make(map[string][]int64, len(raw))
+	for name, v := range raw {
+		if name == "__metadata__" {
+			continue
+		}
+		var e headerEntry
+		if err := json.Unmarshal(v, &e); err != nil {
+			return nil, bad("tensor %s: %v", name, err)
+		}
+		shapes[name] = e.Shape
+	}
+	return shapes, nil
 }

@@ -177,3 +177,34 @@ func TestReadReportsMalformedFilesByPath(t *testing.T) {
 	_, err := safetensors.Read(path)
 	require.ErrorIs(t, err, safetensors.ErrMalformed)
 }
+
+// ReadShapes reads the header alone: the shapes of a written file, and the
+// same refusals as Parse for a header that lies about its length.
+func TestReadShapesReadsTheHeaderAlone(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "m.safetensors")
+	require.NoError(t, safetensors.Write(p, map[string]safetensors.Tensor{
+		"outc.conv.weight": safetensors.F32([]int64{3, 2, 1, 1}, make([]float32, 6)),
+		"b":                safetensors.F32([]int64{4}, make([]float32, 4)),
+	}, map[string]string{"format": "pt"}))
+	shapes, err := safetensors.ReadShapes(p)
+	require.NoError(t, err)
+	assert.Equal(t, map[string][]int64{"outc.conv.weight": {3, 2, 1, 1}, "b": {4}}, shapes)
+
+	for name, data := range map[string][]byte{
+		"short":          {1, 2, 3},
+		"length lies":    file(1<<20, `{}`, nil),
+		"over the limit": file(safetensors.MaxHeaderBytes+1, `{}`, make([]byte, 16)),
+		"not an object":  file(2, `[]`, nil),
+		"bad entry":      file(14, `{"a":{"shape":1}}`[:14], nil),
+	} {
+		bad := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(bad, data, 0o644))
+		_, err := safetensors.ReadShapes(bad)
+		assert.ErrorIs(t, err, safetensors.ErrMalformed, name)
+	}
+	fifo := filepath.Join(dir, "fifo")
+	require.NoError(t, syscall.Mkfifo(fifo, 0o644))
+	_, err = safetensors.ReadShapes(fifo)
+	assert.ErrorIs(t, err, regfile.ErrNotRegular)
+}
