@@ -202,24 +202,6 @@ func TestCorruptSegmentationFilesGiveClearErrors(t *testing.T) {
 	m.Close()
 }
 
-func copyDir(t *testing.T, src, dst string) {
-	t.Helper()
-	require.NoError(t, filepath.WalkDir(src, func(p string, d os.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(src, p)
-		if d.IsDir() {
-			return os.MkdirAll(filepath.Join(dst, rel), 0o755)
-		}
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return err
-		}
-		return os.WriteFile(filepath.Join(dst, rel), b, 0o644)
-	}))
-}
-
 func TestBrokenSDFoldersGiveClearErrors(t *testing.T) {
 	lib := testenv.Library(t)
 	sdDir, _ := testenv.Tiny(t)
@@ -261,7 +243,7 @@ func TestBrokenSDFoldersGiveClearErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			d := t.TempDir()
-			copyDir(t, sdDir, d)
+			testenv.CopyTree(t, sdDir, d)
 			tt.breakF(d)
 			m, err := lib.OpenSD(binding.SDOptions{Path: d})
 			assert.Nil(t, m)
