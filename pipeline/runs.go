@@ -37,9 +37,6 @@ type Runs struct {
 	retention time.Duration
 	now       func() time.Time
 	log       *slog.Logger
-
-	mu     sync.Mutex
-	active map[string]bool
 }
 
 // RunsOptions configure OpenRuns.
@@ -54,7 +51,7 @@ func OpenRuns(dir string, o RunsOptions) (*Runs, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("runs folder %s: %w", dir, err)
 	}
-	r := &Runs{dir: dir, retention: o.Retention, now: o.Now, log: o.Logger, active: map[string]bool{}}
+	r := &Runs{dir: dir, retention: o.Retention, now: o.Now, log: o.Logger}
 	if r.retention <= 0 {
 		r.retention = DefaultRetention
 	}
@@ -95,9 +92,6 @@ func (r *Runs) Begin() (*Run, error) {
 		os.RemoveAll(stage)
 		return nil, fmt.Errorf("create run %s: %w", id, err)
 	}
-	r.mu.Lock()
-	r.active[id] = true
-	r.mu.Unlock()
 	liveStages.Store(stage, true)
 	return &Run{ID: id, runs: r, stage: stage}, nil
 }
@@ -168,9 +162,6 @@ var liveStages sync.Map
 
 func (r *Runs) release(id string) {
 	liveStages.Delete(filepath.Join(r.dir, stagePrefix+id))
-	r.mu.Lock()
-	delete(r.active, id)
-	r.mu.Unlock()
 }
 
 // Path returns the path of a committed run's file, refusing IDs and names
@@ -261,10 +252,7 @@ func processStart(pid int) string {
 }
 
 func (r *Runs) inProgress(id, stage string) bool {
-	r.mu.Lock()
-	live := r.active[id]
-	r.mu.Unlock()
-	if live {
+	if _, live := liveStages.Load(stage); live {
 		return true
 	}
 	b, err := os.ReadFile(filepath.Join(stage, ".owner"))
@@ -282,10 +270,8 @@ func (r *Runs) inProgress(id, stage string) bool {
 		return false
 	}
 	if pid == os.Getpid() {
-		// Ours only if some Runs of this process is writing it now; otherwise
-		// an earlier process with our pid left it.
-		_, live := liveStages.Load(stage)
-		return live
+		// Not being written by this process: an earlier process with our pid left it.
+		return false
 	}
 	// Signal 0 checks that the process exists without touching it.
 	if syscall.Kill(pid, 0) != nil {
