@@ -386,19 +386,20 @@ func decodeJobJSON(body []byte) (string, JobParams, error) {
 	if err := json.Unmarshal(body, &p); err != nil {
 		return "", p, badRequest("invalid parameters: %v", err)
 	}
-	if err := refuseExplicitZeroSize(fields); err != nil {
-		return "", p, err
+	for name, raw := range fields {
+		if err := refuseZeroSize(name, string(raw)); err != nil {
+			return "", p, err
+		}
 	}
 	return kind, p, nil
 }
 
-// refuseExplicitZeroSize tells a left-out width (the default applies) from a
-// width of 0, which is no size at all.
-func refuseExplicitZeroSize(fields map[string]json.RawMessage) error {
-	for _, name := range []string{"width", "height"} {
-		if raw, ok := fields[name]; ok && strings.TrimSpace(string(raw)) == "0" {
-			return badRequest("%s is 0: leave it out for the default", name)
-		}
+// refuseZeroSize tells a left-out width or height (the default applies) from
+// a field given as 0, which is no size at all; value is the field's text as
+// the request gave it.
+func refuseZeroSize(name, value string) error {
+	if (name == "width" || name == "height") && strings.TrimSpace(value) == "0" {
+		return badRequest("%s is 0: leave it out for the default", name)
 	}
 	return nil
 }
@@ -448,8 +449,8 @@ func readMultipartJob(r *http.Request) (string, JobParams, error) {
 		if err := setField(f, v); err != nil {
 			return "", p, badRequest("form field %s: %v", k, err)
 		}
-		if (k == "width" || k == "height") && strings.TrimSpace(v) == "0" {
-			return "", p, badRequest("%s is 0: leave it out for the default", k)
+		if err := refuseZeroSize(k, v); err != nil {
+			return "", p, err
 		}
 	}
 	for _, name := range []string{"image", "mask"} {

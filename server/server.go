@@ -18,7 +18,7 @@ import (
 
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
-	"github.com/stepwise-sd/stepwise/models"
+	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
@@ -156,9 +156,9 @@ func New(cfg Config, runner *pipeline.Runner) *Server {
 // weights' header (no model is loaded for it).
 func (s *Server) segClasses() (int, error) {
 	s.segClassesOnce.Do(func() {
-		path, err := models.Resolve(s.cfg.SegModel, s.runner.ConvertDir)
+		key, err := s.runner.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: s.cfg.SegModel})
 		if err == nil {
-			s.segClassCount, err = pipeline.SegModelClasses(path)
+			s.segClassCount, err = pipeline.SegModelClasses(key.Path)
 		}
 		s.segClassesErr = err
 	})
