@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
+#include <cstdlib>
 
 #include "tokenizer.h"
 
@@ -13,6 +14,14 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// fault_step is the step at which STEPWISE_FAULT_ABORT_AT_STEP asks the engine
+// to abort() the process, or 0. It exists so that the worker tests can crash a
+// worker for real, inside the engine, the way a native fault does.
+int64_t fault_step() {
+    const char *v = std::getenv("STEPWISE_FAULT_ABORT_AT_STEP");
+    return v ? std::strtoll(v, nullptr, 10) : 0;
+}
 
 void validate(const sw_sd_model &m, const GenerateRequest &r) {
     auto bad = [](const std::string &msg) { fail(SW_ERR_INVALID_ARGUMENT, msg); };
@@ -166,6 +175,7 @@ GenerateOutput generate(sw_sd_model &m, const GenerateRequest &r, const StepHook
 
     t0 = Clock::now();
     const size_t total = sampler->size() - start;
+    const int64_t abort_at = fault_step();
     for (size_t i = start; i < sampler->size(); i++) {
         check_cancel();
         const double t = sampler->timesteps()[i];
@@ -190,6 +200,7 @@ GenerateOutput generate(sw_sd_model &m, const GenerateRequest &r, const StepHook
             if (i + 1 < sampler->size()) keep = sampler->add_noise(image_latents, noise, i + 1);
             latents = (1 - mask_latent) * keep + mask_latent * latents;
         }
+        if (abort_at > 0 && static_cast<int64_t>(i - start + 1) == abort_at) std::abort();
         if (hook) {
             StepEvent ev;
             ev.step = static_cast<int64_t>(i - start + 1);
