@@ -344,6 +344,7 @@ func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
 		"checkpoints": s.checkpoints(),
 		"loaded":      s.runner.Cache.Loaded(),
 		"memory":      s.runner.Cache.Stats(),
+		"backends":    s.backends(),
 	}
 	if s.catalog != nil {
 		out["models_dir"] = s.catalog.Dir()
@@ -357,6 +358,8 @@ func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
 		Kind  string `json:"kind"`  // "sd" or "seg"
 		Model string `json:"model"` // sd: a name from the models folder; empty: the current model
 		VAE   string `json:"vae"`   // sd: a VAE from the models folder; empty: the current one
+		// Backend (sd): libtorch or sdcpp; empty: the server's.
+		Backend string `json:"backend"`
 	}
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
@@ -375,7 +378,11 @@ func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
 		if err != nil {
 			return modelcache.Key{}, err
 		}
-		return s.runner.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: path, VAE: vae, DType: s.cfg.DType})
+		backend, err := s.resolveBackend(req.Backend)
+		if err != nil {
+			return modelcache.Key{}, err
+		}
+		return s.runner.ResolveModel(modelcache.KindSD, s.sdRef(path, vae, backend))
 	case "seg":
 		if s.cfg.SegModel == "" {
 			return modelcache.Key{}, badRequest("no segmentation model is configured")

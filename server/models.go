@@ -2,13 +2,16 @@ package server
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
 
+	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
+	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
 // modelChoice is what the server generates with when a request names no
@@ -77,6 +80,49 @@ func (s *Server) resolveVAE(name string) (string, error) {
 		return s.cfg.VAE, nil
 	}
 	return "", badRequest("%v %q: no models folder lists VAEs (stepwise serve --models-dir)", catalog.ErrUnknownModel, name)
+}
+
+// resolveBackend turns a request's backend name into a backend this server
+// can run: empty is the server's default. An unknown name and a backend this
+// process cannot load (not built in, its library missing) are 400s that say why.
+func (s *Server) resolveBackend(name string) (binding.Backend, error) {
+	b := s.cfg.Backend
+	if strings.TrimSpace(name) != "" {
+		var err error
+		if b, err = binding.ParseBackend(name); err != nil {
+			return b, badRequestErr(err)
+		}
+	}
+	if err := s.runner.Cache.BackendAvailable(b); err != nil {
+		return b, badRequestErr(fmt.Errorf("backend %s: %w", b, err))
+	}
+	return b, nil
+}
+
+// sdRef is how the server loads an SD model: its dtype, the job's backend.
+func (s *Server) sdRef(path, vae string, b binding.Backend) pipeline.ModelRef {
+	return pipeline.ModelRef{Path: path, VAE: vae, DType: s.cfg.DType, Backend: b}
+}
+
+// backendInfo is one backend in /v1/models.
+type backendInfo struct {
+	Name      string `json:"name"`
+	Available bool   `json:"available"`
+	Default   bool   `json:"default"`
+	// Reason is why it is unavailable; empty when it is available.
+	Reason string `json:"reason,omitempty"`
+	// Library is the stable-diffusion.cpp build the sdcpp backend found.
+	Library string `json:"library,omitempty"`
+}
+
+// backends lists every backend, available or not, with the reason.
+func (s *Server) backends() []backendInfo {
+	var out []backendInfo
+	for _, b := range s.runner.Cache.Backends() {
+		out = append(out, backendInfo{Name: b.Backend.String(), Available: b.Available, Default: b.Backend == s.cfg.Backend,
+			Reason: b.Reason, Library: b.Library})
+	}
+	return out
 }
 
 // describe is a model's catalog entry; models outside the folder are

@@ -32,6 +32,8 @@ type Config struct {
 	// Catalog, when set, lists the models requests may name (--models-dir).
 	Catalog *catalog.Catalog
 	DType   binding.DType
+	// Backend runs the jobs that name none (the zero value: libtorch).
+	Backend binding.Backend
 	// Token, when set, must come as "Authorization: Bearer <token>" (or
 	// ?token= on websockets, which browsers cannot give headers).
 	Token string
@@ -309,7 +311,7 @@ func (s *Server) run(j *Job) {
 // execute runs one job's work through the pipeline.
 func (s *Server) execute(ctx context.Context, kind string, p JobParams, d *decoded, onStep func(binding.Step),
 	onRun func(string)) (*output, error) {
-	sdRef := pipeline.ModelRef{Path: d.sdPath, VAE: d.vaePath, DType: s.cfg.DType}
+	sdRef := s.sdRef(d.sdPath, d.vaePath, d.backend)
 	segOpts := pipeline.SegmentOptions{Model: pipeline.ModelRef{Path: s.cfg.SegModel}, Scale: p.SegmentScale, Classes: p.Classes}
 	out := &output{result: map[string]any{"seed": d.seed}}
 	switch kind {

@@ -46,12 +46,17 @@ type env struct {
 
 func start(t *testing.T, cfg server.Config) *env {
 	t.Helper()
-	lib := testenv.Library(t)
+	return startWith(t, cfg, modelcache.LibraryLoader{Lib: testenv.Library(t)})
+}
+
+// startWith is start over loader.
+func startWith(t *testing.T, cfg server.Config, loader modelcache.Loader) *env {
+	t.Helper()
 	sdDir, segPath := testenv.Tiny(t)
 	dir := t.TempDir()
 	runs, err := pipeline.OpenRuns(filepath.Join(dir, "runs"), pipeline.RunsOptions{})
 	require.NoError(t, err)
-	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
+	c := modelcache.New(loader, modelcache.Options{Budget: -1})
 	e := &pipeline.Runner{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
 	if cfg.Model == "" {
 		cfg.Model = sdDir
