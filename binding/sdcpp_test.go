@@ -59,6 +59,11 @@ func TestSDCPPBackend(t *testing.T) {
 		assert.Empty(t, res.Latents.Data, "stable-diffusion.cpp hands out no latents")
 		assert.Equal(t, []int{1, 64, 64, 3}, res.Pixels.Shape)
 		assert.Positive(t, res.Tokens)
+		// The phases, as its progress reports mark them.
+		assert.Positive(t, res.Text, "the call's start to the first step")
+		assert.Positive(t, res.Denoise)
+		assert.Positive(t, res.Decode, "the last step to the end")
+		assert.Less(t, res.Denoise, steps[1].Elapsed, "the text encoding is not in the denoising")
 
 		again, err := m.Generate(context.Background(), sdcppRequest(2))
 		require.NoError(t, err)
@@ -272,6 +277,7 @@ func TestSDCPPOpenErrors(t *testing.T) {
 		opts  binding.SDOptions
 		want  error
 		input func() string
+		names string // a part of the message, where it must name the culprit
 	}{
 		{name: "missing file", opts: binding.SDOptions{Path: filepath.Join(t.TempDir(), "none.safetensors")}, want: binding.ErrNotFound},
 		{name: "truncated file", input: func() string {
@@ -295,7 +301,7 @@ func TestSDCPPOpenErrors(t *testing.T) {
 			te := "text_encoder/model.safetensors"
 			return sd15Variant(t, sd15, map[string]func(string){
 				te: withShape(t, filepath.Join(sd15, te), "text_model.encoder.layers.0.mlp.fc1.weight")})
-		}, want: binding.ErrFormat},
+		}, want: binding.ErrFormat, names: "layers.0.mlp.fc1.weight"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.opts
@@ -307,6 +313,9 @@ func TestSDCPPOpenErrors(t *testing.T) {
 			require.Error(t, err)
 			assert.Nil(t, m)
 			assert.ErrorIs(t, err, tc.want, "%v", err)
+			if tc.names != "" {
+				assert.Contains(t, err.Error(), tc.names, "the error names what is wrong, not only that it is")
+			}
 		})
 	}
 }

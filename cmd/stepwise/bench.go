@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,9 +28,12 @@ import (
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
-// benchRow is one measured configuration.
+// benchRow is one measured configuration, or one bench could not measure.
 type benchRow struct {
-	Model       string  `json:"model"`
+	Model string `json:"model"`
+	// Backend is the engine that ran it; absent (libtorch) in rows of
+	// benches older than the sdcpp backend.
+	Backend     string  `json:"backend,omitempty"`
 	Device      string  `json:"device"`
 	DType       string  `json:"dtype"`
 	Size        int     `json:"size"`
@@ -46,24 +50,50 @@ type benchRow struct {
 	Threads int    `json:"threads"`
 	Preview string `json:"preview"`
 	PID     int    `json:"pid,omitempty"` // the process that measured the row
+	// DiffVs names the row of the same size this row's image is compared
+	// with (the first measured: every row draws the same prompt and seed);
+	// MaxAbsDiff (8-bit levels) and PSNR (dB; absent when the images are
+	// identical) are the difference. Absent in the reference row itself.
+	DiffVs     string   `json:"diff_vs,omitempty"`
+	MaxAbsDiff *int     `json:"max_abs_diff,omitempty"`
+	PSNR       *float64 `json:"psnr_db,omitempty"`
+	// Skipped says why this backend and dtype were not measured (the backend
+	// cannot run that dtype, or is not available); nothing else is set.
+	Skipped string `json:"skipped,omitempty"`
+}
+
+// label names the row's backend and dtype, as "libtorch f32".
+func (r benchRow) label() string { return backendName(r.Backend) + " " + r.DType }
+
+// backendName is a row's backend, libtorch for rows that name none.
+func backendName(s string) string {
+	if s == "" {
+		return binding.BackendLibtorch.String()
+	}
+	return s
 }
 
 // inProcessFlag makes bench measure in its own process instead of starting
-// one child per dtype; the parent passes it to its children.
-const inProcessFlag = "in-process"
+// one child per backend and dtype; the parent passes it to its children,
+// with imagesFlag: the folder the children leave their images in.
+const (
+	inProcessFlag = "in-process"
+	imagesFlag    = "images"
+)
 
 // benchFlags are bench's flags.
 type benchFlags struct {
 	engine                                          engineFlags
 	model, tokenizer, cache, sizes, dtypes, preview string
+	backends, images                                string
 	steps                                           int
 	cfg                                             float32
 	asJSON, inProcess                               bool
 }
 
 func newBenchCommand() *cobra.Command {
-	cmd := newFlaggedCommand("bench", "time text encoding, denoising steps and VAE decoding per size and dtype", cobra.NoArgs, &benchFlags{})
-	cmd.AddCommand(newBenchCompareCommand())
+	cmd := newFlaggedCommand("bench", "time text encoding, denoising steps and VAE decoding per size, backend and dtype", cobra.NoArgs, &benchFlags{})
+	cmd.AddCommand(newBenchCompareCommand(), newBenchMemoryCommand())
 	return cmd
 }
 
@@ -74,21 +104,26 @@ func (f *benchFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.tokenizer, "tokenizer", "", "tokenizer folder (default: the model's own, else the built-in CLIP vocabulary)")
 	fs.StringVar(&f.cache, "cache", filepath.Join(os.TempDir(), "stepwise-bench"), "where the random SD 1.5-sized model is kept")
 	fs.StringVar(&f.sizes, "sizes", "256,512", "square image sizes to time")
-	fs.StringVar(&f.dtypes, "dtypes", "f32", "weight dtypes to compare, e.g. f32,bf16 (each is measured in a process of its own)")
+	fs.StringVar(&f.dtypes, "dtypes", "f32", "weight dtypes to compare, e.g. f32,bf16,q8_0 (each backend and dtype is measured in a process of its own)")
+	fs.StringVar(&f.backends, "backends", binding.BackendLibtorch.String(), "backends to compare, e.g. libtorch,sdcpp (a dtype a backend cannot run is skipped with a note)")
 	fs.IntVar(&f.steps, "steps", 3, "denoising steps per size (the first is a warm-up and not timed)")
 	fs.Float32Var(&f.cfg, "cfg-scale", pipeline.DefaultCFGScale, "guidance scale (> 1: classifier-free guidance, two UNet passes per step)")
 	fs.StringVar(&f.preview, "preview", "none", "preview mode during the timed steps: none, latent2rgb, vae")
 	fs.BoolVar(&f.asJSON, "json", false, "print JSON lines instead of a table")
 	fs.BoolVar(&f.inProcess, inProcessFlag, false, "measure in this process (what each per-dtype child runs)")
+	fs.StringVar(&f.images, imagesFlag, "", "write each row's first image here (raw RGB), for the parent's image differences")
 	_ = fs.MarkHidden(inProcessFlag)
+	_ = fs.MarkHidden(imagesFlag)
 	completeWords(cmd, "preview", "none", "latent2rgb", "vae")
+	completeBackends(cmd, "backends")
 }
 
 // benchPlan is bench's flags, checked.
 type benchPlan struct {
-	sizes   []int
-	dtypes  []binding.DType
-	preview binding.Preview
+	sizes    []int
+	backends []binding.Backend
+	dtypes   []binding.DType
+	preview  binding.Preview
 }
 
 func (f *benchFlags) plan() (benchPlan, error) {
@@ -114,6 +149,13 @@ func (f *benchFlags) plan() (benchPlan, error) {
 		}
 		p.dtypes = append(p.dtypes, d)
 	}
+	for _, s := range strings.Split(f.backends, ",") {
+		b, err := binding.ParseBackend(s)
+		if err != nil {
+			return p, err
+		}
+		p.backends = append(p.backends, b)
+	}
 	return p, nil
 }
 
@@ -129,55 +171,151 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 		if f.asJSON {
 			return json.NewEncoder(stdout).Encode(row)
 		}
-		fmt.Fprintf(stderr, "%s %s %dx%d: %.2f s/step\n", row.Model, row.DType, row.Size, row.Size, row.StepSeconds)
+		if row.Skipped == "" {
+			fmt.Fprintf(stderr, "%s %s %dx%d: %.2f s/step\n", row.Model, row.label(), row.Size, row.Size, row.StepSeconds)
+		}
 		return nil
 	}
 	if f.inProcess {
 		err = f.measure(cmd.Context(), p, stderr, emit)
 	} else {
-		// Each dtype in a fresh process: one dtype's weights and allocator
-		// caches would otherwise count in the next one's peak RSS.
-		for _, dt := range p.dtypes {
-			if err = f.runChild(cmd, dt, stderr, emit); err != nil {
-				break
-			}
-		}
+		err = f.runChildren(cmd, p, stderr, emit)
 	}
 	if err != nil || f.asJSON {
 		return err
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "MODEL\tDEVICE\tDTYPE\tSIZE\tPREVIEW\tS/STEP (median)\tS/STEP (min)\tTEXT S\tVAE DECODE S\tLOAD S\tPEAK RSS\tTHREADS")
+	fmt.Fprintln(tw, "MODEL\tBACKEND\tDEVICE\tDTYPE\tSIZE\tPREVIEW\tS/STEP (median)\tS/STEP (min)\tTEXT S\tVAE DECODE S\tLOAD S\tPEAK RSS\tTHREADS\tIMAGE VS\tMAX |Δ|\tPSNR")
+	var skipped []string
 	for _, r := range rows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d²\t%s\t%.2f\t%.2f\t%.3f\t%.2f\t%.1f\t%s\t%d\n", r.Model, r.Device, r.DType, r.Size,
-			r.Preview, r.StepSeconds, r.StepMin, r.TextSeconds, r.DecodeSec, r.LoadSeconds, formatBytes(r.PeakRSS), r.Threads)
+		if r.Skipped != "" {
+			skipped = append(skipped, fmt.Sprintf("skipped %s: %s", r.label(), r.Skipped))
+			continue
+		}
+		vs, maxDiff, psnr := "-", "-", "-"
+		if r.DiffVs != "" && r.MaxAbsDiff != nil {
+			vs, maxDiff, psnr = r.DiffVs, strconv.Itoa(*r.MaxAbsDiff), "identical"
+			if r.PSNR != nil {
+				psnr = fmt.Sprintf("%.1f dB", *r.PSNR)
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d²\t%s\t%.2f\t%.2f\t%.3f\t%.2f\t%.1f\t%s\t%d\t%s\t%s\t%s\n", r.Model, backendName(r.Backend),
+			r.Device, r.DType, r.Size, r.Preview, r.StepSeconds, r.StepMin, r.TextSeconds, r.DecodeSec, r.LoadSeconds,
+			formatBytes(r.PeakRSS), r.Threads, vs, maxDiff, psnr)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, s := range skipped {
+		fmt.Fprintln(stdout, s)
+	}
+	return nil
 }
 
-// benchChildError is a per-dtype bench process that failed; its own stderr
-// has already been passed on.
+// runChildren measures each backend and dtype in a fresh process: one's
+// weights and allocator caches would otherwise count in the next one's peak
+// RSS. The children leave their images in a folder of the parent's, which
+// compares each with the first row of its size.
+func (f *benchFlags) runChildren(cmd *cobra.Command, p benchPlan, stderr io.Writer, emit func(benchRow) error) error {
+	dir, err := os.MkdirTemp("", "stepwise-bench-images-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	refs := map[int]benchRow{} // size -> the row the others are compared with
+	diffed := func(row benchRow) error {
+		if row.Skipped != "" {
+			return emit(row)
+		}
+		ref, ok := refs[row.Size]
+		if !ok {
+			refs[row.Size] = row
+			return emit(row)
+		}
+		a, errA := os.ReadFile(benchImagePath(dir, ref))
+		b, errB := os.ReadFile(benchImagePath(dir, row))
+		if errA != nil || errB != nil {
+			return fmt.Errorf("compare the images of %s and %s: %w", ref.label(), row.label(), errors.Join(errA, errB))
+		}
+		maxDiff, psnr, err := imageDiff(a, b)
+		if err != nil {
+			return fmt.Errorf("compare the images of %s and %s: %w", ref.label(), row.label(), err)
+		}
+		row.DiffVs, row.MaxAbsDiff = ref.label(), &maxDiff
+		if !math.IsInf(psnr, 1) {
+			row.PSNR = &psnr
+		}
+		return emit(row)
+	}
+	for _, b := range p.backends {
+		for _, dt := range p.dtypes {
+			if err := f.runChild(cmd, b, dt, dir, stderr, diffed); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// benchImagePath is where a row's first image is left.
+func benchImagePath(dir string, r benchRow) string {
+	return filepath.Join(dir, fmt.Sprintf("%s-%s-%d.rgb", backendName(r.Backend), r.DType, r.Size))
+}
+
+// errImageSizes: two images to compare differ in size.
+var errImageSizes = errors.New("the images differ in size")
+
+// imageDiff is the largest absolute difference of two 8-bit images and their
+// PSNR in dB (+Inf when they are identical).
+func imageDiff(a, b []byte) (maxAbs int, psnr float64, err error) {
+	if len(a) != len(b) || len(a) == 0 {
+		return 0, 0, fmt.Errorf("%w: %d and %d bytes", errImageSizes, len(a), len(b))
+	}
+	var sq float64
+	for i := range a {
+		d := int(a[i]) - int(b[i])
+		if d < 0 {
+			d = -d
+		}
+		maxAbs = max(maxAbs, d)
+		sq += float64(d * d)
+	}
+	if sq == 0 {
+		return 0, math.Inf(1), nil
+	}
+	return maxAbs, 10 * math.Log10(255*255/(sq/float64(len(a)))), nil
+}
+
+// benchChildError is a per-backend-and-dtype bench process that failed; its
+// own stderr has already been passed on.
 type benchChildError struct {
-	DType binding.DType
-	Err   error
+	Backend binding.Backend
+	DType   binding.DType
+	Err     error
 }
 
 func (e *benchChildError) Error() string {
-	return fmt.Sprintf("bench process for %s: %v", e.DType, e.Err)
+	if e.Backend == binding.BackendLibtorch {
+		return fmt.Sprintf("bench process for %s: %v", e.DType, e.Err)
+	}
+	return fmt.Sprintf("bench process for %s %s: %v", e.Backend, e.DType, e.Err)
 }
 func (e *benchChildError) Unwrap() error { return e.Err }
 
-// runChild measures dtype dt in a child process of this binary, with the
-// flags given to this one, and emits its rows as they arrive.
-func (f *benchFlags) runChild(cmd *cobra.Command, dt binding.DType, stderr io.Writer, emit func(benchRow) error) error {
+// runChild measures backend b and dtype dt in a child process of this
+// binary, with the flags given to this one, and emits its rows as they
+// arrive; its images are left in images.
+func (f *benchFlags) runChild(cmd *cobra.Command, b binding.Backend, dt binding.DType, images string, stderr io.Writer,
+	emit func(benchRow) error) error {
 	exe, err := os.Executable()
 	if err != nil {
-		return &benchChildError{dt, fmt.Errorf("find this binary: %w", err)}
+		return &benchChildError{b, dt, fmt.Errorf("find this binary: %w", err)}
 	}
-	args := []string{"bench", "--dtypes", dt.String(), "--json", "--" + inProcessFlag}
+	args := []string{"bench", "--backends", b.String(), "--dtypes", dt.String(), "--json", "--" + inProcessFlag,
+		"--" + imagesFlag, images}
 	cmd.Flags().Visit(func(fl *pflag.Flag) {
 		switch fl.Name {
-		case "dtypes", "json", inProcessFlag:
+		case "backends", "dtypes", "json", inProcessFlag, imagesFlag:
 		default:
 			args = append(args, "--"+fl.Name+"="+fl.Value.String())
 		}
@@ -190,10 +328,10 @@ func (f *benchFlags) runChild(cmd *cobra.Command, dt binding.DType, stderr io.Wr
 	child.Stderr = stderr
 	out, err := child.StdoutPipe()
 	if err != nil {
-		return &benchChildError{dt, err}
+		return &benchChildError{b, dt, err}
 	}
 	if err := child.Start(); err != nil {
-		return &benchChildError{dt, err}
+		return &benchChildError{b, dt, err}
 	}
 	var rows []benchRow
 	sc := bufio.NewScanner(out)
@@ -206,12 +344,12 @@ func (f *benchFlags) runChild(cmd *cobra.Command, dt binding.DType, stderr io.Wr
 		if err := json.Unmarshal(line, &row); err != nil {
 			_ = child.Process.Kill()
 			_ = child.Wait()
-			return &benchChildError{dt, fmt.Errorf("read its row %q: %w", line, err)}
+			return &benchChildError{b, dt, fmt.Errorf("read its row %q: %w", line, err)}
 		}
 		rows = append(rows, row)
 	}
 	if err := child.Wait(); err != nil {
-		return &benchChildError{dt, err}
+		return &benchChildError{b, dt, err}
 	}
 	// A child that could not read its own VmHWM still has the kernel's
 	// account of it.
@@ -220,7 +358,7 @@ func (f *benchFlags) runChild(cmd *cobra.Command, dt binding.DType, stderr io.Wr
 		maxRSS = ru.Maxrss * 1024 // Linux reports KiB
 	}
 	for _, row := range rows {
-		if row.PeakRSS <= 0 {
+		if row.PeakRSS <= 0 && row.Skipped == "" {
 			row.PeakRSS = maxRSS
 		}
 		if err := emit(row); err != nil {
@@ -239,15 +377,9 @@ func (f *benchFlags) measure(ctx context.Context, p benchPlan, stderr io.Writer,
 	if err != nil {
 		return err
 	}
-	path, name := f.model, f.model
-	if path == "" {
-		path, name = filepath.Join(f.cache, "sd15-random"), "sd15-sized (random)"
-		if _, err := os.Stat(filepath.Join(path, "unet", "diffusion_pytorch_model.safetensors")); err != nil {
-			fmt.Fprintf(stderr, "making a random-weight SD 1.5-sized model in %s (once)...\n", path)
-			if err := models.MakeRandomSD(lib, path, models.SD15Arch(), 1); err != nil {
-				return err
-			}
-		}
+	path, name, err := benchModel(lib, f.model, f.cache, stderr)
+	if err != nil {
+		return err
 	}
 	threads := f.engine.threads
 	if threads <= 0 {
@@ -256,46 +388,97 @@ func (f *benchFlags) measure(ctx context.Context, p benchPlan, stderr io.Writer,
 			threads = n
 		}
 	}
-	for _, dt := range p.dtypes {
-		t0 := time.Now()
-		m, err := lib.OpenSD(binding.SDOptions{Path: path, TokenizerDir: f.tokenizer, DType: dt})
+	for _, b := range p.backends {
+		for _, dt := range p.dtypes {
+			if err := f.measureOne(ctx, lib, p, b, dt, path, name, threads, emit); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// measureOne times backend b with dtype dt at every size; a combination the
+// backend cannot run (binding.ErrUnsupported at open) is a skipped row.
+func (f *benchFlags) measureOne(ctx context.Context, lib *binding.Library, p benchPlan, b binding.Backend, dt binding.DType,
+	path, name string, threads int, emit func(benchRow) error) error {
+	t0 := time.Now()
+	m, err := lib.OpenSD(binding.SDOptions{Path: path, TokenizerDir: f.tokenizer, DType: dt, Backend: b})
+	if errors.Is(err, binding.ErrUnsupported) {
+		return emit(benchRow{Model: name, Backend: b.String(), DType: dt.String(), Skipped: err.Error(), PID: os.Getpid()})
+	}
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	load := time.Since(t0).Seconds()
+	for _, size := range p.sizes {
+		var stepTimes []float64
+		var last time.Duration
+		req := binding.GenerateRequest{
+			Prompt: "a photograph of an astronaut riding a horse", Width: size, Height: size, Steps: f.steps,
+			BatchSize: 1, CFGScale: f.cfg, Sampler: binding.Euler, Seed: 1, Preview: p.preview, PreviewEvery: 1,
+			OnStep: func(s binding.Step) {
+				if s.Step > 1 {
+					stepTimes = append(stepTimes, (s.Elapsed - last).Seconds())
+				}
+				last = s.Elapsed
+			},
+		}
+		res, err := m.Generate(ctx, req)
 		if err != nil {
 			return err
 		}
-		load := time.Since(t0).Seconds()
-		for _, size := range p.sizes {
-			var stepTimes []float64
-			var last time.Duration
-			req := binding.GenerateRequest{
-				Prompt: "a photograph of an astronaut riding a horse", Width: size, Height: size, Steps: f.steps,
-				BatchSize: 1, CFGScale: f.cfg, Sampler: binding.Euler, Seed: 1, Preview: p.preview, PreviewEvery: 1,
-				OnStep: func(s binding.Step) {
-					if s.Step > 1 {
-						stepTimes = append(stepTimes, (s.Elapsed - last).Seconds())
-					}
-					last = s.Elapsed
-				},
-			}
-			res, err := m.Generate(ctx, req)
-			if err != nil {
-				m.Close()
-				return err
-			}
-			sort.Float64s(stepTimes)
-			row := benchRow{
-				Model: name, Device: m.Info().Device, DType: m.Info().DType.String(), Size: size, Steps: f.steps,
-				CFG: f.cfg > 1, LoadSeconds: load, TextSeconds: res.Text.Seconds(), StepSeconds: stepTimes[len(stepTimes)/2],
-				StepMin: stepTimes[0], DecodeSec: res.Decode.Seconds(), PeakRSS: peakRSS(), Threads: threads,
-				Preview: p.preview.String(), PID: os.Getpid(),
-			}
-			if err := emit(row); err != nil {
-				m.Close()
+		sort.Float64s(stepTimes)
+		row := benchRow{
+			Model: name, Backend: b.String(), Device: m.Info().Device, DType: m.Info().DType.String(), Size: size, Steps: f.steps,
+			CFG: f.cfg > 1, LoadSeconds: load, TextSeconds: res.Text.Seconds(), StepSeconds: stepTimes[len(stepTimes)/2],
+			StepMin: stepTimes[0], DecodeSec: res.Decode.Seconds(), PeakRSS: peakRSS(), Threads: threads,
+			Preview: p.preview.String(), PID: os.Getpid(),
+		}
+		if f.images != "" {
+			if err := os.WriteFile(benchImagePath(f.images, row), res.Images[0].Pix, 0o600); err != nil {
 				return err
 			}
 		}
-		m.Close()
+		if err := emit(row); err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// benchModel is the model bench times: model when given (named by its
+// path), else a random-weight SD 1.5-sized model made once in cache.
+func benchModel(lib *binding.Library, model, cache string, stderr io.Writer) (path, name string, err error) {
+	if model != "" {
+		return model, model, nil
+	}
+	path = filepath.Join(cache, "sd15-random")
+	if _, err := os.Stat(filepath.Join(path, "unet", "diffusion_pytorch_model.safetensors")); err != nil {
+		fmt.Fprintf(stderr, "making a random-weight SD 1.5-sized model in %s (once)...\n", path)
+		if err := models.MakeRandomSD(lib, path, models.SD15Arch(), 1); err != nil {
+			return "", "", err
+		}
+	}
+	return path, "sd15-sized (random)", nil
+}
+
+// procStatusBytes reads a memory figure (VmHWM, VmRSS) of this process from
+// /proc/self/status; -1 where it cannot.
+func procStatusBytes(key string) int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, key+":"); ok {
+			if kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64); err == nil {
+				return kb * 1024
+			}
+		}
+	}
+	return -1
 }
 
 // peakRSS is this process's peak resident memory so far: VmHWM, which
@@ -303,14 +486,8 @@ func (f *benchFlags) measure(ctx context.Context, p benchPlan, stderr io.Writer,
 // fallback only: across exec Linux keeps the larger of the old and new
 // peaks, so a child would inherit its parent's.
 func peakRSS() int64 {
-	if b, err := os.ReadFile("/proc/self/status"); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-				if kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64); err == nil {
-					return kb * 1024
-				}
-			}
-		}
+	if n := procStatusBytes("VmHWM"); n >= 0 {
+		return n
 	}
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
@@ -320,7 +497,7 @@ func peakRSS() int64 {
 }
 
 // errNoCommonRows: the two bench outputs share no (dtype, size).
-var errNoCommonRows = errors.New("the baseline and the current bench measured no (dtype, size) in common")
+var errNoCommonRows = errors.New("the baseline and the current bench measured no (backend, dtype, size) in common")
 
 // benchMismatchError: a (dtype, size) was measured on different work in the
 // two outputs, so its ratios would mean nothing.
@@ -361,8 +538,18 @@ type compareRow struct {
 }
 
 type compareKey struct {
-	dtype string
-	size  int
+	backend string // libtorch for rows that name none
+	dtype   string
+	size    int
+}
+
+// label is the key's backend and dtype as the DTYPE column shows them: the
+// dtype alone for libtorch, as benches before the sdcpp backend did.
+func (k compareKey) label() string {
+	if k.backend == binding.BackendLibtorch.String() {
+		return k.dtype
+	}
+	return k.backend + " " + k.dtype
 }
 
 func newBenchCompareCommand() *cobra.Command {
@@ -397,9 +584,12 @@ func readBenchRows(path string) (map[compareKey]compareRow, error) {
 		if err := json.Unmarshal([]byte(line), &r); err != nil {
 			return nil, &benchFileError{Path: path, Line: i + 1, Err: err}
 		}
-		k := compareKey{r.DType, r.Size}
+		if r.Skipped != "" {
+			continue
+		}
+		k := compareKey{backendName(r.Backend), r.DType, r.Size}
 		if _, dup := rows[k]; dup {
-			return nil, &benchFileError{Path: path, Line: i + 1, Err: fmt.Errorf("%s %d²: %w", r.DType, r.Size, errDuplicateRow)}
+			return nil, &benchFileError{Path: path, Line: i + 1, Err: fmt.Errorf("%s %d²: %w", k.label(), r.Size, errDuplicateRow)}
 		}
 		rows[k] = r
 	}
@@ -418,7 +608,7 @@ func compareBench(w io.Writer, base, cur map[compareKey]compareRow) error {
 	for k, c := range cur {
 		b, ok := base[k]
 		if !ok {
-			onlyOne = append(onlyOne, fmt.Sprintf("%s %d² (current only)", k.dtype, k.size))
+			onlyOne = append(onlyOne, fmt.Sprintf("%s %d² (current only)", k.label(), k.size))
 			continue
 		}
 		if err := sameWork(b, c); err != nil {
@@ -429,13 +619,16 @@ func compareBench(w io.Writer, base, cur map[compareKey]compareRow) error {
 	}
 	for k := range base {
 		if _, ok := cur[k]; !ok {
-			onlyOne = append(onlyOne, fmt.Sprintf("%s %d² (baseline only)", k.dtype, k.size))
+			onlyOne = append(onlyOne, fmt.Sprintf("%s %d² (baseline only)", k.label(), k.size))
 		}
 	}
 	if len(keys) == 0 {
 		return errNoCommonRows
 	}
 	sort.Slice(keys, func(i, j int) bool {
+		if keys[i].backend != keys[j].backend {
+			return keys[i].backend < keys[j].backend
+		}
 		if keys[i].dtype != keys[j].dtype {
 			return keys[i].dtype < keys[j].dtype
 		}
@@ -450,7 +643,7 @@ func compareBench(w io.Writer, base, cur map[compareKey]compareRow) error {
 	fmt.Fprintln(tw, head+"\tLOAD\tTEXT ENCODE\tPEAK RSS")
 	for _, k := range keys {
 		b, c := base[k], cur[k]
-		cells := []string{k.dtype, fmt.Sprintf("%d²", k.size),
+		cells := []string{k.label(), fmt.Sprintf("%d²", k.size),
 			ratioCell(b.StepSeconds, c.StepSeconds, secs), ratioCell(b.DecodeSec, c.DecodeSec, secs)}
 		if encode {
 			cell := "-"
@@ -484,7 +677,7 @@ func sameWork(b, c compareRow) error {
 		{"preview", b.Preview, c.Preview},
 	} {
 		if f.b != f.c {
-			return &benchMismatchError{DType: b.DType, Size: b.Size, Field: f.name, Base: f.b, Curr: f.c}
+			return &benchMismatchError{DType: compareKey{backendName(b.Backend), b.DType, b.Size}.label(), Size: b.Size, Field: f.name, Base: f.b, Curr: f.c}
 		}
 	}
 	return nil

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -191,4 +192,97 @@ func TestBenchCompareErrors(t *testing.T) {
 	assert.Contains(t, errOut, "f32 256²: the runs differ in steps (baseline 4, current 3)")
 	code, _, _ = runCLI("bench", "compare", write("c.json", oldF32))
 	assert.Equal(t, exitUsage, code)
+}
+
+// TestBenchBackendsAndDTypes: every backend and dtype in its own process, the
+// ones a backend cannot run skipped with a note, and each image compared with
+// the first row's.
+func TestBenchBackendsAndDTypes(t *testing.T) {
+	sdDir, _ := testenv.Tiny(t)
+	args := []string{"bench", "--lib", testenv.LibPath(), "--device", "cpu", "--model", sdDir, "--sizes", "64", "--steps", "2",
+		"--backends", "libtorch,sdcpp", "--dtypes", "f32,bf16,q8_0"}
+	code, out, errOut := runCLI(append(args, "--json")...)
+	require.Equal(t, exitOK, code, errOut)
+	var rows []benchRow
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		var r benchRow
+		require.NoError(t, json.Unmarshal([]byte(line), &r), line)
+		rows = append(rows, r)
+	}
+	require.Len(t, rows, 6, "libtorch and sdcpp, each with f32, bf16, q8_0")
+	pids := map[int]bool{}
+	for i, r := range rows {
+		assert.Equal(t, []string{"libtorch", "sdcpp"}[i/3], r.Backend, "row %d", i)
+		assert.Equal(t, []string{"f32", "bf16", "q8_0"}[i%3], r.DType, "row %d", i)
+		pids[r.PID] = true
+	}
+	assert.Len(t, pids, 6, "one process per backend and dtype")
+	assert.Empty(t, rows[0].Skipped)
+	assert.Empty(t, rows[0].DiffVs, "the first row is the reference")
+	assert.Empty(t, rows[1].Skipped)
+	assert.Equal(t, "libtorch f32", rows[1].DiffVs)
+	require.NotNil(t, rows[1].MaxAbsDiff)
+	assert.Positive(t, *rows[1].MaxAbsDiff, "bf16 weights change the image a little")
+	require.NotNil(t, rows[1].PSNR)
+	assert.Greater(t, *rows[1].PSNR, 20.0, "a little")
+	assert.NotEmpty(t, rows[2].Skipped, "libtorch has no q8_0")
+	// The tiny model is not one stable-diffusion.cpp loads (and a library
+	// without the backend cannot run it at all): skipped either way.
+	for _, r := range rows[3:] {
+		assert.NotEmpty(t, r.Skipped, "sdcpp %s", r.DType)
+	}
+
+	code, out, errOut = runCLI(args...)
+	require.Equal(t, exitOK, code, errOut)
+	assert.Contains(t, out, "IMAGE VS")
+	assert.Regexp(t, `(?m)^skipped libtorch q8_0: .*sdcpp backend only`, out)
+	assert.Regexp(t, `(?m)^skipped sdcpp bf16: `, out)
+	assert.Regexp(t, `libtorch f32 +[0-9]+ +[0-9.]+ dB`, out, "the bf16 row's difference")
+}
+
+func TestImageDiff(t *testing.T) {
+	a := []byte{0, 10, 20, 30}
+	maxDiff, psnr, err := imageDiff(a, a)
+	require.NoError(t, err)
+	assert.Equal(t, 0, maxDiff)
+	assert.True(t, math.IsInf(psnr, 1), "identical images")
+
+	maxDiff, psnr, err = imageDiff(a, []byte{0, 10, 20, 40})
+	require.NoError(t, err)
+	assert.Equal(t, 10, maxDiff)
+	assert.InDelta(t, 10*math.Log10(255*255/25.0), psnr, 1e-9, "MSE 100/4")
+
+	maxDiff, _, err = imageDiff([]byte{255}, []byte{0})
+	require.NoError(t, err)
+	assert.Equal(t, 255, maxDiff)
+
+	_, _, err = imageDiff(a, a[:3])
+	assert.ErrorIs(t, err, errImageSizes)
+}
+
+func TestBenchMemory(t *testing.T) {
+	sdDir, _ := testenv.Tiny(t)
+	code, out, errOut := runCLI("bench", "memory", "--lib", testenv.LibPath(), "--device", "cpu", "--model", sdDir,
+		"--runs", "4", "--warmup", "2", "--json")
+	require.Equal(t, exitOK, code, errOut)
+	var rep memoryReport
+	require.NoError(t, json.Unmarshal([]byte(out), &rep))
+	assert.Equal(t, "libtorch", rep.Backend)
+	assert.Equal(t, 64, rep.Size)
+	assert.Equal(t, 1, rep.Steps)
+	require.Len(t, rep.RSS, 4, "one sample per run")
+	for _, n := range rep.RSS {
+		assert.Positive(t, n)
+		assert.LessOrEqual(t, n, rep.Peak)
+	}
+	assert.Equal(t, rep.RSS[3]-rep.RSS[1], rep.Growth, "the last run against the last warm-up run")
+
+	code, out, errOut = runCLI("bench", "memory", "--lib", testenv.LibPath(), "--device", "cpu", "--model", sdDir, "--runs", "2", "--warmup", "1")
+	require.Equal(t, exitOK, code, errOut)
+	assert.Contains(t, out, "RSS after run   2: ")
+	assert.Contains(t, out, "growth after the 1 warm-up runs: ")
+
+	code, _, errOut = runCLI("bench", "memory", "--lib", testenv.LibPath(), "--model", sdDir, "--runs", "0")
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, errOut, "--runs must be at least 1")
 }

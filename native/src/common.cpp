@@ -74,12 +74,48 @@ std::string device_id(const torch::Device &d) {
     return "cpu";
 }
 
+namespace {
+
+// What this libtorch cannot compute in float16 on the CPU (libtorch 1.13 has
+// no half-precision CPU kernels for layer norm, group norm or convolution;
+// 2.x has them), found once by running each kind of operation the models use
+// on a few values; empty when it computes them all. A model that opened
+// without this check would fail at its first step.
+const std::string &cpu_half_missing() {
+    static const std::string missing = [] {
+        c10::InferenceMode guard;
+        const auto h = torch::TensorOptions().dtype(torch::kFloat16);
+        const auto x = torch::ones({1, 4, 4, 4}, h);
+        try {
+            (void)at::layer_norm(x, {4});
+            (void)at::group_norm(x, 2);
+            (void)at::conv2d(x, torch::ones({4, 4, 3, 3}, h), {}, 1, 1);
+            (void)at::linear(x, torch::ones({4, 4}, h));
+            (void)at::softmax(x, -1);
+            (void)at::silu(x);
+            (void)at::gelu(x);
+            (void)at::baddbmm(x[0], x[0], x[0]);
+            return std::string();
+        } catch (const c10::Error &e) {
+            std::string what = e.what_without_backtrace();
+            return what.substr(0, what.find('\n'));
+        }
+    }();
+    return missing;
+}
+
+}  // namespace
+
 sw_dtype resolve_dtype(int32_t dtype, const torch::Device &device) {
     switch (dtype) {
         case SW_DTYPE_AUTO:
             return device.is_cpu() ? SW_DTYPE_F32 : SW_DTYPE_F16;
-        case SW_DTYPE_F32:
         case SW_DTYPE_F16:
+            if (device.is_cpu() && !cpu_half_missing().empty())
+                fail(SW_ERR_UNSUPPORTED, "dtype f16 on the cpu: this libtorch does not compute in float16 there (" +
+                                             cpu_half_missing() + "); use f32 or bf16");
+            return SW_DTYPE_F16;
+        case SW_DTYPE_F32:
         case SW_DTYPE_BF16:
             return static_cast<sw_dtype>(dtype);
         case SW_DTYPE_Q8_0:

@@ -13,6 +13,7 @@
 #include <dlfcn.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -88,6 +89,9 @@ struct Call {
     const GenerateRequest *request = nullptr;
     const StepHook *hook = nullptr;
     std::chrono::steady_clock::time_point start;
+    // The phases as the reports tell them: text encoding runs from the start
+    // to the first report of step 0, decoding from the last step to the end.
+    std::chrono::steady_clock::time_point sampling_start, last_step;
     bool sampling = false;      // a report of step 0 opened sampling
     int item_steps = 0;         // the steps it announced (img2img: fewer than asked for)
     int64_t item = -1;          // the batch item being sampled: sd.cpp samples them one after another
@@ -97,7 +101,22 @@ struct Call {
 };
 
 thread_local Call *t_call = nullptr;
-thread_local std::string *t_last_error = nullptr;  // sd.cpp's last ERROR line of this thread's call
+// The ERROR lines sd.cpp logged during this thread's call, the last two kept:
+// its final line ("model metadata validation failed") often only sums up the
+// one before it, which names the tensor.
+struct ErrorLines {
+    std::string previous, last;
+    void add(const std::string &line) {
+        previous = std::move(last);
+        last = line;
+    }
+    // ": <previous>; <last>", or "" when there were none.
+    std::string suffix() const {
+        if (last.empty()) return "";
+        return ": " + (previous.empty() ? last : previous + "; " + last);
+    }
+};
+thread_local ErrorLines *t_errors = nullptr;
 
 std::mutex &sd_mutex() {
     static std::mutex m;
@@ -123,8 +142,9 @@ void on_log(enum sd_log_level_t level, const char *text, void *) {
             // Inside a call, an error line ends up in that call's error (or
             // means nothing: sd.cpp logs a cancelled run and its probing for
             // files a folder may lack as errors), so it is only debug chatter.
-            l = t_last_error != nullptr ? SW_LOG_DEBUG : SW_LOG_ERROR;
-            if (t_last_error != nullptr) *t_last_error = msg;
+            l = t_errors != nullptr ? SW_LOG_DEBUG : SW_LOG_ERROR;
+            // A folder is probed for files SD 1.x models lack (text_encoder_2/): not the error.
+            if (t_errors != nullptr && msg.find("failed to open '") == std::string::npos) t_errors->add(msg);
             break;
     }
     log(l, "sdcpp: " + msg);
@@ -144,10 +164,12 @@ void on_progress(int step, int steps, float, void *) {
     if (c == nullptr) return;
     const auto &r = *c->request;
     if (step == 0) {
+        if (!c->sampling) c->sampling_start = std::chrono::steady_clock::now();
         c->sampling = true;
         c->item_steps = steps;
         c->item++;
     } else if (c->sampling && steps == c->item_steps && step >= 1 && step <= steps) {
+        c->last_step = std::chrono::steady_clock::now();
         if (c->hook != nullptr && *c->hook) {
             StepEvent ev;
             ev.step = c->item * steps + step;
@@ -452,16 +474,23 @@ sw_sd_model *open_sdcpp_model(const sw_sd_model_params &p) {
     cp.model_path = root.c_str();  // a file or a diffusers folder alike
     cp.wtype = wtype;
     cp.eager_load = true;  // a model's weights are read (and found wanting) here, not at the first generation
-    std::string last_error;
+    // The thread count the binding gave libtorch (--threads), so both
+    // backends run on as many; sd.cpp's own default is the physical cores.
+    cp.n_threads = std::max(1, at::get_num_threads());
+    // sd.cpp's CPU_RNG is torch's CPU generator (mt19937 and torch's normal
+    // sampling): the same seed gives the libtorch backend's initial latents
+    // (measured: docs/engine.md). Its default, CUDA_RNG, is torch's CUDA one.
+    cp.rng_type = CPU_RNG;
+    cp.sampler_rng_type = CPU_RNG;
+    ErrorLines errors;
     {
         std::lock_guard<std::mutex> lock(sd_mutex());
-        t_last_error = &last_error;
+        t_errors = &errors;
         holder->ctx = a.new_ctx(&cp);
-        t_last_error = nullptr;
+        t_errors = nullptr;
     }
     if (holder->ctx == nullptr)
-        fail(SW_ERR_FORMAT, root + ": stable-diffusion.cpp could not load the model" +
-                                (last_error.empty() ? std::string() : ": " + last_error));
+        fail(SW_ERR_FORMAT, root + ": stable-diffusion.cpp could not load the model" + errors.suffix());
     m->sdcpp = holder;
     log(SW_LOG_INFO, "opened " + root + " (" + m->arch + ", " + std::to_string(m->params) + " params, cpu " +
                          dtype_name(m->dtype) + ")");
@@ -556,7 +585,7 @@ GenerateOutput sdcpp_generate(sw_sd_model &m, const GenerateRequest &r, const St
     call.request = &r;
     call.hook = &hook;
     call.start = std::chrono::steady_clock::now();
-    std::string last_error;
+    ErrorLines errors;
     sd_image_t *images = nullptr;
     int count = 0;
     bool ok = false;
@@ -568,13 +597,13 @@ GenerateOutput sdcpp_generate(sw_sd_model &m, const GenerateRequest &r, const St
                                                                   : PREVIEW_NONE;
         a.set_preview_callback(on_preview, mode, 1, true, false, nullptr);
         t_call = &call;
-        t_last_error = &last_error;
+        t_errors = &errors;
         ok = a.generate_image(m.sdcpp->ctx, &g, &images, &count);
         t_call = nullptr;
-        t_last_error = nullptr;
+        t_errors = nullptr;
         a.set_preview_callback(nullptr, PREVIEW_NONE, 1, false, false, nullptr);
     }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - call.start).count();
+    const auto end = std::chrono::steady_clock::now();
     std::vector<torch::Tensor> imgs;
     bool bad = false;
     for (int i = 0; ok && images != nullptr && i < count; i++) {
@@ -588,14 +617,19 @@ GenerateOutput sdcpp_generate(sw_sd_model &m, const GenerateRequest &r, const St
     if (images != nullptr) a.free_images(images, count);
     if (call.hook_cancelled || m.cancel.load()) fail(SW_CANCELLED, "cancelled");
     if (!ok || images == nullptr)
-        fail(SW_ERR_INTERNAL, "stable-diffusion.cpp: generate_image failed" +
-                                  (last_error.empty() ? std::string() : ": " + last_error));
+        fail(SW_ERR_INTERNAL, "stable-diffusion.cpp: generate_image failed" + errors.suffix());
     if (bad || static_cast<int64_t>(imgs.size()) != r.batch)
         fail(SW_ERR_INTERNAL, "stable-diffusion.cpp returned " + std::to_string(count) +
                                   " images of another size or format than asked for");
     out.images = torch::stack(imgs);
     out.pixels = out.images.to(torch::kFloat32) / 255.0;
-    out.seconds_denoise = seconds;  // sd.cpp does not report its phases apart
+    // sd.cpp does not time its phases for a caller; its progress reports
+    // mark where sampling starts and ends (the prompt is encoded once before
+    // the first batch item, every item is decoded after the last).
+    using secs = std::chrono::duration<double>;
+    out.seconds_text = secs(call.sampling_start - call.start).count();
+    out.seconds_denoise = secs(call.last_step - call.sampling_start).count();
+    out.seconds_decode = secs(end - call.last_step).count();
     return out;
 }
 
