@@ -143,7 +143,7 @@ func TestSDCPPJobs(t *testing.T) {
 	e := start(t, server.Config{Model: sd15, Backend: binding.BackendSDCPP, DType: binding.F16})
 	job := func(steps int) map[string]any {
 		return map[string]any{"kind": "txt2img", "prompt": "a cat", "width": 64, "height": 64, "steps": steps, "seed": 3,
-			"sampler_name": "euler", "cfg_scale": 7}
+			"sampler_name": "euler", "cfg_scale": 7, "backend": "sdcpp"}
 	}
 
 	// Loaded first (and through the server's backend): the load, 10-30 s,

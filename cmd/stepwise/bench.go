@@ -50,16 +50,29 @@ type benchRow struct {
 	Threads int    `json:"threads"`
 	Preview string `json:"preview"`
 	PID     int    `json:"pid,omitempty"` // the process that measured the row
-	// DiffVs names the row of the same size this row's image is compared
-	// with (the first measured: every row draws the same prompt and seed);
-	// MaxAbsDiff (8-bit levels) and PSNR (dB; absent when the images are
-	// identical) are the difference. Absent in the reference row itself.
-	DiffVs     string   `json:"diff_vs,omitempty"`
-	MaxAbsDiff *int     `json:"max_abs_diff,omitempty"`
-	PSNR       *float64 `json:"psnr_db,omitempty"`
+	// ImageDiffs compare this row's image with the first row measured at its
+	// size, and with its own backend's first row there when that is another
+	// (every row draws the same prompt and seed). None in the first row.
+	ImageDiffs []imageComparison `json:"image_diffs,omitempty"`
 	// Skipped says why this backend and dtype were not measured (the backend
 	// cannot run that dtype, or is not available); nothing else is set.
 	Skipped string `json:"skipped,omitempty"`
+}
+
+// imageComparison is how far a row's image is from another row's.
+type imageComparison struct {
+	Vs         string `json:"vs"`           // the other row's label
+	MaxAbsDiff int    `json:"max_abs_diff"` // the largest difference of one 8-bit channel
+	// PSNR in dB; absent when the images are identical.
+	PSNR *float64 `json:"psnr_db,omitempty"`
+}
+
+func (c imageComparison) String() string {
+	psnr := "identical"
+	if c.PSNR != nil {
+		psnr = fmt.Sprintf("%.1f dB", *c.PSNR)
+	}
+	return fmt.Sprintf("vs %s: %d, %s", c.Vs, c.MaxAbsDiff, psnr)
 }
 
 // label names the row's backend and dtype, as "libtorch f32".
@@ -185,23 +198,24 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "MODEL\tBACKEND\tDEVICE\tDTYPE\tSIZE\tPREVIEW\tS/STEP (median)\tS/STEP (min)\tTEXT S\tVAE DECODE S\tLOAD S\tPEAK RSS\tTHREADS\tIMAGE VS\tMAX |Δ|\tPSNR")
+	fmt.Fprintln(tw, "MODEL\tBACKEND\tDEVICE\tDTYPE\tSIZE\tPREVIEW\tS/STEP (median)\tS/STEP (min)\tTEXT S\tVAE DECODE S\tLOAD S\tPEAK RSS\tTHREADS\tIMAGE (MAX |Δ|, PSNR)")
 	var skipped []string
 	for _, r := range rows {
 		if r.Skipped != "" {
 			skipped = append(skipped, fmt.Sprintf("skipped %s: %s", r.label(), r.Skipped))
 			continue
 		}
-		vs, maxDiff, psnr := "-", "-", "-"
-		if r.DiffVs != "" && r.MaxAbsDiff != nil {
-			vs, maxDiff, psnr = r.DiffVs, strconv.Itoa(*r.MaxAbsDiff), "identical"
-			if r.PSNR != nil {
-				psnr = fmt.Sprintf("%.1f dB", *r.PSNR)
+		diffs := "reference"
+		if len(r.ImageDiffs) > 0 {
+			var parts []string
+			for _, d := range r.ImageDiffs {
+				parts = append(parts, d.String())
 			}
+			diffs = strings.Join(parts, "; ")
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d²\t%s\t%.2f\t%.2f\t%.3f\t%.2f\t%.1f\t%s\t%d\t%s\t%s\t%s\n", r.Model, backendName(r.Backend),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d²\t%s\t%.2f\t%.2f\t%.3f\t%.2f\t%.1f\t%s\t%d\t%s\n", r.Model, backendName(r.Backend),
 			r.Device, r.DType, r.Size, r.Preview, r.StepSeconds, r.StepMin, r.TextSeconds, r.DecodeSec, r.LoadSeconds,
-			formatBytes(r.PeakRSS), r.Threads, vs, maxDiff, psnr)
+			formatBytes(r.PeakRSS), r.Threads, diffs)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -215,35 +229,19 @@ func (f *benchFlags) run(cmd *cobra.Command, _ []string) error {
 // runChildren measures each backend and dtype in a fresh process: one's
 // weights and allocator caches would otherwise count in the next one's peak
 // RSS. The children leave their images in a folder of the parent's, which
-// compares each with the first row of its size.
+// compares each with the first row of its size and the first of its backend
+// at that size.
 func (f *benchFlags) runChildren(cmd *cobra.Command, p benchPlan, stderr io.Writer, emit func(benchRow) error) error {
 	dir, err := os.MkdirTemp("", "stepwise-bench-images-")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	refs := map[int]benchRow{} // size -> the row the others are compared with
+	refs := imageRefs{dir: dir, rows: map[imageRefKey]benchRow{}}
 	diffed := func(row benchRow) error {
-		if row.Skipped != "" {
-			return emit(row)
-		}
-		ref, ok := refs[row.Size]
-		if !ok {
-			refs[row.Size] = row
-			return emit(row)
-		}
-		a, errA := os.ReadFile(benchImagePath(dir, ref))
-		b, errB := os.ReadFile(benchImagePath(dir, row))
-		if errA != nil || errB != nil {
-			return fmt.Errorf("compare the images of %s and %s: %w", ref.label(), row.label(), errors.Join(errA, errB))
-		}
-		maxDiff, psnr, err := imageDiff(a, b)
+		row, err := refs.compare(row)
 		if err != nil {
-			return fmt.Errorf("compare the images of %s and %s: %w", ref.label(), row.label(), err)
-		}
-		row.DiffVs, row.MaxAbsDiff = ref.label(), &maxDiff
-		if !math.IsInf(psnr, 1) {
-			row.PSNR = &psnr
+			return err
 		}
 		return emit(row)
 	}
@@ -255,6 +253,60 @@ func (f *benchFlags) runChildren(cmd *cobra.Command, p benchPlan, stderr io.Writ
 		}
 	}
 	return nil
+}
+
+// imageRefs are the rows later rows' images are compared with: the first of
+// each size, and the first of each backend at each size.
+type imageRefs struct {
+	dir  string // where the rows' images are
+	rows map[imageRefKey]benchRow
+}
+
+type imageRefKey struct {
+	backend string // "": any backend
+	size    int
+}
+
+// compare fills row's ImageDiffs (a skipped row has none), and makes it a
+// reference where it is the first.
+func (r imageRefs) compare(row benchRow) (benchRow, error) {
+	if row.Skipped != "" {
+		return row, nil
+	}
+	for _, k := range []imageRefKey{{"", row.Size}, {row.Backend, row.Size}} {
+		ref, ok := r.rows[k]
+		if !ok {
+			r.rows[k] = row
+			continue
+		}
+		if len(row.ImageDiffs) > 0 && row.ImageDiffs[0].Vs == ref.label() {
+			continue // the first row of the size was this backend's too
+		}
+		c, err := compareImages(r.dir, ref, row)
+		if err != nil {
+			return row, err
+		}
+		row.ImageDiffs = append(row.ImageDiffs, c)
+	}
+	return row, nil
+}
+
+// compareImages compares the images row and ref left in dir.
+func compareImages(dir string, ref, row benchRow) (imageComparison, error) {
+	a, errA := os.ReadFile(benchImagePath(dir, ref))
+	b, errB := os.ReadFile(benchImagePath(dir, row))
+	if errA != nil || errB != nil {
+		return imageComparison{}, fmt.Errorf("compare the images of %s and %s: %w", ref.label(), row.label(), errors.Join(errA, errB))
+	}
+	maxDiff, psnr, err := imageDiff(a, b)
+	if err != nil {
+		return imageComparison{}, fmt.Errorf("compare the images of %s and %s: %w", ref.label(), row.label(), err)
+	}
+	c := imageComparison{Vs: ref.label(), MaxAbsDiff: maxDiff}
+	if !math.IsInf(psnr, 1) {
+		c.PSNR = &psnr
+	}
+	return c, nil
 }
 
 // benchImagePath is where a row's first image is left.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
@@ -218,13 +219,14 @@ func TestBenchBackendsAndDTypes(t *testing.T) {
 	}
 	assert.Len(t, pids, 6, "one process per backend and dtype")
 	assert.Empty(t, rows[0].Skipped)
-	assert.Empty(t, rows[0].DiffVs, "the first row is the reference")
+	assert.Empty(t, rows[0].ImageDiffs, "the first row is the reference")
 	assert.Empty(t, rows[1].Skipped)
-	assert.Equal(t, "libtorch f32", rows[1].DiffVs)
-	require.NotNil(t, rows[1].MaxAbsDiff)
-	assert.Positive(t, *rows[1].MaxAbsDiff, "bf16 weights change the image a little")
-	require.NotNil(t, rows[1].PSNR)
-	assert.Greater(t, *rows[1].PSNR, 20.0, "a little")
+	require.Len(t, rows[1].ImageDiffs, 1, "the first row of the size is its backend's too")
+	d := rows[1].ImageDiffs[0]
+	assert.Equal(t, "libtorch f32", d.Vs)
+	assert.Positive(t, d.MaxAbsDiff, "bf16 weights change the image a little")
+	require.NotNil(t, d.PSNR)
+	assert.Greater(t, *d.PSNR, 20.0, "a little")
 	assert.NotEmpty(t, rows[2].Skipped, "libtorch has no q8_0")
 	// The tiny model is not one stable-diffusion.cpp loads (and a library
 	// without the backend cannot run it at all): skipped either way.
@@ -234,10 +236,10 @@ func TestBenchBackendsAndDTypes(t *testing.T) {
 
 	code, out, errOut = runCLI(args...)
 	require.Equal(t, exitOK, code, errOut)
-	assert.Contains(t, out, "IMAGE VS")
+	assert.Contains(t, out, "IMAGE (MAX |Δ|, PSNR)")
 	assert.Regexp(t, `(?m)^skipped libtorch q8_0: .*sdcpp backend only`, out)
 	assert.Regexp(t, `(?m)^skipped sdcpp bf16: `, out)
-	assert.Regexp(t, `libtorch f32 +[0-9]+ +[0-9.]+ dB`, out, "the bf16 row's difference")
+	assert.Regexp(t, ` bf16 .*vs libtorch f32: [0-9]+, [0-9.]+ dB\n`, out, "the bf16 row's difference")
 }
 
 func TestImageDiff(t *testing.T) {
@@ -285,4 +287,50 @@ func TestBenchMemory(t *testing.T) {
 	code, _, errOut = runCLI("bench", "memory", "--lib", testenv.LibPath(), "--model", sdDir, "--runs", "0")
 	assert.Equal(t, exitError, code)
 	assert.Contains(t, errOut, "--runs must be at least 1")
+}
+
+// TestImageRefs: each row is compared with the first of its size and the
+// first of its backend there, each comparison once.
+func TestImageRefs(t *testing.T) {
+	dir := t.TempDir()
+	rows := []benchRow{
+		{Backend: "libtorch", DType: "f32", Size: 64},
+		{Backend: "libtorch", DType: "bf16", Size: 64},
+		{Backend: "sdcpp", DType: "q8_0", Skipped: "no"},
+		{Backend: "sdcpp", DType: "bf16", Skipped: "no"},
+		{Backend: "sdcpp", DType: "f32", Size: 64},
+		{Backend: "sdcpp", DType: "f16", Size: 64},
+		{Backend: "sdcpp", DType: "f32", Size: 128},
+	}
+	pix := map[string][]byte{"libtorch f32 64": {10, 10}, "libtorch bf16 64": {10, 12}, "sdcpp f32 64": {200, 10},
+		"sdcpp f16 64": {200, 10}, "sdcpp f32 128": {1, 2, 3, 4}}
+	for _, r := range rows {
+		if r.Skipped == "" {
+			require.NoError(t, os.WriteFile(benchImagePath(dir, r), pix[fmt.Sprintf("%s %d", r.label(), r.Size)], 0o600))
+		}
+	}
+	refs := imageRefs{dir: dir, rows: map[imageRefKey]benchRow{}}
+	var got [][]string
+	for _, r := range rows {
+		out, err := refs.compare(r)
+		require.NoError(t, err)
+		var line []string
+		for _, d := range out.ImageDiffs {
+			line = append(line, d.String())
+		}
+		got = append(got, line)
+	}
+	assert.Equal(t, [][]string{
+		nil,
+		{"vs libtorch f32: 2, " + fmt.Sprintf("%.1f dB", 10*math.Log10(255*255/2.0))},
+		nil, // skipped
+		nil, // skipped, and no reference for anything
+		{"vs libtorch f32: 190, " + fmt.Sprintf("%.1f dB", 10*math.Log10(255*255/(190*190/2.0)))},
+		{"vs libtorch f32: 190, " + fmt.Sprintf("%.1f dB", 10*math.Log10(255*255/(190*190/2.0))), "vs sdcpp f32: 0, identical"},
+		nil, // the first of its size
+	}, got)
+
+	// An image that is missing is an error, not a row without a difference.
+	_, err := refs.compare(benchRow{Backend: "sdcpp", DType: "q4_0", Size: 64})
+	assert.ErrorIs(t, err, os.ErrNotExist)
 }
