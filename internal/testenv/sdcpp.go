@@ -15,9 +15,16 @@ const SD15RandomSeed = 5
 
 // SDCPP is the library for tests of the sdcpp backend; it skips, saying why,
 // unless the library was built with the backend and ../shared/sdcpp (the
-// prebuilt stable-diffusion.cpp for tests) is there.
+// prebuilt stable-diffusion.cpp for tests) is there, and under the race
+// detector: these tests spend minutes in stable-diffusion.cpp, which the
+// detector does not see, and the Go they run (binding calls, the cancel
+// watcher, jobs and their streams) is the libtorch tests' too, which run
+// with it. `make test` runs them once, without it.
 func SDCPP(t testing.TB) *binding.Library {
 	t.Helper()
+	if RaceEnabled {
+		t.Skip("sdcpp backend tests run without the race detector (make test's first go test)")
+	}
 	lib := Library(t)
 	shared := filepath.Join(Root(), "..", "shared", "sdcpp")
 	if _, err := os.Stat(shared); err != nil {
