@@ -2,12 +2,15 @@ package server
 
 import (
 	"errors"
-	"github.com/stepwise-sd/stepwise/binding"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/modelcache"
+	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
 // A job that has ended holds none of its inputs: the decoded images and the
@@ -29,7 +32,10 @@ func TestEndedJobsKeepNoInputs(t *testing.T) {
 func validationServer() *Server {
 	cfg := Config{}
 	cfg.defaults()
-	return &Server{cfg: cfg, decodes: make(chan struct{}, concurrentDecodes)}
+	// No loader: validation asks the cache only which backends it can use,
+	// and a cache without a loader that can tell lists them all.
+	runner := &pipeline.Runner{Cache: modelcache.New(nil, modelcache.Options{Budget: 1})}
+	return &Server{cfg: cfg, runner: runner, decodes: make(chan struct{}, concurrentDecodes)}
 }
 
 // FuzzDecodeJob feeds arbitrary request bodies through decoding and
