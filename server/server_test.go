@@ -31,6 +31,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/stepwise-sd/stepwise/internal/testenv"
+	"github.com/stepwise-sd/stepwise/jobbus"
 	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
@@ -42,8 +43,13 @@ type env struct {
 	srv  *server.Server
 	http *httptest.Server
 	runs string
+	nats jobbus.ConnectOptions
 }
 
+// start runs a gateway and one worker over a real embedded NATS server: the
+// worker on a goroutine of the test process (the same code as `stepwise
+// worker`, on the real engine), for speed; the process tests in cmd/stepwise
+// run it in real child processes.
 func start(t *testing.T, cfg server.Config) *env {
 	t.Helper()
 	lib := testenv.Library(t)
@@ -51,24 +57,44 @@ func start(t *testing.T, cfg server.Config) *env {
 	dir := t.TempDir()
 	runs, err := pipeline.OpenRuns(filepath.Join(dir, "runs"), pipeline.RunsOptions{})
 	require.NoError(t, err)
-	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
-	e := &pipeline.Runner{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
+	nats, err := jobbus.StartEmbedded(dir)
+	require.NoError(t, err)
+	t.Cleanup(nats.Shutdown)
+	gwBus, err := jobbus.Connect(nats.Options)
+	require.NoError(t, err)
+	t.Cleanup(gwBus.Close)
 	if cfg.Model == "" {
 		cfg.Model = sdDir
 	}
 	if cfg.SegModel == "" {
 		cfg.SegModel = segPath
 	}
-	s := server.New(cfg, e)
+	cfg.Runs, cfg.ConvertDir, cfg.Version = runs, filepath.Join(dir, "cache"), "test"
+	s, err := server.New(cfg, gwBus)
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+
+	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
+	e := &pipeline.Runner{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
+	wBus, err := jobbus.Connect(nats.Options)
+	require.NoError(t, err)
+	t.Cleanup(wBus.Close)
+	w := server.NewWorker(server.WorkerConfig{ID: "test-worker", Version: "test", Device: "cpu", StopGrace: 10 * time.Second}, e, wBus)
+	ctx, stop := context.WithCancel(context.Background())
+	stopped := make(chan error, 1)
+	go func() { stopped <- w.Run(ctx) }()
+
 	hs := httptest.NewServer(s.Handler())
 	t.Cleanup(func() {
 		hs.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		s.Shutdown(ctx)
+		stop()
+		assert.NoError(t, <-stopped, "the worker stops cleanly")
 		c.Close()
 	})
-	return &env{srv: s, http: hs, runs: runs.Dir()}
+	return &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options}
 }
 
 func (e *env) post(t *testing.T, path string, body any) (int, map[string]any) {
@@ -296,6 +322,15 @@ func TestStalledClientIsDroppedAndServingGoesOn(t *testing.T) {
 	}()
 
 	gate := do("/v1/jobs", txt(1000))["id"].(string) // holds the worker until cancelled: the others stay queued
+	// The gate starts before the others queue, so none of them moves up.
+	for started := false; !started; {
+		select {
+		case ev := <-events:
+			started = ev.id == gate && ev.typ == "started"
+		case err := <-readErr:
+			require.NoError(t, err, "the reading client")
+		}
+	}
 	ids := make([]string, jobs)
 	for i := range ids {
 		ids[i] = do("/v1/jobs", txt(1))["id"].(string)
@@ -306,7 +341,7 @@ func TestStalledClientIsDroppedAndServingGoesOn(t *testing.T) {
 	do("/v1/jobs/"+gate+"/cancel", "")
 
 	// The reader sees each job queued, then cancelled.
-	got := map[string][]string{}
+	got := map[string][]string{gate: {"queued", "started"}}
 	for len(got[gate]) == 0 || got[gate][len(got[gate])-1] != "cancelled" {
 		select {
 		case ev := <-events:
@@ -379,11 +414,12 @@ func TestLateJoinerGetsStateAndLatestPreviewAtOnce(t *testing.T) {
 func TestCancelMidRunThenNextJobRuns(t *testing.T) {
 	e := start(t, server.Config{})
 	a := submit(t, e, txt(150))
+	ws := e.dial(t, "/v1/jobs/"+a+"/events")
+	waitForEvent(t, ws, "started")
 	b := submit(t, e, txt(3))
 	var v map[string]any
 	e.get(t, "/v1/jobs/"+b, &v)
 	assert.EqualValues(t, 0, v["position"], "the second job knows it is next")
-	ws := e.dial(t, "/v1/jobs/"+a+"/events")
 	ws.SetReadDeadline(time.Now().Add(30 * time.Second))
 	cancelledAt := 0.0
 	for {
@@ -609,7 +645,7 @@ func TestBadRequestsGetJSON4xxAndServingGoesOn(t *testing.T) {
 func TestQueueLimitAndGracefulShutdown(t *testing.T) {
 	e := start(t, server.Config{MaxQueue: 2})
 	running := submit(t, e, txt(80))
-	time.Sleep(50 * time.Millisecond)
+	waitForEvent(t, e.dial(t, "/v1/jobs/"+running+"/events"), "started") // out of the queue
 	q1 := submit(t, e, txt(2))
 	submit(t, e, txt(2))
 	code, out := e.post(t, "/v1/jobs", txt(2))

@@ -35,13 +35,18 @@ func (f *engineFlags) register(cmd *cobra.Command) {
 }
 
 func (f *engineFlags) load(stderr io.Writer) (*binding.Library, error) {
+	lg := f.logger(stderr)
+	return binding.Load(binding.Options{Path: f.lib, Device: f.device, Threads: f.threads, Logger: lg})
+}
+
+// logger is the command's logger (set as f.log), for commands that load no engine too.
+func (f *engineFlags) logger(stderr io.Writer) *slog.Logger {
 	level := slog.LevelWarn
 	if f.verbose {
 		level = slog.LevelDebug
 	}
-	lg := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	f.log = lg
-	return binding.Load(binding.Options{Path: f.lib, Device: f.device, Threads: f.threads, Logger: lg})
+	f.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	return f.log
 }
 
 // completeWords completes flag's value from a fixed list.
