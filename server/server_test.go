@@ -44,6 +44,8 @@ type env struct {
 	http *httptest.Server
 	runs string
 	nats jobbus.ConnectOptions
+	// runner is the worker's, for a second worker on the same models.
+	runner *pipeline.Runner
 }
 
 // start runs a gateway and one worker over a real embedded NATS server: the
@@ -51,6 +53,12 @@ type env struct {
 // worker`, on the real engine), for speed; the process tests in cmd/stepwise
 // run it in real child processes.
 func start(t *testing.T, cfg server.Config) *env {
+	t.Helper()
+	return startWith(t, cfg, server.WorkerConfig{})
+}
+
+// startWith is start with the worker's configuration.
+func startWith(t *testing.T, cfg server.Config, wcfg server.WorkerConfig) *env {
 	t.Helper()
 	lib := testenv.Library(t)
 	sdDir, segPath := testenv.Tiny(t)
@@ -79,7 +87,11 @@ func start(t *testing.T, cfg server.Config) *env {
 	wBus, err := jobbus.Connect(nats.Options)
 	require.NoError(t, err)
 	t.Cleanup(wBus.Close)
-	w := server.NewWorker(server.WorkerConfig{ID: "test-worker", Version: "test", Device: "cpu", StopGrace: 10 * time.Second}, e, wBus)
+	if wcfg.ID == "" {
+		wcfg.ID = "test-worker"
+	}
+	wcfg.Version, wcfg.Device, wcfg.StopGrace = "test", "cpu", 10*time.Second
+	w := server.NewWorker(wcfg, e, wBus)
 	ctx, stop := context.WithCancel(context.Background())
 	stopped := make(chan error, 1)
 	go func() { stopped <- w.Run(ctx) }()
@@ -94,7 +106,7 @@ func start(t *testing.T, cfg server.Config) *env {
 		assert.NoError(t, <-stopped, "the worker stops cleanly")
 		c.Close()
 	})
-	return &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options}
+	return &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options, runner: e}
 }
 
 func (e *env) post(t *testing.T, path string, body any) (int, map[string]any) {

@@ -110,6 +110,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	jctx, cancel := context.WithTimeout(ctx, busTimeout)
 	cons, err := w.bus.Join(jctx, w.meta())
 	cancel()
+	if err != nil && ctx.Err() != nil {
+		return nil // stopped before it joined
+	}
 	if err != nil {
 		return err
 	}
