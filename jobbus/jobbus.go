@@ -136,6 +136,8 @@ type Progress struct {
 	Step    int           `json:"step"`
 	Steps   int           `json:"steps"`
 	Elapsed time.Duration `json:"elapsed"`
+	// Time is when the step ended, on the worker's clock.
+	Time time.Time `json:"time"`
 }
 
 // Announcement is a worker saying who it is and what it holds.

@@ -55,7 +55,11 @@ func (s *Server) onEvent(m *nats.Msg) {
 			return
 		}
 		s.metrics.observeStep(j.progress(p.Step, p.Steps, p.Elapsed))
-		s.hub.publish(j.event("progress"))
+		ev := j.event("progress")
+		if !p.Time.IsZero() {
+			ev.Time = p.Time // when the step happened, not when the gateway heard of it
+		}
+		s.hub.publish(ev)
 	case jobbus.KindPreview:
 		j := s.Job(id)
 		if j == nil || j.State() != StateRunning {

@@ -52,13 +52,13 @@ type env struct {
 // worker on a goroutine of the test process (the same code as `stepwise
 // worker`, on the real engine), for speed; the process tests in cmd/stepwise
 // run it in real child processes.
-func start(t *testing.T, cfg server.Config) *env {
+func start(t testing.TB, cfg server.Config) *env {
 	t.Helper()
 	return startWith(t, cfg, server.WorkerConfig{})
 }
 
 // startWith is start with the worker's configuration.
-func startWith(t *testing.T, cfg server.Config, wcfg server.WorkerConfig) *env {
+func startWith(t testing.TB, cfg server.Config, wcfg server.WorkerConfig) *env {
 	t.Helper()
 	lib := testenv.Library(t)
 	sdDir, segPath := testenv.Tiny(t)
@@ -109,7 +109,7 @@ func startWith(t *testing.T, cfg server.Config, wcfg server.WorkerConfig) *env {
 	return &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options, runner: e}
 }
 
-func (e *env) post(t *testing.T, path string, body any) (int, map[string]any) {
+func (e *env) post(t testing.TB, path string, body any) (int, map[string]any) {
 	t.Helper()
 	var r io.Reader
 	switch b := body.(type) {
@@ -128,7 +128,7 @@ func (e *env) post(t *testing.T, path string, body any) (int, map[string]any) {
 	return resp.StatusCode, out
 }
 
-func (e *env) get(t *testing.T, path string, out any) int {
+func (e *env) get(t testing.TB, path string, out any) int {
 	t.Helper()
 	resp, err := http.Get(e.http.URL + path)
 	require.NoError(t, err)
@@ -139,7 +139,7 @@ func (e *env) get(t *testing.T, path string, out any) int {
 	return resp.StatusCode
 }
 
-func (e *env) dial(t *testing.T, path string) *websocket.Conn {
+func (e *env) dial(t testing.TB, path string) *websocket.Conn {
 	t.Helper()
 	c, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.http.URL, "http")+path, nil)
 	require.NoError(t, err)
@@ -153,7 +153,7 @@ type seen struct {
 }
 
 // collect reads a job's stream until it ends (completed, failed, cancelled).
-func collect(t *testing.T, c *websocket.Conn, jobID string) seen {
+func collect(t testing.TB, c *websocket.Conn, jobID string) seen {
 	t.Helper()
 	var s seen
 	c.SetReadDeadline(time.Now().Add(60 * time.Second))
@@ -192,7 +192,7 @@ func count(events []map[string]any, typ string) int {
 	return n
 }
 
-func submit(t *testing.T, e *env, body map[string]any) string {
+func submit(t testing.TB, e *env, body map[string]any) string {
 	t.Helper()
 	code, out := e.post(t, "/v1/jobs", body)
 	require.Equal(t, http.StatusAccepted, code, out)

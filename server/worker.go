@@ -312,7 +312,7 @@ func (w *Worker) handle(msg jetstream.Msg) {
 	})
 	onStep := func(st binding.Step) {
 		msg.InProgress()
-		raw, _ := json.Marshal(jobbus.Progress{Step: st.Step, Steps: st.Steps, Elapsed: st.Elapsed})
+		raw, _ := json.Marshal(jobbus.Progress{Step: st.Step, Steps: st.Steps, Elapsed: st.Elapsed, Time: time.Now()})
 		w.bus.NC.Publish(jobbus.EventSubject(job.ID, jobbus.KindProgress), raw)
 		if len(st.Previews) > 0 {
 			previews.offer(st)
