@@ -115,7 +115,10 @@ const (
 type State struct {
 	Type    string `json:"type"`
 	Worker  string `json:"worker"`
-	Attempt int    `json:"attempt"` // 1 for the first delivery
+	Attempt int    `json:"attempt"` // the message's delivery: 1 for the first
+	// Run names one start of the job (a worker's handling of a delivery):
+	// a new run is a retry.
+	Run string `json:"run,omitempty"`
 	// Kind and Params describe the job on "started", so that a gateway that
 	// did not submit it (it restarted) can show it.
 	Kind   string          `json:"kind,omitempty"`

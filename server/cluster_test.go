@@ -77,9 +77,12 @@ func TestMalformedJobIsRejectedAndTheWorkerGoesOn(t *testing.T) {
 	assert.Equal(t, 3, rejected, "each malformed message is logged as such")
 	st, err := bus.JS.Stream(ctx, jobbus.Stream)
 	require.NoError(t, err)
-	info, err := st.Info(ctx)
-	require.NoError(t, err)
-	assert.Zero(t, info.State.Msgs, "the malformed messages were terminated, not left to come back")
+	// Acks are asynchronous: the job's own may land just after its end.
+	// Messages left unacked would stay until the ack wait (15 s) and beyond.
+	assert.Eventually(t, func() bool {
+		info, err := st.Info(ctx)
+		return err == nil && info.State.Msgs == 0
+	}, 10*time.Second, 20*time.Millisecond, "the malformed messages were terminated, not left to come back")
 }
 
 // A worker of another version or ABI refuses to join, saying why.
@@ -178,4 +181,42 @@ func TestModelLoadReachesTheWorkers(t *testing.T) {
 	code, out = e.post(t, "/v1/models/unload", map[string]any{"kind": "sd"})
 	require.Equal(t, http.StatusOK, code, out)
 	assert.Equal(t, true, out["workers"].([]any)[0].(map[string]any)["unloaded"])
+}
+
+// A stopping worker takes no new job and finishes its running one within
+// its grace; one still running when the grace ends goes back to the queue,
+// where another worker takes it (the watchers see it retried).
+func TestStoppingWorkerFinishesOrHandsBackItsJob(t *testing.T) {
+	t.Run("finishes within the grace", func(t *testing.T) {
+		e := start(t, server.Config{})
+		id := submit(t, e, txt(20))
+		c := e.dial(t, "/v1/jobs/"+id+"/events")
+		waitForEvent(t, c, "progress")
+		queued := submit(t, e, txt(2))
+		require.NoError(t, e.stopWorker())
+		s := collect(t, c, id)
+		assert.Equal(t, "completed", last(s)["type"], "the running job finished")
+		var v map[string]any
+		e.get(t, "/v1/jobs/"+queued, &v)
+		assert.Equal(t, "queued", v["state"], "the stopped worker took no new job")
+	})
+	t.Run("hands back after the grace", func(t *testing.T) {
+		e := startWith(t, server.Config{}, server.WorkerConfig{StopGrace: time.Millisecond})
+		id := submit(t, e, txt(150))
+		c := e.dial(t, "/v1/jobs/"+id+"/events")
+		waitForEvent(t, c, "progress")
+		require.NoError(t, e.stopWorker())
+		bus, err := jobbus.Connect(e.nats)
+		require.NoError(t, err)
+		defer bus.Close()
+		next := server.NewWorker(server.WorkerConfig{ID: "next", Version: "test"}, e.runner, bus)
+		ctx, stop := context.WithCancel(context.Background())
+		stopped := make(chan error, 1)
+		go func() { stopped <- next.Run(ctx) }()
+		defer func() { stop(); <-stopped }()
+		s := collect(t, c, id)
+		assert.Equal(t, 1, count(s.events, "retried"))
+		assert.Equal(t, "completed", last(s)["type"])
+		assert.Equal(t, "next", last(s)["worker"], "the other worker ran it")
+	})
 }

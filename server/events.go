@@ -103,7 +103,7 @@ func (s *Server) onState(id string, st jobbus.State) {
 	switch st.Type {
 	case jobbus.StateStarted:
 		s.queue.remove(j) // renumbers the jobs behind it
-		switch j.start(st.Worker, st.Attempt) {
+		switch j.start(st.Worker, st.Run) {
 		case startedFirst:
 			s.metrics.running.Add(1)
 			s.hub.publish(j.event("started"))

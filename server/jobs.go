@@ -31,7 +31,8 @@ type Job struct {
 	mu       sync.Mutex
 	seq      uint64 // the job's message in the stream, while queued
 	worker   string // the worker running it
-	attempt  int    // its delivery: 1, then 2... after a worker died with it
+	run      string // the worker's run of it (jobbus.State.Run)
+	attempt  int    // 1, then 2... after a worker died with it or handed it back
 	state    string
 	position int // in the queue, 0 = next; -1 when not queued
 	created  time.Time
@@ -189,18 +190,15 @@ const (
 	startedAgain                    // a new attempt after its worker died
 )
 
-// start records that worker began attempt of the job.
-func (j *Job) start(worker string, attempt int) startResult {
+// start records that worker began a run of the job.
+func (j *Job) start(worker, run string) startResult {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	if j.endedLocked() || attempt < j.attempt {
+	if j.endedLocked() || run == j.run {
 		return startedNone
 	}
 	first := j.state == StateQueued
-	if !first && attempt == j.attempt {
-		return startedNone
-	}
-	j.state, j.worker, j.attempt, j.position, j.seq = StateRunning, worker, attempt, -1, 0
+	j.state, j.worker, j.run, j.attempt, j.position, j.seq = StateRunning, worker, run, j.attempt+1, -1, 0
 	j.step, j.elapsed, j.preview, j.previewFrame = 0, 0, nil, nil
 	if first {
 		j.started = time.Now()

@@ -16,19 +16,20 @@ import (
 func TestJobStartsPerAttemptAndEndsOnce(t *testing.T) {
 	for _, state := range []string{StateCompleted, StateFailed, StateCancelled} {
 		j := newJob("j", "img2img", JobParams{Prompt: "x"}, "")
-		require.Equal(t, startedFirst, j.start("w1", 1))
-		require.Equal(t, startedNone, j.start("w1", 1), "the same attempt twice")
+		require.Equal(t, startedFirst, j.start("w1", "r1"))
+		require.Equal(t, startedNone, j.start("w1", "r1"), "the same run twice")
+		assert.Equal(t, 1, j.View().Attempt)
 		j.progress(3, 10, 3)
-		require.Equal(t, startedAgain, j.start("w2", 2))
+		require.Equal(t, startedAgain, j.start("w2", "r2"))
 		assert.Equal(t, 0, j.View().Step, "a new attempt starts from step 0")
 		assert.Equal(t, "w2", j.View().Worker)
-		require.Equal(t, startedNone, j.start("w1", 1), "an old attempt")
+		assert.Equal(t, 2, j.View().Attempt)
 		was, ok := j.finish(state, errors.New("x"))
 		require.True(t, ok)
 		assert.Equal(t, StateRunning, was)
 		_, ok = j.finish(StateCompleted, nil)
 		assert.False(t, ok, "a job ends once")
-		assert.Equal(t, startedNone, j.start("w3", 3), "an ended job does not start again")
+		assert.Equal(t, startedNone, j.start("w3", "r3"), "an ended job does not start again")
 	}
 }
 

@@ -46,6 +46,9 @@ type env struct {
 	nats jobbus.ConnectOptions
 	// runner is the worker's, for a second worker on the same models.
 	runner *pipeline.Runner
+	// stopWorker stops the worker as SIGTERM stops `stepwise worker`, and
+	// returns what its Run returned.
+	stopWorker func() error
 }
 
 // start runs a gateway and one worker over a real embedded NATS server: the
@@ -90,23 +93,34 @@ func startWith(t testing.TB, cfg server.Config, wcfg server.WorkerConfig) *env {
 	if wcfg.ID == "" {
 		wcfg.ID = "test-worker"
 	}
-	wcfg.Version, wcfg.Device, wcfg.StopGrace = "test", "cpu", 10*time.Second
+	if wcfg.StopGrace == 0 {
+		wcfg.StopGrace = 10 * time.Second
+	}
+	wcfg.Version, wcfg.Device = "test", "cpu"
 	w := server.NewWorker(wcfg, e, wBus)
 	ctx, stop := context.WithCancel(context.Background())
 	stopped := make(chan error, 1)
 	go func() { stopped <- w.Run(ctx) }()
 
+	var once sync.Once
+	var stopErr error
+	stopWorker := func() error {
+		once.Do(func() {
+			stop()
+			stopErr = <-stopped
+		})
+		return stopErr
+	}
 	hs := httptest.NewServer(s.Handler())
 	t.Cleanup(func() {
 		hs.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		s.Shutdown(ctx)
-		stop()
-		assert.NoError(t, <-stopped, "the worker stops cleanly")
+		assert.NoError(t, stopWorker(), "the worker stops cleanly")
 		c.Close()
 	})
-	return &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options, runner: e}
+	return &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options, runner: e, stopWorker: stopWorker}
 }
 
 func (e *env) post(t testing.TB, path string, body any) (int, map[string]any) {

@@ -84,7 +84,6 @@ type Worker struct {
 	// jobs is cancelled when a stopping worker's grace runs out.
 	jobs       context.Context
 	cancelJobs context.CancelFunc
-	running    sync.WaitGroup
 	nrunning   int64
 	mu         sync.Mutex
 }
@@ -141,19 +140,12 @@ func (w *Worker) Run(ctx context.Context) error {
 			done = true
 		}
 	}
-	loops.Wait() // no loop takes a job now
-	finished := make(chan struct{})
-	go func() { w.running.Wait(); close(finished) }()
-	var grace <-chan time.Time
+	// No loop takes a job now; the running ones have StopGrace to finish.
 	if w.cfg.StopGrace > 0 {
-		grace = time.After(w.cfg.StopGrace)
+		t := time.AfterFunc(w.cfg.StopGrace, w.cancelJobs)
+		defer t.Stop()
 	}
-	select {
-	case <-finished:
-	case <-grace:
-		w.cancelJobs()
-		<-finished
-	}
+	loops.Wait()
 	w.cancelJobs()
 	w.announce(true)
 	w.bus.NC.Flush()
@@ -183,9 +175,16 @@ const fetchWait = 2 * time.Second
 
 func (w *Worker) loop(ctx context.Context, cons jetstream.Consumer) {
 	for ctx.Err() == nil {
-		msg, err := cons.Next(jetstream.FetchMaxWait(fetchWait))
+		fctx, cancel := context.WithTimeout(ctx, fetchWait)
+		msg, err := cons.Next(jetstream.FetchContext(fctx))
+		cancel()
+		if err == nil && ctx.Err() != nil {
+			w.handBack(msg) // it came as the worker stopped
+			return
+		}
 		if err != nil {
-			if errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoMessages) {
+			if errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoMessages) ||
+				errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 				continue
 			}
 			if ctx.Err() == nil {
@@ -197,9 +196,7 @@ func (w *Worker) loop(ctx context.Context, cons jetstream.Consumer) {
 			}
 			continue
 		}
-		w.running.Add(1)
 		w.handle(msg)
-		w.running.Done()
 	}
 }
 
@@ -288,7 +285,7 @@ func (w *Worker) handle(msg jetstream.Msg) {
 		w.mu.Unlock()
 	}()
 	params, _ := json.Marshal(spec.Params)
-	w.state(job.ID, jobbus.State{Type: jobbus.StateStarted, Attempt: attempt, Kind: job.Kind, Params: params})
+	w.state(job.ID, jobbus.State{Type: jobbus.StateStarted, Attempt: attempt, Run: newID(), Kind: job.Kind, Params: params})
 
 	// The job is in progress as long as the worker lives: every step says so,
 	// and a ticker too, for model loads and steps longer than the ack wait.
@@ -335,9 +332,8 @@ func (w *Worker) handle(msg jetstream.Msg) {
 			Images: out.images, Result: out.result, Announcement: &a})
 		msg.Ack()
 	case (errors.Is(err, binding.ErrCancelled) || errors.Is(err, context.Canceled)) && !byClient:
-		// The worker is stopping: the job goes back to the queue for another.
 		lg.Warn("handing a running job back: the worker is stopping")
-		msg.Nak()
+		w.handBack(msg)
 	case errors.Is(err, binding.ErrCancelled) || errors.Is(err, context.Canceled):
 		w.state(job.ID, jobbus.State{Type: jobbus.StateCancelled, Attempt: attempt, Error: errCancelled.Error()})
 		msg.Ack()
@@ -352,6 +348,20 @@ func (w *Worker) handle(msg jetstream.Msg) {
 		w.state(job.ID, st)
 		msg.Ack()
 	}
+}
+
+// handBack returns a job to the queue for another worker. It goes back as a
+// new message: a Nak would count as a delivery, and deliveries count the
+// crashes a job caused (a worker stopping in good order is none).
+func (w *Worker) handBack(msg jetstream.Msg) {
+	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	defer cancel()
+	if _, err := w.bus.JS.Publish(ctx, jobbus.JobSubject, msg.Data()); err != nil {
+		w.log.Warn("hand a job back as a new message; nak it instead", "err", err)
+		msg.Nak()
+		return
+	}
+	msg.Ack()
 }
 
 // progressEvery is how often a running job tells the stream it is alive: a

@@ -257,7 +257,7 @@ func TestGatewayWithWorkerProcesses(t *testing.T) {
 	})
 
 	t.Run("two workers at once", func(t *testing.T) {
-		a, b := g.submit(t, 40), g.submit(t, 40)
+		a, b := g.submit(t, 60), g.submit(t, 60)
 		wa, wb := g.watch(t, a), g.watch(t, b)
 		require.Equal(t, "completed", wa.until("completed")["type"])
 		require.Equal(t, "completed", wb.until("completed")["type"])
