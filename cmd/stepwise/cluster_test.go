@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -404,4 +406,40 @@ func TestExternalNATSKeepsQueuedJobsAcrossAGatewayRestart(t *testing.T) {
 		require.Equal(t, http.StatusOK, resp.StatusCode, string(body))
 		assert.True(t, bytes.HasPrefix(body, []byte("\x89PNG")), "a PNG from the results store")
 	}
+}
+
+// A worker built as another stepwise version refuses to join the gateway's
+// queue, saying why, and exits with an error.
+func TestWorkerOfAnotherVersionRefusesToJoin(t *testing.T) {
+	other := filepath.Join(t.TempDir(), "stepwise-other")
+	build := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", other,
+		"-ldflags", "-X main.version=0.0.0-other", ".")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	out, err := build.CombinedOutput()
+	require.NoError(t, err, string(out))
+
+	ns, err := jobbus.StartEmbedded(t.TempDir())
+	require.NoError(t, err)
+	t.Cleanup(ns.Shutdown)
+	env := []string{natsUserEnv + "=" + ns.Options.User, natsPasswordEnv + "=" + ns.Options.Password}
+	startGateway(t, t.TempDir(), env, "--nats", ns.Options.URL)
+
+	worker := exec.Command(other, "worker", "--lib", testenv.LibPath(), "--data", t.TempDir(), "--nats", ns.Options.URL)
+	worker.Env = append(os.Environ(), append(env, runAsMainEnv+"=")...)
+	var stderr bytes.Buffer
+	worker.Stderr = &stderr
+	done := make(chan error, 1)
+	require.NoError(t, worker.Start())
+	go func() { done <- worker.Wait() }()
+	select {
+	case err = <-done:
+	case <-time.After(2 * time.Minute):
+		worker.Process.Kill()
+		t.Fatalf("the worker of another version did not exit: %s", stderr.String())
+	}
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee, stderr.String())
+	assert.Equal(t, exitError, ee.ExitCode())
+	assert.Contains(t, stderr.String(), "the gateway is stepwise dev")
+	assert.Contains(t, stderr.String(), "this worker stepwise 0.0.0-other")
 }
