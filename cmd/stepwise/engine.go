@@ -81,15 +81,21 @@ func defaultDataDir() string {
 // demoModels returns the tiny random-weight models under data/models, making
 // them the first time.
 func demoModels(lib *binding.Library, data string, stderr io.Writer) (sd, seg string, err error) {
-	dir := filepath.Join(data, "models")
-	sd, seg = filepath.Join(dir, models.TinySDDir), filepath.Join(dir, models.TinySegFile)
-	if _, err1 := os.Stat(filepath.Join(sd, "unet", "diffusion_pytorch_model.safetensors")); err1 == nil {
-		if _, err2 := os.Stat(seg); err2 == nil {
-			return sd, seg, nil
-		}
+	dir, sd, seg, ok := demoModelPaths(data)
+	if ok {
+		return sd, seg, nil
 	}
 	fmt.Fprintf(stderr, "making the tiny demo models in %s (random weights: the images are noise)\n", dir)
 	return models.MakeTiny(lib, dir)
+}
+
+// demoModelPaths are where the demo models live under data; ok says they are there.
+func demoModelPaths(data string) (dir, sd, seg string, ok bool) {
+	dir = filepath.Join(data, "models")
+	sd, seg = filepath.Join(dir, models.TinySDDir), filepath.Join(dir, models.TinySegFile)
+	_, err1 := os.Stat(filepath.Join(sd, "unet", "diffusion_pytorch_model.safetensors"))
+	_, err2 := os.Stat(seg)
+	return dir, sd, seg, err1 == nil && err2 == nil
 }
 
 // newRunner is the pipeline runner over lib: conversions of pickle checkpoints are

@@ -20,7 +20,6 @@ import (
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/jobbus"
-	"github.com/stepwise-sd/stepwise/models"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
 )
@@ -239,12 +238,9 @@ func (f *serveFlags) supervisor(opts jobbus.ConnectOptions, stderr io.Writer, lg
 // the first time by a child process (`stepwise models make-tiny`), so a fault
 // of the engine never touches the gateway.
 func (f *serveFlags) demoModels(ctx context.Context, stderr io.Writer) (sd, seg string, err error) {
-	dir := filepath.Join(f.data, "models")
-	sd, seg = filepath.Join(dir, models.TinySDDir), filepath.Join(dir, models.TinySegFile)
-	if _, err1 := os.Stat(filepath.Join(sd, "unet", "diffusion_pytorch_model.safetensors")); err1 == nil {
-		if _, err2 := os.Stat(seg); err2 == nil {
-			return sd, seg, nil
-		}
+	dir, sd, seg, ok := demoModelPaths(f.data)
+	if ok {
+		return sd, seg, nil
 	}
 	fmt.Fprintf(stderr, "making the tiny demo models in %s (random weights: the images are noise)\n", dir)
 	exe, err := os.Executable()
