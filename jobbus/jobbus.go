@@ -150,7 +150,7 @@ type Announcement struct {
 	PID        int                      `json:"pid"`
 	Device     string                   `json:"device"`
 	DeviceName string                   `json:"device_name,omitempty"`
-	Backends   []string                 `json:"backends,omitempty"`
+	Backends   []BackendStatus          `json:"backends,omitempty"`
 	Loaded     []modelcache.LoadedModel `json:"loaded"`
 	Memory     modelcache.Stats         `json:"memory"`
 	Running    int                      `json:"running"`
@@ -162,6 +162,15 @@ type Announcement struct {
 	Every time.Duration `json:"every"`
 	// Leaving is set on a worker's last announcement.
 	Leaving bool `json:"leaving,omitempty"`
+}
+
+// BackendStatus is whether a worker can run one backend (binding.BackendStatus
+// by the backend's name).
+type BackendStatus struct {
+	Name      string `json:"name"`
+	Available bool   `json:"available"`
+	Reason    string `json:"reason,omitempty"`
+	Library   string `json:"library,omitempty"`
 }
 
 // Meta is what the gateway publishes about itself for workers to check.
@@ -195,11 +204,12 @@ const (
 
 // ModelRequest asks a worker to load or unload a model.
 type ModelRequest struct {
-	Op    string `json:"op"`
-	Kind  string `json:"kind"` // "sd" or "seg"
-	Path  string `json:"path"`
-	VAE   string `json:"vae,omitempty"`
-	DType string `json:"dtype,omitempty"`
+	Op      string `json:"op"`
+	Kind    string `json:"kind"` // "sd" or "seg"
+	Path    string `json:"path"`
+	VAE     string `json:"vae,omitempty"`
+	DType   string `json:"dtype,omitempty"`
+	Backend string `json:"backend,omitempty"`
 }
 
 // ModelReply is a worker's answer to a ModelRequest.

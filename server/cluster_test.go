@@ -56,7 +56,7 @@ func (r *records) errors(level slog.Level) []error {
 // such; the worker goes on to the next job, and the stream keeps nothing.
 func TestMalformedJobIsRejectedAndTheWorkerGoesOn(t *testing.T) {
 	logs := &records{}
-	e := startWith(t, server.Config{}, server.WorkerConfig{Logger: slog.New(logs)})
+	e := startEnv(t, server.Config{}, nil, server.WorkerConfig{Logger: slog.New(logs)})
 	bus, err := jobbus.Connect(e.nats)
 	require.NoError(t, err)
 	defer bus.Close()
@@ -201,7 +201,7 @@ func TestStoppingWorkerFinishesOrHandsBackItsJob(t *testing.T) {
 		assert.Equal(t, "queued", v["state"], "the stopped worker took no new job")
 	})
 	t.Run("hands back after the grace", func(t *testing.T) {
-		e := startWith(t, server.Config{}, server.WorkerConfig{StopGrace: time.Millisecond})
+		e := startEnv(t, server.Config{}, nil, server.WorkerConfig{StopGrace: time.Millisecond})
 		id := submit(t, e, txt(150))
 		c := e.dial(t, "/v1/jobs/"+id+"/events")
 		waitForEvent(t, c, "progress")

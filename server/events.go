@@ -24,6 +24,7 @@ type jobSpec struct {
 	VAEPath   string    `json:"vae_path,omitempty"`
 	SegModel  string    `json:"seg_model,omitempty"`
 	DType     string    `json:"dtype,omitempty"`
+	Backend   string    `json:"backend,omitempty"`
 	Image     []byte    `json:"image,omitempty"`
 	Mask      []byte    `json:"mask,omitempty"`
 	Seed      uint64    `json:"seed"`
@@ -215,21 +216,48 @@ func (w *workers) list() []jobbus.Announcement {
 	return out
 }
 
+// backend reports whether some listed worker can run the backend named
+// name, or no worker is listed; reason is a worker's why not.
+func (w *workers) backend(name string) (reason string, ok bool) {
+	list := w.list()
+	if len(list) == 0 {
+		return "", true
+	}
+	reason = "no worker has it"
+	for _, a := range list {
+		for _, st := range a.Backends {
+			if st.Name == name {
+				if st.Available {
+					return "", true
+				}
+				reason = st.Reason
+			}
+		}
+	}
+	return reason, false
+}
+
 // memory sums the workers' model caches.
 func (w *workers) memory() (modelcache.Stats, []modelcache.LoadedModel) {
 	var st modelcache.Stats
 	var loaded []modelcache.LoadedModel
 	for _, a := range w.list() {
-		st.Loads += a.Memory.Loads
-		st.Hits += a.Memory.Hits
-		st.Evictions += a.Memory.Evictions
-		st.Loaded += a.Memory.Loaded
-		st.BytesInUse += a.Memory.BytesInUse
-		st.Budget += a.Memory.Budget
+		st = addStats(st, a.Memory)
 		loaded = append(loaded, a.Loaded...)
 	}
 	if loaded == nil {
 		loaded = []modelcache.LoadedModel{}
 	}
 	return st, loaded
+}
+
+// addStats sums two caches' counters (several workers as one).
+func addStats(a, b modelcache.Stats) modelcache.Stats {
+	a.Loads += b.Loads
+	a.Hits += b.Hits
+	a.Evictions += b.Evictions
+	a.Loaded += b.Loaded
+	a.BytesInUse += b.BytesInUse
+	a.Budget += b.Budget
+	return a
 }

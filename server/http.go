@@ -23,6 +23,7 @@ import (
 
 	"github.com/stepwise-sd/stepwise/catalog"
 	"github.com/stepwise-sd/stepwise/jobbus"
+	"github.com/stepwise-sd/stepwise/modelcache"
 )
 
 // Handler returns the server's HTTP handler.
@@ -403,6 +404,7 @@ func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
 		"loaded":      loaded,
 		"memory":      memory,
 		"workers":     s.workers.list(),
+		"backends":    s.backends(),
 	}
 	if s.catalog != nil {
 		out["models_dir"] = s.catalog.Dir()
@@ -417,6 +419,8 @@ func (s *Server) modelRequest(r *http.Request, op string) (jobbus.ModelRequest, 
 		Kind  string `json:"kind"`  // "sd" or "seg"
 		Model string `json:"model"` // sd: a name from the models folder; empty: the current model
 		VAE   string `json:"vae"`   // sd: a VAE from the models folder; empty: the current one
+		// Backend (sd): libtorch or sdcpp; empty: the server's.
+		Backend string `json:"backend"`
 	}
 	out := jobbus.ModelRequest{Op: op, Kind: "sd", DType: s.cfg.DType.String()}
 	body, err := io.ReadAll(r.Body)
@@ -431,7 +435,11 @@ func (s *Server) modelRequest(r *http.Request, op string) (jobbus.ModelRequest, 
 		if out.Path, err = s.resolveModel(req.Model); err != nil {
 			return out, err
 		}
-		out.VAE, err = s.resolveVAE(req.VAE)
+		if out.VAE, err = s.resolveVAE(req.VAE); err != nil {
+			return out, err
+		}
+		backend, err := s.resolveBackend(req.Backend)
+		out.Backend = backend.String()
 		return out, err
 	case "seg":
 		if s.cfg.SegModel == "" {
@@ -493,13 +501,36 @@ func (s *Server) askWorkers(ctx context.Context, req jobbus.ModelRequest) ([]job
 	return replies, errors.Join(errs...)
 }
 
+// modelOpAnswer is a load's or unload's answer as a single server gave it
+// (the model, its info, whether it was unloaded, the memory: summed), with
+// each worker's reply.
+func modelOpAnswer(op, path string, replies []jobbus.ModelReply) map[string]any {
+	var memory modelcache.Stats
+	unloaded := false
+	var info json.RawMessage
+	for _, rp := range replies {
+		memory = addStats(memory, rp.Memory)
+		unloaded = unloaded || rp.Unloaded
+		if info == nil {
+			info = rp.Info
+		}
+	}
+	out := map[string]any{"memory": memory, "workers": replies}
+	if op == jobbus.OpLoad {
+		out["loaded"], out["info"] = path, info
+	} else {
+		out["unloaded"] = unloaded
+	}
+	return out
+}
+
 func (s *Server) handleModelOp(op string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		req, err := s.modelRequest(r, op)
 		if err == nil {
 			var replies []jobbus.ModelReply
 			if replies, err = s.askWorkers(r.Context(), req); err == nil {
-				writeJSON(w, http.StatusOK, map[string]any{"op": op, "model": req.Path, "workers": replies})
+				writeJSON(w, http.StatusOK, modelOpAnswer(op, req.Path, replies))
 				return
 			}
 		}

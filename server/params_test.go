@@ -2,12 +2,13 @@ package server
 
 import (
 	"errors"
-	"github.com/stepwise-sd/stepwise/binding"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/stepwise-sd/stepwise/binding"
 )
 
 // A job's life on the gateway: started once per attempt, a later attempt
@@ -38,7 +39,9 @@ func TestJobStartsPerAttemptAndEndsOnce(t *testing.T) {
 func validationServer() *Server {
 	cfg := Config{}
 	cfg.defaults()
-	return &Server{cfg: cfg, decodes: make(chan struct{}, concurrentDecodes)}
+	// No worker: validation asks the workers which backends they can run,
+	// and with none connected every known backend is taken.
+	return &Server{cfg: cfg, workers: newWorkers(), decodes: make(chan struct{}, concurrentDecodes)}
 }
 
 // FuzzDecodeJob feeds arbitrary request bodies through decoding and

@@ -38,6 +38,8 @@ type Config struct {
 	// Catalog, when set, lists the models requests may name (--models-dir).
 	Catalog *catalog.Catalog
 	DType   binding.DType
+	// Backend runs the jobs that name none (the zero value: libtorch).
+	Backend binding.Backend
 	// Token, when set, must come as "Authorization: Bearer <token>" (or
 	// ?token= on websockets, which browsers cannot give headers).
 	Token string
@@ -268,7 +270,7 @@ func (s *Server) Submit(kind string, p JobParams, source string, keepImages bool
 // publish puts the job on the work queue; it returns its stream sequence.
 func (s *Server) publish(j *Job, p JobParams, d *decoded) (uint64, error) {
 	spec, err := json.Marshal(jobSpec{Params: p, SDPath: d.sdPath, VAEPath: d.vaePath, SegModel: s.cfg.SegModel,
-		DType: s.cfg.DType.String(), Image: d.image, Mask: d.mask, Seed: d.seed, MaxPixels: s.cfg.MaxPixels})
+		DType: s.cfg.DType.String(), Backend: d.backend.String(), Image: d.image, Mask: d.mask, Seed: d.seed, MaxPixels: s.cfg.MaxPixels})
 	if err != nil {
 		return 0, err
 	}

@@ -54,16 +54,25 @@ type env struct {
 // start runs a gateway and one worker over a real embedded NATS server: the
 // worker on a goroutine of the test process (the same code as `stepwise
 // worker`, on the real engine), for speed; the process tests in cmd/stepwise
-// run it in real child processes.
+// run it in real child processes. It returns once the worker has announced
+// itself to the gateway.
 func start(t testing.TB, cfg server.Config) *env {
 	t.Helper()
-	return startWith(t, cfg, server.WorkerConfig{})
+	return startEnv(t, cfg, nil, server.WorkerConfig{})
 }
 
-// startWith is start with the worker's configuration.
-func startWith(t testing.TB, cfg server.Config, wcfg server.WorkerConfig) *env {
+// startWith is start with the worker's model cache over loader.
+func startWith(t testing.TB, cfg server.Config, loader modelcache.Loader) *env {
 	t.Helper()
-	lib := testenv.Library(t)
+	return startEnv(t, cfg, loader, server.WorkerConfig{})
+}
+
+// startEnv is start with the worker's loader (nil: the library's) and configuration.
+func startEnv(t testing.TB, cfg server.Config, loader modelcache.Loader, wcfg server.WorkerConfig) *env {
+	t.Helper()
+	if loader == nil {
+		loader = modelcache.LibraryLoader{Lib: testenv.Library(t)}
+	}
 	sdDir, segPath := testenv.Tiny(t)
 	dir := t.TempDir()
 	runs, err := pipeline.OpenRuns(filepath.Join(dir, "runs"), pipeline.RunsOptions{})
@@ -85,7 +94,7 @@ func startWith(t testing.TB, cfg server.Config, wcfg server.WorkerConfig) *env {
 	require.NoError(t, err)
 	t.Cleanup(s.Close)
 
-	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
+	c := modelcache.New(loader, modelcache.Options{Budget: -1})
 	e := &pipeline.Runner{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
 	wBus, err := jobbus.Connect(nats.Options)
 	require.NoError(t, err)
@@ -120,7 +129,14 @@ func startWith(t testing.TB, cfg server.Config, wcfg server.WorkerConfig) *env {
 		assert.NoError(t, stopWorker(), "the worker stops cleanly")
 		c.Close()
 	})
-	return &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options, runner: e, stopWorker: stopWorker}
+	env := &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options, runner: e, stopWorker: stopWorker}
+	require.Eventually(t, func() bool {
+		var h struct {
+			Workers []json.RawMessage `json:"workers"`
+		}
+		return env.get(t, "/healthz", &h) == http.StatusOK && len(h.Workers) == 1
+	}, time.Minute, 5*time.Millisecond, "the worker joins")
+	return env
 }
 
 func (e *env) post(t testing.TB, path string, body any) (int, map[string]any) {

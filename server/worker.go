@@ -26,10 +26,9 @@ import (
 type WorkerConfig struct {
 	// ID names the worker in announcements and job views (host-pid).
 	ID string
-	// Device and DeviceName are the engine's device, Backends its backends:
-	// what the worker announces.
+	// Device and DeviceName are the engine's device, which the worker
+	// announces with the backends its model cache can load.
 	Device, DeviceName string
-	Backends           []string
 	// Version and ABI must equal the gateway's (stepwise version, binding.ABIVersion).
 	Version string
 	ABI     int
@@ -159,8 +158,17 @@ func (w *Worker) announcement(leaving bool) jobbus.Announcement {
 	running := w.nrunning
 	w.mu.Unlock()
 	return jobbus.Announcement{ID: w.cfg.ID, Host: host, PID: os.Getpid(), Device: w.cfg.Device, DeviceName: w.cfg.DeviceName,
-		Backends: w.cfg.Backends, Loaded: w.runner.Cache.Loaded(), Memory: w.runner.Cache.Stats(), Running: int(running),
+		Backends: w.backends(), Loaded: w.runner.Cache.Loaded(), Memory: w.runner.Cache.Stats(), Running: int(running),
 		Version: w.cfg.Version, ABI: w.cfg.ABI, Protocol: jobbus.Protocol, Time: time.Now(), Every: w.cfg.Heartbeat, Leaving: leaving}
+}
+
+// backends are the backends the worker's cache can load, and why not.
+func (w *Worker) backends() []jobbus.BackendStatus {
+	var out []jobbus.BackendStatus
+	for _, b := range w.runner.Cache.Backends() {
+		out = append(out, jobbus.BackendStatus{Name: b.Backend.String(), Available: b.Available, Reason: b.Reason, Library: b.Library})
+	}
+	return out
 }
 
 func (w *Worker) announce(leaving bool) {
@@ -456,7 +464,13 @@ func (w *Worker) modelOp(req jobbus.ModelRequest, reply *jobbus.ModelReply) erro
 	if err != nil {
 		return badRequest("%v", err)
 	}
-	key, err := w.runner.ResolveModel(kind, pipeline.ModelRef{Path: req.Path, VAE: req.VAE, DType: dtype})
+	ref := pipeline.ModelRef{Path: req.Path, VAE: req.VAE, DType: dtype}
+	if kind == modelcache.KindSD {
+		if ref.Backend, err = binding.ParseBackend(req.Backend); err != nil {
+			return badRequestErr(err)
+		}
+	}
+	key, err := w.runner.ResolveModel(kind, ref)
 	if err != nil {
 		return err
 	}
@@ -503,7 +517,11 @@ func (w *Worker) execute(ctx context.Context, kind string, spec jobSpec, onStep 
 	if err != nil {
 		return nil, badRequest("%v", err)
 	}
-	sdRef := pipeline.ModelRef{Path: spec.SDPath, VAE: spec.VAEPath, DType: dtype}
+	backend, err := binding.ParseBackend(spec.Backend)
+	if err != nil {
+		return nil, badRequestErr(err)
+	}
+	sdRef := pipeline.ModelRef{Path: spec.SDPath, VAE: spec.VAEPath, DType: dtype, Backend: backend}
 	segOpts := pipeline.SegmentOptions{Model: pipeline.ModelRef{Path: spec.SegModel}, Scale: p.SegmentScale, Classes: p.Classes}
 	out := &output{result: map[string]any{"seed": spec.Seed}}
 	onRun := func(id string) { out.runID = id }

@@ -274,22 +274,22 @@ func TestGatewayWithWorkerProcesses(t *testing.T) {
 			"the two jobs ran at the same time: %v %v", va, vb)
 	})
 
+	// At 1024² one step of even the tiny model takes minutes here: a cancel
+	// sent during the first step ends the job before that step reports, in
+	// the worker's process, however late this test's events arrive.
 	t.Run("cancel within a step", func(t *testing.T) {
-		id := g.submit(t, 150)
+		code, out := g.post(t, "/v1/jobs", map[string]any{"kind": "txt2img", "prompt": "x", "width": 1024, "height": 1024,
+			"steps": 2, "preview": "none"})
+		require.Equal(t, http.StatusAccepted, code, out)
+		id := out["id"].(string)
 		w := g.watch(t, id)
-		for {
-			ev := w.until("progress")
-			require.Equal(t, "progress", ev["type"], ev)
-			if ev["step"].(float64) >= 2 {
-				break
-			}
-		}
-		at := w.events[len(w.events)-1]["step"].(float64)
-		code, out := g.post(t, "/v1/jobs/"+id+"/cancel", nil)
+		require.Equal(t, "started", w.until("started")["type"])
+		time.Sleep(time.Second) // well inside the first step
+		code, out = g.post(t, "/v1/jobs/"+id+"/cancel", nil)
 		require.Equal(t, http.StatusAccepted, code, out)
 		end := w.until("cancelled")
 		require.Equal(t, "cancelled", end["type"], end)
-		assert.LessOrEqual(t, end["step"].(float64), at+1, "the job stopped within one step of the cancel")
+		assert.Zero(t, w.count("progress"), "the job stopped inside its first step")
 	})
 
 	t.Run("kill -9 of a worker mid-job", func(t *testing.T) {

@@ -64,8 +64,22 @@ func completeSamplers(cmd *cobra.Command, flag string) {
 }
 
 func completeDTypes(cmd *cobra.Command, flag string) {
-	completeWords(cmd, flag, "auto", "f32", "f16", "bf16")
+	completeWords(cmd, flag, "auto", "f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")
 }
+
+func completeBackends(cmd *cobra.Command, flag string) {
+	var names []string
+	for _, b := range binding.Backends() {
+		names = append(names, b.String())
+	}
+	completeWords(cmd, flag, names...)
+}
+
+// The help of the --dtype and --backend flags generate, edit and serve share.
+const (
+	dtypeHelp   = "weights dtype: auto, f32, f16, bf16 (libtorch); auto, f32, f16, q8_0, q5_0, q4_0 (sdcpp)"
+	backendHelp = "engine: libtorch, or sdcpp (stable-diffusion.cpp, when built in: stepwise version lists them)"
+)
 
 // defaultDataDir is $STEPWISE_DATA, else ~/.local/share/stepwise.
 func defaultDataDir() string {

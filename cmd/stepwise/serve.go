@@ -31,7 +31,7 @@ type serveFlags struct {
 	workers, maxCrashes                           int
 	ackWait                                       time.Duration
 	addr, data, model, modelsDir, vae, segModel   string
-	dtype, token                                  string
+	dtype, backend, token                         string
 	origins, hosts                                []string
 	concurrency, maxQueue, maxSteps, maxSide      int
 	maxConns, maxWebsockets, maxPrompt, maxPixels int
@@ -58,7 +58,8 @@ func (f *serveFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.modelsDir, "models-dir", "", "folder of checkpoints (diffusers folders, .safetensors, .ckpt, VAEs) that requests may choose from")
 	fs.StringVar(&f.vae, "vae", "", "VAE replacing the models' own: a path, or a name in --models-dir")
 	fs.StringVar(&f.segModel, "seg-model", "", "segmentation U-Net (default: the tiny demo model)")
-	fs.StringVar(&f.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16")
+	fs.StringVar(&f.dtype, "dtype", "auto", dtypeHelp)
+	fs.StringVar(&f.backend, "backend", binding.BackendLibtorch.String(), backendHelp+"; the default of jobs that name none")
 	fs.StringVar(&f.token, "token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
 	fs.StringSliceVar(&f.origins, "allow-origin", nil, "comma-separated origins whose pages may use the API (the server's own always may)")
 	d := server.DefaultConfig() // the limits' defaults live with the server
@@ -81,12 +82,19 @@ func (f *serveFlags) register(cmd *cobra.Command) {
 	_ = cmd.MarkFlagDirname("data")
 	_ = cmd.MarkFlagDirname("models-dir")
 	completeDTypes(cmd, "dtype")
+	completeBackends(cmd, "backend")
 }
 
 func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	stdout, stderr := cmd.OutOrStdout(), cmd.ErrOrStderr()
 	model, vae, segModel := f.model, f.vae, f.segModel
 	dtype, err := binding.ParseDType(f.dtype)
+	if err != nil {
+		return err
+	}
+	// The default backend is checked where it runs: a worker announces the
+	// backends it can load, and jobs asking for one no worker has are refused.
+	backend, err := binding.ParseBackend(f.backend)
 	if err != nil {
 		return err
 	}
@@ -142,8 +150,8 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	}
 	defer bus.Close()
 	srv, err := server.New(server.Config{
-		Model: model, SegModel: segModel, VAE: vae, Catalog: cat, DType: dtype, Token: f.token,
-		AllowedOrigins: splitList(f.origins), AllowedHosts: splitList(f.hosts),
+		Model: model, SegModel: segModel, VAE: vae, Catalog: cat, DType: dtype, Backend: backend,
+		Token: f.token, AllowedOrigins: splitList(f.origins), AllowedHosts: splitList(f.hosts),
 		MaxQueue: f.maxQueue, MaxSteps: f.maxSteps, MaxSide: f.maxSide,
 		MaxConns: f.maxConns, MaxWebsockets: f.maxWebsockets, MaxPromptBytes: f.maxPrompt, MaxPixels: f.maxPixels,
 		MaxBodyBytes: f.maxBody, ReadTimeout: f.readTimeout, KeepJobs: f.keepJobs, MaxBatch: f.maxBatch,

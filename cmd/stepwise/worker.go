@@ -77,13 +77,7 @@ func (f *workerFlags) run(cmd *cobra.Command, _ []string) error {
 	}
 	defer bus.Close()
 	dev := lib.Device()
-	var backends []string
-	for _, b := range binding.Backends() {
-		if lib.BackendAvailable(b) == nil {
-			backends = append(backends, b.String())
-		}
-	}
-	w := server.NewWorker(server.WorkerConfig{ID: f.id, Device: dev.ID, DeviceName: dev.Name, Backends: backends,
+	w := server.NewWorker(server.WorkerConfig{ID: f.id, Device: dev.ID, DeviceName: dev.Name,
 		Version: version, MaxCrashes: f.maxCrashes, Concurrency: f.concurrency, StopGrace: f.grace, Logger: lg}, runner, bus)
 	fmt.Fprintf(stdout, "stepwise %s worker %s on %s (device %s)\n", version, w.ID(), f.nats.url, dev.ID)
 	return w.Run(ctx)
