@@ -189,7 +189,7 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	hs := srv.HTTPServer()
 	where := "NATS " + opts.URL
 	if embedded {
-		where = fmt.Sprintf("%d local worker(s), embedded NATS", f.workers)
+		where = fmt.Sprintf("%d local worker(s), embedded NATS %s", f.workers, opts.URL)
 	}
 	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (%s, model %s)\n", version, ln.Addr(), where, model)
 	errc := make(chan error, 1)
