@@ -2,6 +2,7 @@ package server
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -11,7 +12,6 @@ import (
 
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
-	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
 // modelChoice is what the server generates with when a request names no
@@ -82,9 +82,15 @@ func (s *Server) resolveVAE(name string) (string, error) {
 	return "", badRequest("%v %q: no models folder lists VAEs (stepwise serve --models-dir)", catalog.ErrUnknownModel, name)
 }
 
-// resolveBackend turns a request's backend name into a backend this server
-// can run: empty is the server's default. An unknown name and a backend this
-// process cannot load (not built in, its library missing) are 400s that say why.
+// ErrNoWorkerHasBackend refuses a job for a backend that no connected
+// worker can load.
+var ErrNoWorkerHasBackend = errors.New("no connected worker can run this backend")
+
+// resolveBackend turns a request's backend name into a backend a worker can
+// run: empty is the server's default. An unknown name, and a backend that no
+// connected worker can load (not built in, its library missing), are 400s
+// that say why. With no worker connected yet, any known backend is taken:
+// the job waits for a worker.
 func (s *Server) resolveBackend(name string) (binding.Backend, error) {
 	b := s.cfg.Backend
 	if strings.TrimSpace(name) != "" {
@@ -93,15 +99,10 @@ func (s *Server) resolveBackend(name string) (binding.Backend, error) {
 			return b, badRequestErr(err)
 		}
 	}
-	if err := s.runner.Cache.BackendAvailable(b); err != nil {
-		return b, badRequestErr(fmt.Errorf("backend %s: %w", b, err))
+	if reason, ok := s.workers.backend(b.String()); !ok {
+		return b, badRequestErr(fmt.Errorf("backend %s: %w (%s)", b, ErrNoWorkerHasBackend, reason))
 	}
 	return b, nil
-}
-
-// sdRef is how the server loads an SD model: its dtype, the job's backend.
-func (s *Server) sdRef(path, vae string, b binding.Backend) pipeline.ModelRef {
-	return pipeline.ModelRef{Path: path, VAE: vae, DType: s.cfg.DType, Backend: b}
 }
 
 // backendInfo is one backend in /v1/models.
@@ -115,12 +116,25 @@ type backendInfo struct {
 	Library string `json:"library,omitempty"`
 }
 
-// backends lists every backend, available or not, with the reason.
+// backends lists every backend, available on some worker or not, with the
+// reason a worker gave.
 func (s *Server) backends() []backendInfo {
 	var out []backendInfo
-	for _, b := range s.runner.Cache.Backends() {
-		out = append(out, backendInfo{Name: b.Backend.String(), Available: b.Available, Default: b.Backend == s.cfg.Backend,
-			Reason: b.Reason, Library: b.Library})
+	for _, b := range binding.Backends() {
+		info := backendInfo{Name: b.String(), Default: b == s.cfg.Backend, Reason: "no worker is connected"}
+		for _, a := range s.workers.list() {
+			for _, st := range a.Backends {
+				if st.Name != info.Name {
+					continue
+				}
+				if st.Available && !info.Available {
+					info.Available, info.Reason, info.Library = true, "", st.Library
+				} else if !info.Available {
+					info.Reason = st.Reason
+				}
+			}
+		}
+		out = append(out, info)
 	}
 	return out
 }
