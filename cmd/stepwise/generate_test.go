@@ -72,7 +72,7 @@ func TestGenerateBadInput(t *testing.T) {
 		{append(base, "--prompt", "x", "--sampler", "nope"), exitError, `unknown sampler "nope"`},
 		{append(base, "--prompt", "x", "--width", "100", "--height", "64", "--steps", "1"), exitError, "multiples of 8"},
 		{append(base, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "0"), exitError, "steps must be between"},
-		{append(base, "--prompt", "x", "--dtype", "int8"), exitError, `unknown dtype "int8"`},
+		{append(base, "--prompt", "x", "--dtype", "int4"), exitError, `unknown dtype "int4"`},
 		{append(base, "--prompt", "x", "--init", notImage), exitError, "not a PNG or JPEG"},
 		{append(base, "--prompt", "x", "--mask", notImage), exitError, "a mask needs an init image"},
 		{append(base[:4], "/nonexistent/model", "--out", "o.png", "--prompt", "x"), exitError, "no such file"},
