@@ -186,7 +186,9 @@ void test_reduced_precision() {
             auto got = m->unet->forward(x, torch::full({2}, t), ctx).to(torch::kFloat32);
             close(name + " unet " + out, got, g.load(out), c.unet);
             const double d = (got - g.load(out)).abs().max().item<double>();
-            report(d > 0, name + " unet " + out + " differs from float32", "max|d| " + std::to_string(d));
+            // float32 itself is within 1e-5 of the goldens: this tells that the
+            // reduced precision was applied at all.
+            report(d > 1e-3, name + " unet " + out + " differs from float32", "max|d| " + std::to_string(d));
         }
         sw::SafeTensorsFile v(sd("tiny-sd15/golden/vae.safetensors"));
         close(name + " vae dec_output", m->vae->decode(v.load("dec_input").to(st)).to(torch::kFloat32),
