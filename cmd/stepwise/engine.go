@@ -59,7 +59,7 @@ func completeSamplers(cmd *cobra.Command, flag string) {
 }
 
 func completeDTypes(cmd *cobra.Command, flag string) {
-	completeWords(cmd, flag, "auto", "f32", "f16", "bf16")
+	completeWords(cmd, flag, "auto", "f32", "f16", "bf16", "int8")
 }
 
 // defaultDataDir is $STEPWISE_DATA, else ~/.local/share/stepwise.

@@ -31,7 +31,7 @@ func (g *genFlags) register(cmd *cobra.Command, promptHelp string) {
 	fs.Float32Var(&g.cfg, "cfg-scale", pipeline.DefaultCFGScale, "classifier-free guidance scale (<= 1 disables guidance)")
 	fs.Int64Var(&g.seed, "seed", -1, "random seed (-1: pick one)")
 	fs.StringVar(&g.sampler, "sampler", pipeline.DefaultSampler.String(), "sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm (or A1111 names)")
-	fs.StringVar(&g.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16")
+	fs.StringVar(&g.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16, int8 (cpu: the UNet's linear layers in int8)")
 	fs.StringVar(&g.modelsDir, "models-dir", "", "folder of checkpoints: --model, --vae (and --seg-model) may name one of them")
 	fs.StringVar(&g.vae, "vae", "", "VAE replacing the model's own: a .safetensors file or diffusers VAE folder, or a name in --models-dir")
 	_ = cmd.MarkFlagDirname("models-dir")

@@ -46,7 +46,7 @@ func (f *serveFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.modelsDir, "models-dir", "", "folder of checkpoints (diffusers folders, .safetensors, .ckpt, VAEs) that requests may choose from")
 	fs.StringVar(&f.vae, "vae", "", "VAE replacing the models' own: a path, or a name in --models-dir")
 	fs.StringVar(&f.segModel, "seg-model", "", "segmentation U-Net (default: the tiny demo model)")
-	fs.StringVar(&f.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16")
+	fs.StringVar(&f.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16, int8 (cpu: the UNet's linear layers in int8)")
 	fs.StringVar(&f.token, "token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
 	fs.StringSliceVar(&f.origins, "allow-origin", nil, "comma-separated origins whose pages may use the API (the server's own always may)")
 	d := server.DefaultConfig() // the limits' defaults live with the server
