@@ -30,6 +30,17 @@ func (b Backend) String() string {
 	return fmt.Sprintf("backend(%d)", int32(b))
 }
 
+// DefaultDevice is the device a model of this backend opens on when none is
+// named: "" (the library's selected device) for libtorch, "cpu" for sdcpp,
+// which has no other device in this build (the library's selected device is
+// libtorch's).
+func (b Backend) DefaultDevice() string {
+	if b == BackendSDCPP {
+		return "cpu"
+	}
+	return ""
+}
+
 // MarshalText writes the backend's name.
 func (b Backend) MarshalText() ([]byte, error) { return []byte(b.String()), nil }
 

@@ -324,6 +324,9 @@ type BackendStatus struct {
 	// Reason is why it is not available (not built in, its library or a
 	// symbol missing); empty when it is.
 	Reason string `json:"reason,omitempty"`
+	// Library is the file an available backend of its own library was
+	// loaded from (sdcpp: libstable-diffusion.so); empty for libtorch.
+	Library string `json:"library,omitempty"`
 }
 
 // Version reports the library's versions, build flags and backends.
@@ -338,10 +341,29 @@ func (l *Library) Version() VersionInfo {
 		st := BackendStatus{Backend: b, Available: true}
 		if err := l.BackendAvailable(b); err != nil {
 			st.Available, st.Reason = false, err.Error()
+		} else {
+			st.Library = backendLibrary(v.Build, b)
 		}
 		v.Backends = append(v.Backends, st)
 	}
 	return v
+}
+
+// backendLibrary is the library backend b was loaded from as the build info
+// names it ("backends: libtorch, sdcpp (/path/libstable-diffusion.so); ..."),
+// or "" where it names none.
+func backendLibrary(build string, b Backend) string {
+	_, list, ok := strings.Cut(build, "backends: ")
+	if !ok {
+		return ""
+	}
+	list, _, _ = strings.Cut(list, "; ")
+	for _, item := range strings.Split(list, ", ") {
+		if rest, ok := strings.CutPrefix(item, b.String()+" ("); ok && strings.HasSuffix(rest, ")") {
+			return strings.TrimSuffix(rest, ")")
+		}
+	}
+	return ""
 }
 
 // BackendAvailable returns nil when b can open models in this process, else

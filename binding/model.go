@@ -184,10 +184,11 @@ func (l *Library) OpenSD(o SDOptions) (*SDModel, error) {
 			l.fn.sdDefaultParams(&p)
 			p.TokenizerDir = pinStr(pin, o.TokenizerDir) // empty: the model's own
 			p.VAEPath = pinStr(pin, o.VAEPath)           // empty: the model's own
-			device := l.deviceOr(o.Device)
-			if o.Backend == BackendSDCPP && o.Device == "" {
-				device = "cpu" // the library's selected device is libtorch's
+			device := o.Device
+			if device == "" {
+				device = o.Backend.DefaultDevice()
 			}
+			device = l.deviceOr(device)
 			p.Path, p.Device, p.DType = pinStr(pin, o.Path), pinStr(pin, device), int32(o.DType)
 			p.Backend = int32(o.Backend)
 			return l.fn.sdOpen(&p, out, ce)

@@ -3,8 +3,9 @@ package binding_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
+	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -16,51 +17,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/stepwise-sd/stepwise/binding"
+	"github.com/stepwise-sd/stepwise/internal/safetensors"
 	"github.com/stepwise-sd/stepwise/internal/testenv"
-	"github.com/stepwise-sd/stepwise/models"
 )
-
-// sdcppSeed fixes the random-weight SD 1.5 model the sdcpp tests share.
-const sdcppSeed = 5
-
-// needSDCPP skips, saying why, unless the library was built with the sdcpp
-// backend and ../shared/sdcpp (the prebuilt stable-diffusion.cpp for tests) is
-// there.
-func needSDCPP(t *testing.T) *binding.Library {
-	t.Helper()
-	lib := testenv.Library(t)
-	shared := filepath.Join(testenv.Root(), "..", "shared", "sdcpp")
-	if _, err := os.Stat(shared); err != nil {
-		t.Skipf("no stable-diffusion.cpp build at %s: skipping the sdcpp backend's tests", shared)
-	}
-	if err := lib.BackendAvailable(binding.BackendSDCPP); err != nil {
-		t.Skipf("sdcpp backend unavailable (build with make, which passes -DSTEPWISE_SDCPP_DIR): %v", err)
-	}
-	return lib
-}
-
-// sd15Random is a random-weight diffusers model with SD 1.5's real sizes (the
-// only kind stable-diffusion.cpp loads), float32, about 4.3 GB: made once in
-// a folder of the system's temp dir named after what makes it, and reused by
-// later runs. It is built beside its final name and renamed into place, so a
-// run that is killed half-way leaves no half model behind it.
-func sd15Random(t *testing.T, lib *binding.Library) string {
-	t.Helper()
-	dir := filepath.Join(os.TempDir(), fmt.Sprintf("stepwise-sd15-random-seed%d-abi%d", sdcppSeed, binding.ABIVersion))
-	if _, err := os.Stat(filepath.Join(dir, "model_index.json")); err == nil {
-		return dir
-	}
-	tmp, err := os.MkdirTemp(os.TempDir(), "stepwise-sd15-random-")
-	require.NoError(t, err)
-	defer os.RemoveAll(tmp)
-	require.NoError(t, models.MakeRandomSD(lib, tmp, models.SD15Arch(), sdcppSeed))
-	if err := os.Rename(tmp, dir); err != nil {
-		// Another test binary made it first.
-		_, statErr := os.Stat(filepath.Join(dir, "model_index.json"))
-		require.NoError(t, statErr, "rename %s: %v", tmp, err)
-	}
-	return dir
-}
 
 func sdcppRequest(steps int) binding.GenerateRequest {
 	return binding.GenerateRequest{Prompt: "a cat sitting on a chair", Width: 64, Height: 64, Steps: steps,
@@ -70,8 +29,8 @@ func sdcppRequest(steps int) binding.GenerateRequest {
 // TestSDCPPBackend runs the sdcpp backend on one SD 1.5-sized model, opened
 // once, at 64x64 with 2 steps.
 func TestSDCPPBackend(t *testing.T) {
-	lib := needSDCPP(t)
-	dir := sd15Random(t, lib)
+	lib := testenv.SDCPP(t)
+	dir := testenv.SD15Random(t, lib)
 	m, err := lib.OpenSD(binding.SDOptions{Path: dir, Backend: binding.BackendSDCPP, DType: binding.F16})
 	require.NoError(t, err)
 	t.Cleanup(func() { m.Close() })
@@ -241,12 +200,71 @@ func truncatedCopy(t *testing.T, src string) string {
 	return dst
 }
 
+// sd15Variant lays out a copy of the SD 1.5-sized folder sd15 whose files are
+// links to the originals except those replace writes, by their path in the
+// folder: a model that passes stepwise's checks and that
+// stable-diffusion.cpp's own refuses.
+func sd15Variant(t *testing.T, sd15 string, replace map[string]func(path string)) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, rel := range []string{"model_index.json", "text_encoder/model.safetensors",
+		"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"} {
+		dst := filepath.Join(dir, rel)
+		require.NoError(t, os.MkdirAll(filepath.Dir(dst), 0o755))
+		if write, ok := replace[rel]; ok {
+			write(dst)
+			continue
+		}
+		require.NoError(t, os.Symlink(filepath.Join(sd15, rel), dst))
+	}
+	return dir
+}
+
+// withShape writes a safetensors file with src's header, tensor name's shape
+// reversed, and src's data size in zeros (a sparse file: stable-diffusion.cpp
+// refuses the header before it reads any data).
+func withShape(t *testing.T, src, name string) func(string) {
+	return func(dst string) {
+		in, err := os.Open(src)
+		require.NoError(t, err)
+		defer in.Close()
+		st, err := in.Stat()
+		require.NoError(t, err)
+		var n uint64
+		require.NoError(t, binary.Read(in, binary.LittleEndian, &n))
+		raw := make([]byte, n)
+		_, err = io.ReadFull(in, raw)
+		require.NoError(t, err)
+		var header map[string]json.RawMessage
+		require.NoError(t, json.Unmarshal(raw, &header))
+		var e map[string]any
+		require.NoError(t, json.Unmarshal(header[name], &e))
+		shape := e["shape"].([]any)
+		for i, j := 0, len(shape)-1; i < j; i, j = i+1, j-1 {
+			shape[i], shape[j] = shape[j], shape[i]
+		}
+		header[name], err = json.Marshal(e)
+		require.NoError(t, err)
+		h, err := json.Marshal(header)
+		require.NoError(t, err)
+		f, err := os.Create(dst)
+		require.NoError(t, err)
+		require.NoError(t, binary.Write(f, binary.LittleEndian, uint64(len(h))))
+		_, err = f.Write(h)
+		require.NoError(t, err)
+		require.NoError(t, f.Truncate(int64(8+len(h))+st.Size()-int64(8+n)))
+		require.NoError(t, f.Close())
+	}
+}
+
 // TestSDCPPOpenErrors: what stable-diffusion.cpp could abort on is refused
-// with a typed error before it sees it.
+// with a typed error before it sees it, and what it refuses itself (it
+// returns no context, measured: it aborts on none of these) is a typed error
+// too.
 func TestSDCPPOpenErrors(t *testing.T) {
-	lib := needSDCPP(t)
+	lib := testenv.SDCPP(t)
 	sdDir, _ := testenv.Tiny(t)
-	sd15 := sd15Random(t, lib) // a model it takes, for the checks that must refuse it anyway
+	sd15 := testenv.SD15Random(t, lib) // a model it takes, for the checks that must refuse it anyway
 	fifo := filepath.Join(t.TempDir(), "fifo.safetensors")
 	require.NoError(t, syscall.Mkfifo(fifo, 0o644))
 	for _, tc := range []struct {
@@ -264,6 +282,20 @@ func TestSDCPPOpenErrors(t *testing.T) {
 		{name: "bf16", opts: binding.SDOptions{Path: sd15, DType: binding.BF16}, want: binding.ErrUnsupported},
 		{name: "a device it lacks", opts: binding.SDOptions{Path: sd15, Device: "cuda:0"}, want: binding.ErrUnsupported},
 		{name: "not a safetensors file", opts: binding.SDOptions{Path: filepath.Join(sdDir, "model_index.json")}, want: binding.ErrUnsupported},
+		// Past stepwise's checks: stable-diffusion.cpp's own.
+		{name: "a UNet with only the tensors stepwise checks", input: func() string {
+			return sd15Variant(t, sd15, map[string]func(string){"unet/diffusion_pytorch_model.safetensors": func(p string) {
+				require.NoError(t, safetensors.Write(p, map[string]safetensors.Tensor{
+					"conv_in.weight":  safetensors.F32([]int64{320, 4, 3, 3}, make([]float32, 320*4*9)),
+					"conv_out.weight": safetensors.F32([]int64{4, 320, 3, 3}, make([]float32, 4*320*9)),
+				}, nil))
+			}})
+		}, want: binding.ErrFormat},
+		{name: "a text-encoder tensor of another shape", input: func() string {
+			te := "text_encoder/model.safetensors"
+			return sd15Variant(t, sd15, map[string]func(string){
+				te: withShape(t, filepath.Join(sd15, te), "text_model.encoder.layers.0.mlp.fc1.weight")})
+		}, want: binding.ErrFormat},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.opts
@@ -313,7 +345,13 @@ func TestBackendsAndDTypes(t *testing.T) {
 	v := lib.Version()
 	require.Len(t, v.Backends, 2)
 	assert.True(t, v.Backends[0].Available)
+	assert.Empty(t, v.Backends[0].Library, "libtorch is linked, not loaded")
 	assert.Equal(t, v.Backends[1].Available, v.Backends[1].Reason == "")
+	if v.Backends[1].Available {
+		assert.FileExists(t, v.Backends[1].Library, "the stable-diffusion.cpp build it found")
+	} else {
+		assert.Empty(t, v.Backends[1].Library)
+	}
 	assert.Contains(t, v.Build, "backends: libtorch")
 
 	sdDir, _ := testenv.Tiny(t)
@@ -325,8 +363,8 @@ func TestBackendsAndDTypes(t *testing.T) {
 
 // TestSDCPPQuantised opens the model converted to q8_0 on load and generates.
 func TestSDCPPQuantised(t *testing.T) {
-	lib := needSDCPP(t)
-	dir := sd15Random(t, lib)
+	lib := testenv.SDCPP(t)
+	dir := testenv.SD15Random(t, lib)
 	m, err := lib.OpenSD(binding.SDOptions{Path: dir, Backend: binding.BackendSDCPP, DType: binding.Q8_0})
 	require.NoError(t, err)
 	defer m.Close()

@@ -36,7 +36,7 @@ func (k Kind) String() string {
 }
 
 // Key identifies a loaded model: the same file on the same device in the same
-// dtype is loaded once.
+// dtype through the same backend is loaded once.
 type Key struct {
 	Kind   Kind
 	Path   string        // absolute, cleaned
@@ -44,6 +44,8 @@ type Key struct {
 	DType  binding.DType // resolved, never DTypeAuto
 	// VAE is the VAE that replaces an SD model's own (absolute, cleaned); empty: its own.
 	VAE string
+	// Backend is the engine that runs an SD model (the zero value: libtorch).
+	Backend binding.Backend
 }
 
 // String names the key in logs.
@@ -52,7 +54,23 @@ func (k Key) String() string {
 	if k.VAE != "" {
 		s += "+vae:" + k.VAE
 	}
+	if k.Backend != binding.BackendLibtorch {
+		s += "+" + k.Backend.String()
+	}
 	return s
+}
+
+// WithBackend is k run by backend b; only SD models have a choice. Whether b
+// can be used in this process is Cache.BackendAvailable's to say.
+func (k Key) WithBackend(b binding.Backend) (Key, error) {
+	if b == binding.BackendLibtorch {
+		return k, nil
+	}
+	if k.Kind != KindSD {
+		return Key{}, fmt.Errorf("%w: only Stable Diffusion models have a backend to choose", binding.ErrInvalidArgument)
+	}
+	k.Backend = b
+	return k, nil
 }
 
 // WithVAE is k with vae replacing the model's own VAE; only SD models have one.
@@ -85,6 +103,14 @@ type Loader interface {
 	// Load reads the model key names. It gets no context: one load serves
 	// every request waiting for the model, so no single caller may cancel it.
 	Load(key Key) (Model, error)
+}
+
+// BackendChecker is a Loader that can say whether a backend is usable before
+// a model is loaded with it, and list the backends; LibraryLoader is one.
+type BackendChecker interface {
+	BackendAvailable(b binding.Backend) error
+	// Backends lists every backend, usable or not (binding.Library.Version's).
+	Backends() []binding.BackendStatus
 }
 
 // Options configure a Cache.
@@ -211,6 +237,29 @@ func (c *Cache) KeyFor(kind Kind, path, device string, dtype binding.DType) (Key
 		dtype = binding.F32
 	}
 	return Key{Kind: kind, Path: filepath.Clean(abs), Device: d.ID, DType: dtype.Resolve(d.Kind)}, nil
+}
+
+// BackendAvailable returns nil when models can be loaded with backend b, else
+// the loader's reason (matching binding.ErrUnsupported for the library's).
+// A loader that cannot tell says nil: the load itself then fails.
+func (c *Cache) BackendAvailable(b binding.Backend) error {
+	if bc, ok := c.loader.(BackendChecker); ok {
+		return bc.BackendAvailable(b)
+	}
+	return nil
+}
+
+// Backends lists every backend with whether the loader can use it (and the
+// library it found); a loader that cannot tell lists them all as available.
+func (c *Cache) Backends() []binding.BackendStatus {
+	if bc, ok := c.loader.(BackendChecker); ok {
+		return bc.Backends()
+	}
+	var out []binding.BackendStatus
+	for _, b := range binding.Backends() {
+		out = append(out, binding.BackendStatus{Backend: b, Available: true})
+	}
+	return out
 }
 
 // ErrInUse is returned by Unload for a model that is in use or still loading.
@@ -435,8 +484,15 @@ func estimateBytes(k Key) int64 {
 		}
 		return nil
 	})
-	if k.DType == binding.F16 || k.DType == binding.BF16 {
+	switch k.DType {
+	case binding.F16, binding.BF16:
 		n /= 2
+	case binding.Q8_0: // 8.5 bits a weight
+		n = n * 17 / 64
+	case binding.Q5_0: // 5.5
+		n = n * 11 / 64
+	case binding.Q4_0: // 4.5
+		n = n * 9 / 64
 	}
 	return n
 }

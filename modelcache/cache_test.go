@@ -3,6 +3,7 @@ package modelcache
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -416,4 +417,61 @@ func TestCloseFreesIdleModelsAndModelsInUseOnRelease(t *testing.T) {
 	ra.Release()
 	assert.True(t, l.model("/m/a").isClosed(), "freed with its last reference")
 	assert.Equal(t, 0, c.Stats().Loaded)
+}
+
+// checkingLoader is a fakeLoader that says which backends it can run.
+type checkingLoader struct {
+	*fakeLoader
+	unavailable map[binding.Backend]error
+}
+
+func (l checkingLoader) BackendAvailable(b binding.Backend) error { return l.unavailable[b] }
+
+func (l checkingLoader) Backends() []binding.BackendStatus {
+	var out []binding.BackendStatus
+	for _, b := range binding.Backends() {
+		out = append(out, binding.BackendStatus{Backend: b, Available: l.unavailable[b] == nil})
+	}
+	return out
+}
+
+func TestBackendIsPartOfTheKey(t *testing.T) {
+	l := newFakeLoader(1)
+	c := newQuiet(l, -1)
+	torch := key(t, c, "/x/sd")
+	sdcpp, err := torch.WithBackend(binding.BackendSDCPP)
+	require.NoError(t, err)
+	assert.NotEqual(t, torch, sdcpp)
+	assert.Equal(t, binding.BackendSDCPP, sdcpp.Backend)
+	assert.Contains(t, sdcpp.String(), "+sdcpp")
+	same, err := torch.WithBackend(binding.BackendLibtorch)
+	require.NoError(t, err)
+	assert.Equal(t, torch, same)
+
+	// The same file through two backends is two models.
+	r1 := acquire(t, c, torch)
+	defer r1.Release()
+	r2 := acquire(t, c, sdcpp)
+	defer r2.Release()
+	assert.Equal(t, 2, l.loadsOf("/x/sd"))
+	assert.NotSame(t, r1.e, r2.e)
+
+	seg, err := c.KeyFor(KindSeg, "/x/seg.safetensors", "", binding.DTypeAuto)
+	require.NoError(t, err)
+	_, err = seg.WithBackend(binding.BackendSDCPP)
+	assert.ErrorIs(t, err, binding.ErrInvalidArgument, "segmentation models have one engine")
+}
+
+func TestCacheAsksTheLoaderWhichBackendsItCanRun(t *testing.T) {
+	// A loader that cannot tell lets the load decide.
+	assert.NoError(t, newQuiet(newFakeLoader(1), -1).BackendAvailable(binding.BackendSDCPP))
+
+	missing := fmt.Errorf("%w: not built in", binding.ErrUnsupported)
+	c := newQuiet(checkingLoader{newFakeLoader(1), map[binding.Backend]error{binding.BackendSDCPP: missing}}, -1)
+	assert.NoError(t, c.BackendAvailable(binding.BackendLibtorch))
+	assert.ErrorIs(t, c.BackendAvailable(binding.BackendSDCPP), binding.ErrUnsupported)
+	assert.Equal(t, []binding.BackendStatus{{Backend: binding.BackendLibtorch, Available: true}, {Backend: binding.BackendSDCPP}},
+		c.Backends(), "the loader's list")
+	assert.Equal(t, []binding.BackendStatus{{Backend: binding.BackendLibtorch, Available: true},
+		{Backend: binding.BackendSDCPP, Available: true}}, newQuiet(newFakeLoader(1), -1).Backends(), "a loader that cannot tell")
 }

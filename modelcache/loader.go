@@ -25,13 +25,19 @@ func (l LibraryLoader) Device(name string) (binding.Device, error) {
 	return binding.SelectDevice(devices, name)
 }
 
+// BackendAvailable is the library's answer: nil, or why b cannot be used.
+func (l LibraryLoader) BackendAvailable(b binding.Backend) error { return l.Lib.BackendAvailable(b) }
+
+// Backends is the library's list of backends.
+func (l LibraryLoader) Backends() []binding.BackendStatus { return l.Lib.Version().Backends }
+
 // Load opens the model for k.
 func (l LibraryLoader) Load(k Key) (Model, error) {
 	// Each branch returns a nil interface on error, never a typed nil pointer.
 	switch k.Kind {
 	case KindSD:
 		m, err := l.Lib.OpenSD(binding.SDOptions{Path: k.Path, TokenizerDir: l.TokenizerDir, Device: k.Device, DType: k.DType,
-			VAEPath: k.VAE})
+			VAEPath: k.VAE, Backend: k.Backend})
 		if err != nil {
 			return nil, err
 		}

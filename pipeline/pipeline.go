@@ -32,19 +32,31 @@ type ModelRef struct {
 	VAE    string        // a VAE that replaces the model's own; empty: its own
 	Device string        // empty: the library's device
 	DType  binding.DType // auto: the device's default
+	// Backend runs an SD model (the zero value: libtorch).
+	Backend binding.Backend
 }
 
 // ResolveModel is the one place a model reference becomes a cache key, for
 // jobs and for the server's load and unload alike: a pickle checkpoint
 // (.ckpt, .pth) becomes its safetensors conversion, made once under
 // ConvertDir and found again by a stat, then the path, device and dtype are
-// resolved.
+// resolved, and the backend checked for this process.
 func (e *Runner) ResolveModel(kind modelcache.Kind, m ModelRef) (modelcache.Key, error) {
+	if err := e.Cache.BackendAvailable(m.Backend); err != nil {
+		return modelcache.Key{}, err
+	}
 	path, err := models.Resolve(m.Path, e.ConvertDir)
 	if err != nil {
 		return modelcache.Key{}, err
 	}
-	key, err := e.Cache.KeyFor(kind, path, m.Device, m.DType)
+	device := m.Device
+	if device == "" {
+		device = m.Backend.DefaultDevice()
+	}
+	key, err := e.Cache.KeyFor(kind, path, device, m.DType)
+	if err == nil {
+		key, err = key.WithBackend(m.Backend)
+	}
 	if err != nil || m.VAE == "" {
 		return key, err
 	}

@@ -129,15 +129,16 @@ func (s *Server) a1111Generate(endpoint string) http.HandlerFunc {
 			writeA1111Error(w, statusOf(j.Err()), v.State+": "+v.Error)
 			return
 		}
-		imgs := j.takeImages()
+		imgs, err := s.resultPNGs(r.Context(), j)
+		if err != nil {
+			writeA1111Error(w, http.StatusBadGateway, err.Error())
+			return
+		}
 		out := make([]string, 0, len(imgs))
 		for _, img := range imgs {
-			out = append(out, pngBase64(img))
+			out = append(out, base64.StdEncoding.EncodeToString(img))
 		}
-		seed := v.Parameters.Seed
-		if sd, ok := v.Result["seed"].(uint64); ok {
-			seed = int64(sd)
-		}
+		seed := v.Parameters.Seed // resolved at submission
 		model := s.describe(j.modelPath())
 		params := map[string]any{}
 		json.Unmarshal(body, &params)

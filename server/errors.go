@@ -14,12 +14,20 @@ import (
 type apiError struct {
 	status int
 	msg    string
+	err    error // the typed error behind it, if any, for errors.Is/As
 }
 
 func (e *apiError) Error() string { return e.msg }
 
+func (e *apiError) Unwrap() error { return e.err }
+
 func badRequest(format string, a ...any) error {
 	return &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf(format, a...)}
+}
+
+// badRequestErr is err as a 400, still matching what err matches.
+func badRequestErr(err error) error {
+	return &apiError{status: http.StatusBadRequest, msg: err.Error(), err: err}
 }
 
 // ErrQueueFull is returned when the queue holds its maximum.

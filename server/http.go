@@ -1,13 +1,13 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"image"
 	"io"
 	"net"
 	"net/http"
@@ -15,13 +15,15 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/gorilla/websocket"
 
 	"github.com/stepwise-sd/stepwise/catalog"
+	"github.com/stepwise-sd/stepwise/jobbus"
 	"github.com/stepwise-sd/stepwise/modelcache"
-	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
 // Handler returns the server's HTTP handler.
@@ -41,8 +43,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/segment", s.handleSync("segment"))
 	mux.HandleFunc("POST /v1/edit", s.handleSync("edit"))
 	mux.HandleFunc("GET /v1/models", s.handleModels)
-	mux.HandleFunc("POST /v1/models/load", s.handleModelLoad)
-	mux.HandleFunc("POST /v1/models/unload", s.handleModelUnload)
+	mux.HandleFunc("POST /v1/models/load", s.handleModelOp(jobbus.OpLoad))
+	mux.HandleFunc("POST /v1/models/unload", s.handleModelOp(jobbus.OpUnload))
 	s.a1111Routes(mux)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no such endpoint: "+r.Method+" "+r.URL.Path)
@@ -136,7 +138,13 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 }
 
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "queue": s.queue.length(), "running": s.metrics.running.Load()})
+	workers := s.workers.list()
+	status := "ok"
+	if len(workers) == 0 {
+		status = "no workers" // the API answers; jobs wait until a worker joins
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"status": status, "queue": s.queue.length(), "running": s.metrics.running.Load(),
+		"nats": s.bus.NC.IsConnected(), "workers": workers})
 }
 
 // submitFrom reads a job from the request and queues it; kind overrides the
@@ -201,24 +209,78 @@ func (s *Server) handleCancel(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusAccepted, j.View())
 }
 
+// handleRunFile serves a run's file from the local runs folder (a worker on
+// this host wrote it), else from the results object store (a worker anywhere).
 func (s *Server) handleRunFile(w http.ResponseWriter, r *http.Request) {
-	path, err := s.runner.Runs.Path(r.PathValue("run"), r.PathValue("file"))
+	run, file := r.PathValue("run"), r.PathValue("file")
+	path, err := s.cfg.Runs.Path(run, file)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	f, err := openRegular(path)
+	{
+		if _, err := os.Lstat(path); err == nil || !errors.Is(err, os.ErrNotExist) {
+			f, err := openRegular(path)
+			if err != nil {
+				writeError(w, http.StatusNotFound, "no such run file")
+				return
+			}
+			defer f.Close()
+			st, err := f.Stat()
+			if err != nil {
+				writeError(w, http.StatusNotFound, "no such run file")
+				return
+			}
+			http.ServeContent(w, r, st.Name(), st.ModTime(), f)
+			return
+		}
+	}
+	obj, err := s.bus.Results.Get(r.Context(), jobbus.ResultName(run, file))
 	if err != nil {
 		writeError(w, http.StatusNotFound, "no such run file")
 		return
 	}
-	defer f.Close()
-	st, err := f.Stat()
+	defer obj.Close()
+	info, err := obj.Info()
 	if err != nil {
 		writeError(w, http.StatusNotFound, "no such run file")
 		return
 	}
-	http.ServeContent(w, r, st.Name(), st.ModTime(), f)
+	data, err := io.ReadAll(obj)
+	if err != nil {
+		writeError(w, http.StatusBadGateway, "reading the run file from the results store failed")
+		return
+	}
+	http.ServeContent(w, r, file, info.ModTime, bytes.NewReader(data))
+}
+
+// runFile reads a run's file as handleRunFile finds it.
+func (s *Server) runFile(ctx context.Context, run, file string) ([]byte, error) {
+	if path, err := s.cfg.Runs.Path(run, file); err == nil {
+		if f, err := openRegular(path); err == nil {
+			defer f.Close()
+			return io.ReadAll(f)
+		}
+	}
+	data, err := s.bus.Results.GetBytes(ctx, jobbus.ResultName(run, file))
+	if err != nil {
+		return nil, fmt.Errorf("run file %s/%s: %w", run, file, err)
+	}
+	return data, nil
+}
+
+// resultPNGs are a finished job's images for a synchronous answer, as PNG files.
+func (s *Server) resultPNGs(ctx context.Context, j *Job) ([][]byte, error) {
+	run, files := j.imageFiles()
+	out := make([][]byte, 0, len(files))
+	for _, f := range files {
+		data, err := s.runFile(ctx, run, f)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, data)
+	}
+	return out, nil
 }
 
 // openRegular opens a run file only if neither it nor its run folder is a
@@ -300,12 +362,16 @@ func (s *Server) handleSync(kind string) http.HandlerFunc {
 			writeJSON(w, status, map[string]any{"error": v.Error, "status": status, "job": v})
 			return
 		}
-		imgs := j.takeImages()
+		imgs, err := s.resultPNGs(r.Context(), j)
+		if err != nil {
+			writeError(w, http.StatusBadGateway, err.Error())
+			return
+		}
 		names := map[string][]string{"segment": {"mask"}, "edit": {"edited", "mask", "edited_mask"}}[kind]
 		out := map[string]any{"job": v}
 		for i, name := range names {
 			if i < len(imgs) {
-				out[name] = pngBase64(imgs[i])
+				out[name] = base64.StdEncoding.EncodeToString(imgs[i])
 			}
 		}
 		if iou, ok := v.Result["subject_iou"]; ok {
@@ -327,23 +393,18 @@ func (s *Server) wait(ctx context.Context, j *Job) bool {
 	}
 }
 
-func pngBase64(img image.Image) string {
-	b, err := pipeline.EncodePNG(img)
-	if err != nil {
-		return ""
-	}
-	return base64.StdEncoding.EncodeToString(b)
-}
-
 func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
 	current, _ := s.resolveModel("")
 	vae, _ := s.resolveVAE("")
+	memory, loaded := s.workers.memory()
 	out := map[string]any{
 		"configured":  map[string]string{"sd": s.cfg.Model, "seg": s.cfg.SegModel, "vae": s.cfg.VAE},
 		"current":     map[string]string{"sd": current, "vae": vae},
 		"checkpoints": s.checkpoints(),
-		"loaded":      s.runner.Cache.Loaded(),
-		"memory":      s.runner.Cache.Stats(),
+		"loaded":      loaded,
+		"memory":      memory,
+		"workers":     s.workers.list(),
+		"backends":    s.backends(),
 	}
 	if s.catalog != nil {
 		out["models_dir"] = s.catalog.Dir()
@@ -352,65 +413,127 @@ func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (s *Server) modelKey(r *http.Request) (modelcache.Key, error) {
+// modelRequest reads a load or unload request into what workers are asked.
+func (s *Server) modelRequest(r *http.Request, op string) (jobbus.ModelRequest, error) {
 	var req struct {
 		Kind  string `json:"kind"`  // "sd" or "seg"
 		Model string `json:"model"` // sd: a name from the models folder; empty: the current model
 		VAE   string `json:"vae"`   // sd: a VAE from the models folder; empty: the current one
+		// Backend (sd): libtorch or sdcpp; empty: the server's.
+		Backend string `json:"backend"`
 	}
+	out := jobbus.ModelRequest{Op: op, Kind: "sd", DType: s.cfg.DType.String()}
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
-		return modelcache.Key{}, bodyError(err)
+		return out, bodyError(err)
 	}
 	if err := json.Unmarshal(body, &req); err != nil {
-		return modelcache.Key{}, badRequest("invalid JSON: %v", err)
+		return out, badRequest("invalid JSON: %v", err)
 	}
 	switch req.Kind {
 	case "sd":
-		path, err := s.resolveModel(req.Model)
-		if err != nil {
-			return modelcache.Key{}, err
+		if out.Path, err = s.resolveModel(req.Model); err != nil {
+			return out, err
 		}
-		vae, err := s.resolveVAE(req.VAE)
-		if err != nil {
-			return modelcache.Key{}, err
+		if out.VAE, err = s.resolveVAE(req.VAE); err != nil {
+			return out, err
 		}
-		return s.runner.ResolveModel(modelcache.KindSD, pipeline.ModelRef{Path: path, VAE: vae, DType: s.cfg.DType})
+		backend, err := s.resolveBackend(req.Backend)
+		out.Backend = backend.String()
+		return out, err
 	case "seg":
 		if s.cfg.SegModel == "" {
-			return modelcache.Key{}, badRequest("no segmentation model is configured")
+			return out, badRequest("no segmentation model is configured")
 		}
-		return s.runner.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: s.cfg.SegModel})
+		out.Kind, out.Path = "seg", s.cfg.SegModel
+		return out, nil
 	}
-	return modelcache.Key{}, badRequest(`kind must be "sd" or "seg"`)
+	return out, badRequest(`kind must be "sd" or "seg"`)
 }
 
-func (s *Server) handleModelLoad(w http.ResponseWriter, r *http.Request) {
-	key, err := s.modelKey(r)
-	if err != nil {
-		writeError(w, statusOf(err), err.Error())
-		return
+// ErrNoWorkers is a request that needs a worker while none is connected.
+var ErrNoWorkers = errors.New("no worker is connected")
+
+// modelTimeout bounds a worker's model load (a large checkpoint from a slow disk).
+const modelTimeout = 10 * time.Minute
+
+// askWorkers sends a model request to every worker and gathers the replies;
+// the first failure is the answer's error.
+func (s *Server) askWorkers(ctx context.Context, req jobbus.ModelRequest) ([]jobbus.ModelReply, error) {
+	workers := s.workers.list()
+	if len(workers) == 0 {
+		return nil, &apiError{status: http.StatusServiceUnavailable, msg: ErrNoWorkers.Error()}
 	}
-	ref, err := s.runner.Cache.Acquire(r.Context(), key)
-	if err != nil {
-		writeError(w, statusOf(err), err.Error())
-		return
+	raw, _ := json.Marshal(req)
+	ctx, cancel := context.WithTimeout(ctx, modelTimeout)
+	defer cancel()
+	replies := make([]jobbus.ModelReply, len(workers))
+	errs := make([]error, len(workers))
+	var wg sync.WaitGroup
+	for i, a := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m, err := s.bus.NC.RequestWithContext(ctx, jobbus.ControlSubject(a.ID), raw)
+			if err != nil {
+				errs[i] = fmt.Errorf("worker %s: %w", a.ID, err)
+				return
+			}
+			if err := json.Unmarshal(m.Data, &replies[i]); err != nil {
+				errs[i] = fmt.Errorf("worker %s: unreadable reply: %w", a.ID, err)
+				return
+			}
+			switch rp := replies[i]; rp.Code {
+			case "":
+				if rp.Error != "" {
+					errs[i] = fmt.Errorf("worker %s: %s", a.ID, rp.Error)
+				}
+			case jobbus.CodeBadRequest:
+				errs[i] = badRequest("%s", rp.Error)
+			case jobbus.CodeInUse:
+				errs[i] = &apiError{status: http.StatusConflict, msg: rp.Error}
+			default:
+				errs[i] = fmt.Errorf("worker %s: %s", a.ID, rp.Error)
+			}
+		}()
 	}
-	info := ref.Info()
-	ref.Release()
-	writeJSON(w, http.StatusOK, map[string]any{"loaded": key.Path, "info": info, "memory": s.runner.Cache.Stats()})
+	wg.Wait()
+	return replies, errors.Join(errs...)
 }
 
-func (s *Server) handleModelUnload(w http.ResponseWriter, r *http.Request) {
-	key, err := s.modelKey(r)
-	if err != nil {
+// modelOpAnswer is a load's or unload's answer as a single server gave it
+// (the model, its info, whether it was unloaded, the memory: summed), with
+// each worker's reply.
+func modelOpAnswer(op, path string, replies []jobbus.ModelReply) map[string]any {
+	var memory modelcache.Stats
+	unloaded := false
+	var info json.RawMessage
+	for _, rp := range replies {
+		memory = addStats(memory, rp.Memory)
+		unloaded = unloaded || rp.Unloaded
+		if info == nil {
+			info = rp.Info
+		}
+	}
+	out := map[string]any{"memory": memory, "workers": replies}
+	if op == jobbus.OpLoad {
+		out["loaded"], out["info"] = path, info
+	} else {
+		out["unloaded"] = unloaded
+	}
+	return out
+}
+
+func (s *Server) handleModelOp(op string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		req, err := s.modelRequest(r, op)
+		if err == nil {
+			var replies []jobbus.ModelReply
+			if replies, err = s.askWorkers(r.Context(), req); err == nil {
+				writeJSON(w, http.StatusOK, modelOpAnswer(op, req.Path, replies))
+				return
+			}
+		}
 		writeError(w, statusOf(err), err.Error())
-		return
 	}
-	freed, err := s.runner.Cache.Unload(key)
-	if err != nil {
-		writeError(w, http.StatusConflict, err.Error())
-		return
-	}
-	writeJSON(w, http.StatusOK, map[string]any{"unloaded": freed, "memory": s.runner.Cache.Stats()})
 }

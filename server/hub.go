@@ -26,6 +26,8 @@ type Event struct {
 	Files    []string  `json:"files,omitempty"`
 	Result   any       `json:"result,omitempty"`
 	Error    string    `json:"error,omitempty"`
+	Worker   string    `json:"worker,omitempty"`
+	Attempt  int       `json:"attempt,omitempty"`
 	Time     time.Time `json:"time"`
 }
 
@@ -201,6 +203,15 @@ func (h *hub) serve(s *subscriber, initial []frame) {
 			s.conn.WriteMessage(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""))
 			return
 		case f := <-s.events:
+			// A preview waiting goes first: the step it shows came before
+			// this event (the job's end comes after its last preview).
+			select {
+			case p := <-s.preview:
+				if !write(p) {
+					return
+				}
+			default:
+			}
 			if !write(f) {
 				return
 			}

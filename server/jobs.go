@@ -1,8 +1,6 @@
 package server
 
 import (
-	"context"
-	"image"
 	"sync"
 	"time"
 )
@@ -25,14 +23,16 @@ type Job struct {
 	Params JobParams
 	// Source marks jobs from the A1111-compatible API, which /sdapi/v1/interrupt cancels.
 	Source string
-	// keepImages holds the final images in memory for a handler that answers
-	// with them; other jobs' results live only in their run directory.
+	// keepImages marks jobs whose handler answers with their images.
 	keepImages bool
 	// sdPath is the checkpoint the job runs with, resolved at submission.
 	sdPath string
 
 	mu       sync.Mutex
-	inputs   *decoded // as validated and decoded at submission; dropped when the job ends
+	seq      uint64 // the job's message in the stream, while queued
+	worker   string // the worker running it
+	run      string // the worker's run of it (jobbus.State.Run)
+	attempt  int    // 1, then 2... after a worker died with it or handed it back
 	state    string
 	position int // in the queue, 0 = next; -1 when not queued
 	created  time.Time
@@ -45,17 +45,16 @@ type Job struct {
 	runID    string
 	files    []string
 	result   map[string]any
-	images   []image.Image // the final images, for synchronous answers
+	images   []string // the run files a synchronous answer returns
 	// preview is the latest encoded preview (JPEG) for /sdapi/v1/progress, and
 	// previewFrame the same as a websocket frame for late joiners.
 	preview      []byte
 	previewFrame []byte
-	cancel       context.CancelFunc
 	done         chan struct{}
 }
 
-func newJob(id, kind string, p JobParams, d *decoded) *Job {
-	return &Job{ID: id, Kind: kind, Params: p, inputs: d, sdPath: d.sdPath, state: StateQueued, created: time.Now(), position: -1,
+func newJob(id, kind string, p JobParams, sdPath string) *Job {
+	return &Job{ID: id, Kind: kind, Params: p, sdPath: sdPath, state: StateQueued, created: time.Now(), position: -1,
 		done: make(chan struct{})}
 }
 
@@ -71,6 +70,8 @@ type JobView struct {
 	Elapsed    float64        `json:"elapsed"`
 	ETA        *float64       `json:"eta,omitempty"`
 	Error      string         `json:"error,omitempty"`
+	Worker     string         `json:"worker,omitempty"`
+	Attempt    int            `json:"attempt,omitempty"`
 	RunID      string         `json:"run_id,omitempty"`
 	Files      []string       `json:"files,omitempty"`
 	Result     map[string]any `json:"result,omitempty"`
@@ -92,7 +93,7 @@ func (j *Job) View() JobView {
 func (j *Job) viewLocked() JobView {
 	v := JobView{
 		ID: j.ID, Kind: j.Kind, State: j.state, Step: j.step, Steps: j.steps, Elapsed: j.elapsed.Seconds(),
-		RunID: j.runID, Result: j.result, Created: j.created,
+		RunID: j.runID, Result: j.result, Created: j.created, Worker: j.worker, Attempt: j.attempt,
 		EventsURL: "/v1/jobs/" + j.ID + "/events", CancelURL: "/v1/jobs/" + j.ID + "/cancel", Parameters: j.Params,
 	}
 	if j.err != nil {
@@ -141,7 +142,7 @@ func (j *Job) event(typ string) Event {
 	}
 	return Event{Type: typ, JobID: j.ID, Kind: j.Kind, State: v.State, Position: v.Position, Step: v.Step, Steps: v.Steps,
 		Progress: v.Progress, Elapsed: v.Elapsed, ETA: v.ETA, Files: v.Files, Result: v.Result, Error: v.Error,
-		Time: time.Now()}
+		Worker: v.Worker, Attempt: v.Attempt, Time: time.Now()}
 }
 
 // State reports the job's state.
@@ -180,16 +181,44 @@ func (j *Job) setPosition(i int) bool {
 	return moved
 }
 
-// start moves a queued job to running and hands over its inputs; ok is false
-// when the job ended while it waited.
-func (j *Job) start(cancel context.CancelFunc) (p JobParams, d *decoded, ok bool) {
+// What start did.
+type startResult int
+
+const (
+	startedNone  startResult = iota // the job had ended, or this is an old attempt
+	startedFirst                    // queued → running
+	startedAgain                    // a new attempt after its worker died
+)
+
+// start records that worker began a run of the job.
+func (j *Job) start(worker, run string) startResult {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	if j.endedLocked() {
-		return p, nil, false
+	if j.endedLocked() || run == j.run {
+		return startedNone
 	}
-	j.state, j.started, j.cancel, j.position = StateRunning, time.Now(), cancel, -1
-	return j.Params, j.inputs, true
+	first := j.state == StateQueued
+	j.state, j.worker, j.run, j.attempt, j.position, j.seq = StateRunning, worker, run, j.attempt+1, -1, 0
+	j.step, j.elapsed, j.preview, j.previewFrame = 0, 0, nil, nil
+	if first {
+		j.started = time.Now()
+		return startedFirst
+	}
+	return startedAgain
+}
+
+func (j *Job) setSeq(seq uint64) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.state == StateQueued {
+		j.seq = seq
+	}
+}
+
+func (j *Job) getSeq() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.seq
 }
 
 // progress records a step; it returns the time the step itself took.
@@ -199,12 +228,6 @@ func (j *Job) progress(step, steps int, elapsed time.Duration) time.Duration {
 	took := elapsed - j.elapsed
 	j.step, j.steps, j.elapsed = step, steps, elapsed
 	return took
-}
-
-func (j *Job) setRun(id string) {
-	j.mu.Lock()
-	j.runID = id
-	j.mu.Unlock()
 }
 
 func (j *Job) setPreview(jpeg, frame []byte) {
@@ -220,20 +243,8 @@ func (j *Job) latestPreview() (jpeg, frame []byte) {
 	return j.preview, j.previewFrame
 }
 
-// requestCancel cancels a running job's context; it reports whether the job
-// was running.
-func (j *Job) requestCancel() bool {
-	j.mu.Lock()
-	cancel, running := j.cancel, j.state == StateRunning
-	j.mu.Unlock()
-	if running && cancel != nil {
-		cancel()
-	}
-	return running && cancel != nil
-}
-
 // complete records a successful job's outputs; finish must follow.
-func (j *Job) complete(runID string, files []string, result map[string]any, images []image.Image) {
+func (j *Job) complete(runID string, files []string, result map[string]any, images []string) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if runID != "" {
@@ -245,27 +256,26 @@ func (j *Job) complete(runID string, files []string, result map[string]any, imag
 	}
 }
 
-// finish ends the job in state with err (nil when completed); it reports
-// false when the job had already ended. A finished job keeps no inputs.
-func (j *Job) finish(state string, err error) bool {
+// finish ends the job in state with err (nil when completed); ok is false
+// when the job had already ended; was is the state it ended from.
+func (j *Job) finish(state string, err error) (was string, ok bool) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.endedLocked() {
-		return false
+		return j.state, false
 	}
-	j.state, j.err, j.finished, j.cancel, j.inputs, j.position = state, err, time.Now(), nil, nil, -1
+	was = j.state
+	j.state, j.err, j.finished, j.position, j.seq = state, err, time.Now(), -1, 0
 	close(j.done)
-	return true
+	return was, true
 }
 
 // modelPath is the checkpoint the job was resolved to at submission.
 func (j *Job) modelPath() string { return j.sdPath }
 
-// takeImages hands the final images over once and forgets them.
-func (j *Job) takeImages() []image.Image {
+// imageFiles are the run and the files of a synchronous answer's images.
+func (j *Job) imageFiles() (run string, files []string) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	imgs := j.images
-	j.images = nil
-	return imgs
+	return j.runID, j.images
 }

@@ -65,10 +65,13 @@ func newMetrics(s *Server) *metrics {
 			func() float64 { return float64(s.hub.count()) }),
 		counter("stepwise_websocket_clients_dropped_total", "Websocket clients disconnected because they did not read their events.",
 			func() float64 { return float64(s.hub.slowClients.Load()) }),
-		gauge("stepwise_models_loaded", "Models loaded.",
-			func() float64 { return float64(s.runner.Cache.Stats().Loaded) }),
-		gauge("stepwise_model_bytes", "Bytes of loaded model weights.",
-			func() float64 { return float64(s.runner.Cache.Stats().BytesInUse) }),
+		gauge("stepwise_models_loaded", "Models loaded, on every worker.",
+			func() float64 { st, _ := s.workers.memory(); return float64(st.Loaded) }),
+		gauge("stepwise_model_bytes", "Bytes of loaded model weights, on every worker.",
+			func() float64 { st, _ := s.workers.memory(); return float64(st.BytesInUse) }),
+		gauge("stepwise_workers", "Workers that announced themselves lately.",
+			func() float64 { return float64(len(s.workers.list())) }),
+		workerCollector{s.workers},
 	)
 	return m
 }
@@ -81,4 +84,28 @@ func (m *metrics) observeStep(d time.Duration) { m.steps.Observe(d.Seconds()) }
 // handler serves the registry in whichever exposition format the scraper asks for.
 func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{Registry: m.registry})
+}
+
+// workerCollector exposes each worker's state with its ID as a label.
+type workerCollector struct{ w *workers }
+
+var (
+	workerRunningDesc = prometheus.NewDesc("stepwise_worker_jobs_running", "Jobs running on a worker.",
+		[]string{"worker", "host", "device"}, nil)
+	workerBytesDesc = prometheus.NewDesc("stepwise_worker_model_bytes", "Bytes of model weights loaded on a worker.",
+		[]string{"worker", "host", "device"}, nil)
+)
+
+// Describe sends the descriptors of the per-worker series.
+func (c workerCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- workerRunningDesc
+	ch <- workerBytesDesc
+}
+
+// Collect sends each listed worker's series.
+func (c workerCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, a := range c.w.list() {
+		ch <- prometheus.MustNewConstMetric(workerRunningDesc, prometheus.GaugeValue, float64(a.Running), a.ID, a.Host, a.Device)
+		ch <- prometheus.MustNewConstMetric(workerBytesDesc, prometheus.GaugeValue, float64(a.Memory.BytesInUse), a.ID, a.Host, a.Device)
+	}
 }

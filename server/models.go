@@ -2,12 +2,15 @@ package server
 
 import (
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
 
+	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
 )
 
@@ -77,6 +80,63 @@ func (s *Server) resolveVAE(name string) (string, error) {
 		return s.cfg.VAE, nil
 	}
 	return "", badRequest("%v %q: no models folder lists VAEs (stepwise serve --models-dir)", catalog.ErrUnknownModel, name)
+}
+
+// ErrNoWorkerHasBackend refuses a job for a backend that no connected
+// worker can load.
+var ErrNoWorkerHasBackend = errors.New("no connected worker can run this backend")
+
+// resolveBackend turns a request's backend name into a backend a worker can
+// run: empty is the server's default. An unknown name, and a backend that no
+// connected worker can load (not built in, its library missing), are 400s
+// that say why. With no worker connected yet, any known backend is taken:
+// the job waits for a worker.
+func (s *Server) resolveBackend(name string) (binding.Backend, error) {
+	b := s.cfg.Backend
+	if strings.TrimSpace(name) != "" {
+		var err error
+		if b, err = binding.ParseBackend(name); err != nil {
+			return b, badRequestErr(err)
+		}
+	}
+	if reason, ok := s.workers.backend(b.String()); !ok {
+		return b, badRequestErr(fmt.Errorf("backend %s: %w (%s)", b, ErrNoWorkerHasBackend, reason))
+	}
+	return b, nil
+}
+
+// backendInfo is one backend in /v1/models.
+type backendInfo struct {
+	Name      string `json:"name"`
+	Available bool   `json:"available"`
+	Default   bool   `json:"default"`
+	// Reason is why it is unavailable; empty when it is available.
+	Reason string `json:"reason,omitempty"`
+	// Library is the stable-diffusion.cpp build the sdcpp backend found.
+	Library string `json:"library,omitempty"`
+}
+
+// backends lists every backend, available on some worker or not, with the
+// reason a worker gave.
+func (s *Server) backends() []backendInfo {
+	var out []backendInfo
+	for _, b := range binding.Backends() {
+		info := backendInfo{Name: b.String(), Default: b == s.cfg.Backend, Reason: "no worker is connected"}
+		for _, a := range s.workers.list() {
+			for _, st := range a.Backends {
+				if st.Name != info.Name {
+					continue
+				}
+				if st.Available && !info.Available {
+					info.Available, info.Reason, info.Library = true, "", st.Library
+				} else if !info.Available {
+					info.Reason = st.Reason
+				}
+			}
+		}
+		out = append(out, info)
+	}
+	return out
 }
 
 // describe is a model's catalog entry; models outside the folder are

@@ -43,6 +43,9 @@ type JobParams struct {
 	// the server's current ones.
 	Model string `json:"model,omitempty"`
 	VAE   string `json:"vae,omitempty"`
+	// Backend is the engine that runs the model: libtorch or sdcpp; empty:
+	// the server's (serve --backend).
+	Backend string `json:"backend,omitempty"`
 	// InvertMask swaps the mask's inside and outside (A1111's inpainting_mask_invert).
 	InvertMask bool `json:"invert_mask,omitempty"`
 	// Edit and segment.
@@ -84,6 +87,7 @@ var jobKinds = map[string]bool{"txt2img": true, "img2img": true, "inpaint": true
 type decoded struct {
 	sdPath  string
 	vaePath string
+	backend binding.Backend
 	sampler binding.Sampler
 	preview binding.Preview
 	image   []byte
@@ -171,6 +175,9 @@ func (s *Server) validate(kind string, p *JobParams) (*decoded, error) {
 			return nil, err
 		}
 		if d.vaePath, err = s.resolveVAE(p.VAE); err != nil {
+			return nil, err
+		}
+		if d.backend, err = s.resolveBackend(p.Backend); err != nil {
 			return nil, err
 		}
 	}

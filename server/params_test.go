@@ -2,25 +2,35 @@ package server
 
 import (
 	"errors"
-	"github.com/stepwise-sd/stepwise/binding"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/stepwise-sd/stepwise/binding"
 )
 
-// A job that has ended holds none of its inputs: the decoded images and the
-// base64 are gone whatever way it ended.
-func TestEndedJobsKeepNoInputs(t *testing.T) {
+// A job's life on the gateway: started once per attempt, a later attempt
+// (its worker died) starts it again, an old attempt's word is ignored, and it
+// ends once.
+func TestJobStartsPerAttemptAndEndsOnce(t *testing.T) {
 	for _, state := range []string{StateCompleted, StateFailed, StateCancelled} {
-		j := newJob("j", "img2img", JobParams{Prompt: "x"}, &decoded{image: make([]byte, 1<<20), mask: make([]byte, 1<<20)})
-		_, d, ok := j.start(func() {})
+		j := newJob("j", "img2img", JobParams{Prompt: "x"}, "")
+		require.Equal(t, startedFirst, j.start("w1", "r1"))
+		require.Equal(t, startedNone, j.start("w1", "r1"), "the same run twice")
+		assert.Equal(t, 1, j.View().Attempt)
+		j.progress(3, 10, 3)
+		require.Equal(t, startedAgain, j.start("w2", "r2"))
+		assert.Equal(t, 0, j.View().Step, "a new attempt starts from step 0")
+		assert.Equal(t, "w2", j.View().Worker)
+		assert.Equal(t, 2, j.View().Attempt)
+		was, ok := j.finish(state, errors.New("x"))
 		require.True(t, ok)
-		require.NotNil(t, d)
-		require.True(t, j.finish(state, errors.New("x")))
-		assert.Nil(t, j.inputs, state)
-		assert.False(t, j.finish(StateCompleted, nil), "a job ends once")
+		assert.Equal(t, StateRunning, was)
+		_, ok = j.finish(StateCompleted, nil)
+		assert.False(t, ok, "a job ends once")
+		assert.Equal(t, startedNone, j.start("w3", "r3"), "an ended job does not start again")
 	}
 }
 
@@ -29,7 +39,9 @@ func TestEndedJobsKeepNoInputs(t *testing.T) {
 func validationServer() *Server {
 	cfg := Config{}
 	cfg.defaults()
-	return &Server{cfg: cfg, decodes: make(chan struct{}, concurrentDecodes)}
+	// No worker: validation asks the workers which backends they can run,
+	// and with none connected every known backend is taken.
+	return &Server{cfg: cfg, workers: newWorkers(), decodes: make(chan struct{}, concurrentDecodes)}
 }
 
 // FuzzDecodeJob feeds arbitrary request bodies through decoding and

@@ -5,15 +5,16 @@ import (
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
-// previewEncoder turns a job's raw previews into frames on its own goroutine,
+// previewEncoder turns a job's raw previews into websocket frames on its own
+// goroutine, on the worker,
 // so the engine's step callback only hands a step over and returns. A few
 // steps may wait (a goroutine that is not scheduled for a moment loses no
 // preview); when the encoder falls further behind, the oldest are skipped.
 type previewEncoder struct {
-	s    *Server
-	j    *Job
-	in   chan binding.Step
-	done chan struct{}
+	jobID   string
+	publish func(frame []byte)
+	in      chan binding.Step
+	done    chan struct{}
 }
 
 const previewJPEGQuality = 85
@@ -21,8 +22,8 @@ const previewJPEGQuality = 85
 // previewBacklog is how many steps' previews may wait for the encoder.
 const previewBacklog = 4
 
-func newPreviewEncoder(s *Server, j *Job) *previewEncoder {
-	e := &previewEncoder{s: s, j: j, in: make(chan binding.Step, previewBacklog), done: make(chan struct{})}
+func newPreviewEncoder(jobID string, publish func(frame []byte)) *previewEncoder {
+	e := &previewEncoder{jobID: jobID, publish: publish, in: make(chan binding.Step, previewBacklog), done: make(chan struct{})}
 	go e.loop()
 	return e
 }
@@ -51,12 +52,8 @@ func (e *previewEncoder) loop() {
 			if err != nil {
 				continue
 			}
-			frame := previewFrame(PreviewMeta{JobID: e.j.ID, Step: st.Step, Steps: st.Steps, Index: i, Format: "jpeg",
-				Width: p.Width, Height: p.Height}, data)
-			if i == 0 {
-				e.j.setPreview(data, frame)
-			}
-			e.s.hub.publishPreview(e.j.ID, frame)
+			e.publish(previewFrame(PreviewMeta{JobID: e.jobID, Step: st.Step, Steps: st.Steps, Index: i, Format: "jpeg",
+				Width: p.Width, Height: p.Height}, data))
 		}
 	}
 }

@@ -2,10 +2,10 @@ package server
 
 import "sync"
 
-// queue is a bounded FIFO of jobs served by a fixed number of workers.
+// queue is the gateway's bounded FIFO of the jobs it queued on the bus and
+// no worker has started yet: it bounds them and numbers their positions.
 type queue struct {
 	mu      sync.Mutex
-	cond    *sync.Cond
 	pending []*Job
 	max     int
 	closed  bool
@@ -13,9 +13,7 @@ type queue struct {
 }
 
 func newQueue(max int, onMove func(*Job)) *queue {
-	q := &queue{max: max, onMove: onMove}
-	q.cond = sync.NewCond(&q.mu)
-	return q
+	return &queue{max: max, onMove: onMove}
 }
 
 func (q *queue) push(j *Job) error {
@@ -29,28 +27,7 @@ func (q *queue) push(j *Job) error {
 	}
 	q.pending = append(q.pending, j)
 	j.setPosition(len(q.pending) - 1)
-	q.cond.Signal()
 	return nil
-}
-
-// pop waits for the next job; nil once the queue is closed and empty.
-func (q *queue) pop() *Job {
-	q.mu.Lock()
-	for len(q.pending) == 0 && !q.closed {
-		q.cond.Wait()
-	}
-	if len(q.pending) == 0 {
-		q.mu.Unlock()
-		return nil
-	}
-	j := q.pending[0]
-	q.pending = q.pending[1:]
-	moved := q.renumber()
-	q.mu.Unlock()
-	for _, m := range moved {
-		q.onMove(m)
-	}
-	return j
 }
 
 // remove takes a queued job out (cancel); it reports whether it was queued.
@@ -99,7 +76,6 @@ func (q *queue) drain() []*Job {
 	q.closed = true
 	rest := q.pending
 	q.pending = nil
-	q.cond.Broadcast()
 	q.mu.Unlock()
 	return rest
 }

@@ -1,24 +1,30 @@
-// Package server is stepwise's HTTP and websocket API: jobs on a bounded
-// queue, per-step events and previews streamed to every watcher, the
-// AUTOMATIC1111 API subset that existing clients speak, and a page to watch
-// denoising live.
+// Package server is stepwise's gateway and worker. The gateway (Server) is
+// the HTTP and websocket API: jobs on a bounded queue, per-step events and
+// previews streamed to every watcher, the AUTOMATIC1111 API subset that
+// existing clients speak, and a page to watch denoising live. It runs no
+// engine: jobs go to workers (Worker) over NATS JetStream (package jobbus),
+// whose events it fans out to its watchers.
 package server
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
-	"image"
 	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
-	"github.com/stepwise-sd/stepwise/modelcache"
+	"github.com/stepwise-sd/stepwise/jobbus"
+	"github.com/stepwise-sd/stepwise/models"
 	"github.com/stepwise-sd/stepwise/pipeline"
 )
 
@@ -32,6 +38,8 @@ type Config struct {
 	// Catalog, when set, lists the models requests may name (--models-dir).
 	Catalog *catalog.Catalog
 	DType   binding.DType
+	// Backend runs the jobs that name none (the zero value: libtorch).
+	Backend binding.Backend
 	// Token, when set, must come as "Authorization: Bearer <token>" (or
 	// ?token= on websockets, which browsers cannot give headers).
 	Token string
@@ -44,7 +52,6 @@ type Config struct {
 	// own name as Host.
 	AllowedHosts   []string
 	MaxQueue       int   // waiting jobs (64)
-	Concurrency    int   // jobs running at once on the device (1)
 	MaxBodyBytes   int64 // request size (32 MiB)
 	MaxPixels      int   // pixels of an uploaded image (16 M)
 	MaxSide        int   // width/height of a generation (2048)
@@ -59,7 +66,20 @@ type Config struct {
 	CancelOnShutdown bool
 	// KeepJobs is how many finished jobs stay listed (200); older ones are forgotten.
 	KeepJobs int
-	Logger   *slog.Logger
+	// Runs is the local runs folder (required): run files are served from it
+	// first (workers on this host write there), then from the results object store.
+	Runs *pipeline.Runs
+	// ConvertDir holds safetensors conversions of pickle checkpoints (the
+	// segmentation model's class count is read from them).
+	ConvertDir string
+	// KeepQueuedOnShutdown leaves queued jobs in the stream at shutdown, for
+	// workers and the next gateway (an external NATS); otherwise they are cancelled.
+	KeepQueuedOnShutdown bool
+	// Version is the gateway's stepwise version; workers of another refuse to join.
+	Version string
+	// Bus holds the JetStream settings (ack wait, retention).
+	Bus    jobbus.SetupOptions
+	Logger *slog.Logger
 }
 
 // DefaultConfig is the configuration with every default filled in: what the
@@ -77,7 +97,6 @@ func (c *Config) defaults() {
 		}
 	}
 	def(&c.MaxQueue, 64)
-	def(&c.Concurrency, 1)
 	def(&c.MaxPixels, 16<<20)
 	def(&c.MaxSide, 2048)
 	def(&c.MaxSteps, 150)
@@ -92,6 +111,9 @@ func (c *Config) defaults() {
 	if c.ReadTimeout <= 0 {
 		c.ReadTimeout = 60 * time.Second
 	}
+	if c.Version == "" {
+		c.Version = "dev"
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -105,14 +127,17 @@ const cancelGrace = 10 * time.Second
 // validated, and so the memory that takes.
 const concurrentDecodes = 2
 
-// Server runs jobs and serves the API.
+// Server is the gateway: it validates and queues jobs, hands them to workers
+// over the bus and serves the API over their events.
 type Server struct {
 	cfg     Config
-	runner  *pipeline.Runner
 	log     *slog.Logger
+	bus     *jobbus.Bus
+	subs    []*nats.Subscription
 	hub     *hub
 	queue   *queue
 	metrics *metrics
+	workers *workers
 	decodes chan struct{}
 	// websockets counts open websocket connections against MaxWebsockets.
 	websockets atomic.Int64
@@ -128,37 +153,68 @@ type Server struct {
 	segClassCount  int
 	segClassesErr  error
 
-	mu      sync.Mutex
-	jobs    map[string]*Job
-	order   []string // job IDs, oldest first
-	wg      sync.WaitGroup
-	baseCtx context.Context
-	stop    context.CancelFunc
+	mu    sync.Mutex
+	jobs  map[string]*Job
+	order []string // job IDs, oldest first
 }
 
-// New makes a server over runner and starts its workers.
-func New(cfg Config, runner *pipeline.Runner) *Server {
+// busTimeout bounds one request to NATS (a publish, a bucket operation).
+const busTimeout = 30 * time.Second
+
+// New makes a gateway over bus: it sets up the stream, consumer and buckets
+// (and publishes its version for workers to check) and subscribes to the
+// jobs' events and the workers' announcements.
+func New(cfg Config, bus *jobbus.Bus) (*Server, error) {
 	cfg.defaults()
-	ctx, stop := context.WithCancel(context.Background())
-	s := &Server{cfg: cfg, runner: runner, log: cfg.Logger, hub: newHub(cfg.Logger), jobs: map[string]*Job{},
-		baseCtx: ctx, stop: stop, decodes: make(chan struct{}, concurrentDecodes), catalog: cfg.Catalog}
+	if cfg.Runs == nil {
+		return nil, errors.New("the gateway needs a runs folder (Config.Runs)")
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, bus: bus, hub: newHub(cfg.Logger), jobs: map[string]*Job{},
+		decodes: make(chan struct{}, concurrentDecodes), catalog: cfg.Catalog}
+	s.workers = newWorkers()
 	s.metrics = newMetrics(s)
 	s.described.m = map[string]catalog.Entry{}
 	s.queue = newQueue(cfg.MaxQueue, func(j *Job) { s.hub.publish(j.event("queued")) })
-	for i := 0; i < cfg.Concurrency; i++ {
-		s.wg.Add(1)
-		go s.worker()
+	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	defer cancel()
+	if err := bus.Setup(ctx, cfg.Bus, s.meta()); err != nil {
+		return nil, err
 	}
-	return s
+	// One subscription for every job's events: a job's events are handled in
+	// the order its worker sent them (a preview before the completion).
+	events, err := bus.NC.Subscribe(jobbus.EventsWildcard, s.onEvent)
+	if err != nil {
+		return nil, fmt.Errorf("subscribe to job events: %w", err)
+	}
+	announce, err := bus.NC.Subscribe(jobbus.AnnounceSubject, s.onAnnounce)
+	if err != nil {
+		events.Unsubscribe()
+		return nil, fmt.Errorf("subscribe to worker announcements: %w", err)
+	}
+	for _, sub := range []*nats.Subscription{events, announce} {
+		// Previews are a few hundred KB at most; a burst must not be dropped
+		// as a slow consumer's.
+		sub.SetPendingLimits(1<<20, 1<<30)
+	}
+	s.subs = []*nats.Subscription{events, announce}
+	if err := bus.NC.Flush(); err != nil {
+		return nil, fmt.Errorf("subscribe: %w", err)
+	}
+	return s, nil
+}
+
+// meta is what workers must match to join.
+func (s *Server) meta() jobbus.Meta {
+	return jobbus.Meta{Protocol: jobbus.Protocol, Version: s.cfg.Version, ABI: binding.ABIVersion}
 }
 
 // segClasses is the segmentation model's class count, read once from its
 // weights' header (no model is loaded for it).
 func (s *Server) segClasses() (int, error) {
 	s.segClassesOnce.Do(func() {
-		key, err := s.runner.ResolveModel(modelcache.KindSeg, pipeline.ModelRef{Path: s.cfg.SegModel})
+		path, err := models.Resolve(s.cfg.SegModel, s.cfg.ConvertDir)
 		if err == nil {
-			s.segClassCount, err = pipeline.SegModelClasses(key.Path)
+			s.segClassCount, err = pipeline.SegModelClasses(path)
 		}
 		s.segClassesErr = err
 	})
@@ -171,30 +227,66 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// Submit validates and queues a job. keepImages keeps its final images in
-// memory for the caller (Job.takeImages) besides writing them to its run.
+// ErrBus is a job the gateway could not hand to the bus.
+var ErrBus = errors.New("the job bus (NATS) did not take the job")
+
+// Submit validates and queues a job. keepImages keeps its final images for
+// the caller (Server.resultPNGs) besides its run.
 func (s *Server) Submit(kind string, p JobParams, source string, keepImages bool) (*Job, error) {
 	d, err := s.validate(kind, &p)
 	if err != nil {
 		return nil, err
 	}
-	p.Image, p.Mask = "", "" // decoded into d; the base64 need not wait in the queue too
-	j := newJob(newID(), kind, p, d)
+	p.Image, p.Mask = "", "" // decoded into d; the base64 need not travel twice
+	j := newJob(newID(), kind, p, d.sdPath)
 	j.Source, j.keepImages = source, keepImages
 	s.mu.Lock()
 	s.jobs[j.ID] = j
 	s.order = append(s.order, j.ID)
 	s.forgetOldLocked()
 	s.mu.Unlock()
-	if err := s.queue.push(j); err != nil {
+	forget := func() {
 		s.mu.Lock()
 		delete(s.jobs, j.ID)
 		s.mu.Unlock()
+	}
+	if err := s.queue.push(j); err != nil {
+		forget()
 		return nil, err
 	}
+	seq, err := s.publish(j, p, d)
+	if err != nil {
+		s.queue.remove(j)
+		forget()
+		s.log.Error("could not queue a job on the bus", "job", j.ID, "err", err)
+		return nil, fmt.Errorf("%w: %v", ErrBus, err)
+	}
+	j.setSeq(seq)
 	s.metrics.submitted.Add(1)
 	s.hub.publish(j.event("queued"))
 	return j, nil
+}
+
+// publish puts the job on the work queue; it returns its stream sequence.
+func (s *Server) publish(j *Job, p JobParams, d *decoded) (uint64, error) {
+	spec, err := json.Marshal(jobSpec{Params: p, SDPath: d.sdPath, VAEPath: d.vaePath, SegModel: s.cfg.SegModel,
+		DType: s.cfg.DType.String(), Backend: d.backend.String(), Image: d.image, Mask: d.mask, Seed: d.seed, MaxPixels: s.cfg.MaxPixels})
+	if err != nil {
+		return 0, err
+	}
+	m := s.meta()
+	msg, err := json.Marshal(jobbus.Job{ID: j.ID, Kind: j.Kind, Spec: spec, Created: j.created,
+		Protocol: m.Protocol, Version: m.Version, ABI: m.ABI})
+	if err != nil {
+		return 0, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	defer cancel()
+	ack, err := s.bus.JS.Publish(ctx, jobbus.JobSubject, msg, jetstream.WithMsgID(j.ID))
+	if err != nil {
+		return 0, err
+	}
+	return ack.Sequence, nil
 }
 
 // forgetOldLocked drops the oldest finished jobs beyond KeepJobs.
@@ -235,199 +327,116 @@ func (s *Server) Jobs() []*Job {
 	return out
 }
 
-// Cancel cancels a queued or running job; it reports whether the job could be.
+// Cancel cancels a queued or running job; it reports whether the job could
+// be. A queued job ends at once; a running one when its worker says so,
+// within a step.
 func (s *Server) Cancel(j *Job) bool {
 	if s.queue.remove(j) {
+		s.withdraw(j)
 		s.finish(j, StateCancelled, fmt.Errorf("%w while queued", errCancelled))
 		return true
 	}
-	return j.requestCancel()
+	if j.State() != StateRunning {
+		return false
+	}
+	s.sendCancel(j.ID)
+	return true
 }
 
-func (s *Server) worker() {
-	defer s.wg.Done()
-	for {
-		j := s.queue.pop()
-		if j == nil {
-			return
+// withdraw takes a queued job back from the bus: out of the stream, and
+// marked cancelled for a worker that took it a moment before.
+func (s *Server) withdraw(j *Job) {
+	s.sendCancel(j.ID)
+	if seq := j.getSeq(); seq > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+		defer cancel()
+		// Not found: a worker has it already, and the cancel mark stops it.
+		if err := s.bus.Stream.DeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+			s.log.Debug("withdraw a queued job", "job", j.ID, "err", err)
 		}
-		s.run(j)
+	}
+}
+
+// sendCancel marks the job cancelled in the cancels bucket, read by a worker
+// before it starts a job, then tells a worker running it. In that order, a
+// worker that starts the job at the same moment sees one or the other.
+func (s *Server) sendCancel(id string) {
+	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	defer cancel()
+	if _, err := s.bus.Cancels.Put(ctx, id, []byte("1")); err != nil {
+		s.log.Warn("mark a job cancelled", "job", id, "err", err)
+	}
+	if err := s.bus.NC.Publish(jobbus.CancelSubject(id), nil); err != nil {
+		s.log.Warn("send a job's cancel", "job", id, "err", err)
 	}
 }
 
 func (s *Server) finish(j *Job, state string, err error) {
-	if !j.finish(state, err) {
+	was, ok := j.finish(state, err)
+	if !ok {
 		return
+	}
+	if was == StateRunning {
+		s.metrics.running.Add(-1)
 	}
 	s.metrics.finished(state)
 	typ := map[string]string{StateCompleted: "completed", StateFailed: "failed", StateCancelled: "cancelled"}[state]
 	s.hub.publish(j.event(typ))
 }
 
-// output is what a finished job hands back.
-type output struct {
-	runID  string
-	files  []string
-	images []image.Image
-	result map[string]any
-}
-
-// run executes one job on the worker's goroutine.
-func (s *Server) run(j *Job) {
-	ctx, cancel := context.WithCancel(s.baseCtx)
-	defer cancel()
-	p, d, ok := j.start(cancel)
-	if !ok {
-		return
-	}
-	s.metrics.running.Add(1)
-	defer s.metrics.running.Add(-1)
-	s.hub.publish(j.event("started"))
-
-	previews := newPreviewEncoder(s, j)
-	defer previews.close()
-	onStep := func(st binding.Step) {
-		s.metrics.observeStep(j.progress(st.Step, st.Steps, st.Elapsed))
-		s.hub.publish(j.event("progress"))
-		if len(st.Previews) > 0 {
-			previews.offer(st)
-		}
-	}
-	out, err := s.execute(ctx, j.Kind, p, d, onStep, j.setRun)
-	switch {
-	case err == nil:
-		j.complete(out.runID, out.files, out.result, out.images)
-		s.finish(j, StateCompleted, nil)
-	case errors.Is(err, binding.ErrCancelled) || errors.Is(err, context.Canceled):
-		s.finish(j, StateCancelled, errCancelled)
-	default:
-		s.log.Warn("job failed", "job", j.ID, "kind", j.Kind, "err", err)
-		s.finish(j, StateFailed, err)
-	}
-}
-
-// execute runs one job's work through the pipeline.
-func (s *Server) execute(ctx context.Context, kind string, p JobParams, d *decoded, onStep func(binding.Step),
-	onRun func(string)) (*output, error) {
-	sdRef := pipeline.ModelRef{Path: d.sdPath, VAE: d.vaePath, DType: s.cfg.DType}
-	segOpts := pipeline.SegmentOptions{Model: pipeline.ModelRef{Path: s.cfg.SegModel}, Scale: p.SegmentScale, Classes: p.Classes}
-	out := &output{result: map[string]any{"seed": d.seed}}
-	switch kind {
-	case "txt2img", "img2img", "inpaint":
-		mask := d.mask
-		if mask != nil && p.InvertMask {
-			var err error
-			if mask, err = invertMask(mask, s.cfg.MaxPixels); err != nil {
-				return nil, err
-			}
-		}
-		res, err := s.runner.Generate(ctx, pipeline.GenerateOptions{
-			SD: sdRef, Prompt: p.Prompt, NegativePrompt: p.NegativePrompt, Width: p.Width, Height: p.Height,
-			Steps: p.Steps, CFGScale: p.CFGScale, Seed: d.seed, Sampler: d.sampler, BatchSize: p.BatchSize,
-			Init: d.image, Mask: mask, Strength: p.DenoisingStrength, MaskBlur: p.MaskBlur,
-			Preview: d.preview, PreviewEvery: p.PreviewEvery, OnStep: onStep, OnRun: onRun,
-		})
-		if err != nil {
-			return nil, err
-		}
-		out.files, out.images = res.Files, res.Images
-		if res.Params.Truncated {
-			out.result["warning"] = fmt.Sprintf("the prompt has %d tokens; only the first 75 were used", res.Params.Tokens)
-		}
-		out.result["width"], out.result["height"] = res.Params.Width, res.Params.Height
-	case "edit":
-		res, err := s.runner.Edit(ctx, d.image, pipeline.EditOptions{
-			SD: sdRef, Segment: segOpts, Prompt: p.Prompt, NegativePrompt: p.NegativePrompt, Steps: p.Steps,
-			CFGScale: p.CFGScale, Seed: d.seed, Sampler: d.sampler, WorkingSize: p.WorkingSize,
-			RepaintSubject: p.RepaintSubject, Grow: p.Grow, MaskBlur: p.MaskBlur,
-			Preview: d.preview, PreviewEvery: p.PreviewEvery, OnStep: onStep, OnRun: onRun,
-		})
-		if err != nil {
-			return nil, err
-		}
-		out.files = []string{"edited.png", "mask.png", "edited_mask.png", "input.png", "params.json"}
-		out.images = []image.Image{res.Edited, res.Mask.Image(), res.EditedMask.Image()}
-		out.result["subject_iou"] = res.IoU
-	case "segment":
-		runID, images, err := s.segmentJob(ctx, d.image, segOpts)
-		if err != nil {
-			return nil, err
-		}
-		out.runID, out.images = runID, images
-		out.files = []string{"mask.png", "input.png", "params.json"}
-	}
-	return out, nil
-}
-
-// invertMask swaps a mask's inside and outside (inpainting_mask_invert). It
-// runs on a worker, after the mask passed the limits at submission.
-func invertMask(data []byte, maxPixels int) ([]byte, error) {
-	decoded, err := pipeline.DecodeImage(data, maxPixels)
-	if err != nil {
-		return nil, err
-	}
-	m := pipeline.MaskFromImage(decoded, 0)
-	m.Invert()
-	return pipeline.EncodePNG(m.Image())
-}
-
-func (s *Server) segmentJob(ctx context.Context, input []byte, o pipeline.SegmentOptions) (string, []image.Image, error) {
-	img, err := pipeline.DecodeImage(input, s.cfg.MaxPixels)
-	if err != nil {
-		return "", nil, err
-	}
-	res, err := s.runner.Segment(ctx, img, o, false)
-	if err != nil {
-		return "", nil, err
-	}
-	run, err := s.runner.Runs.Begin()
-	if err != nil {
-		return "", nil, err
-	}
-	defer run.Abort()
-	if err := run.WritePNG("input.png", img); err != nil {
-		return "", nil, err
-	}
-	if err := run.WritePNG("mask.png", res.Mask.Image()); err != nil {
-		return "", nil, err
-	}
-	if err := run.WriteJSON("params.json", map[string]any{
-		"kind": "segment", "seg_model": o.Model.Path, "segment_scale": o.Scale, "segment_classes": o.Classes,
-		"input_size": [2]int{img.Bounds().Dx(), img.Bounds().Dy()}, "subject_fraction": res.Mask.Covers(),
-		"seconds": res.Elapsed.Seconds(), "stepwise": s.runner.Version,
-	}); err != nil {
-		return "", nil, err
-	}
-	if _, err := run.Commit(); err != nil {
-		return "", nil, err
-	}
-	return run.ID, []image.Image{res.Mask.Image()}, nil
-}
-
-// Shutdown stops taking jobs, cancels the queued ones, lets running jobs finish
-// (or cancels them when CancelOnShutdown is set) and waits for the workers up
-// to ctx's deadline. Then it cancels what is left and waits at most
-// cancelGrace more: it returns whatever a job does, so the process can exit.
+// Shutdown stops taking jobs and cancels the queued ones (or leaves them to
+// the workers and the next gateway with KeepQueuedOnShutdown), lets running
+// jobs finish (or cancels them when CancelOnShutdown is set) and waits for
+// them up to ctx's deadline. Then it cancels what is left and waits at most
+// cancelGrace more: it returns whatever a worker does, so the process can exit.
 func (s *Server) Shutdown(ctx context.Context) error {
 	for _, j := range s.queue.drain() {
-		s.finish(j, StateCancelled, fmt.Errorf("%w: the server is shutting down", errCancelled))
+		if !s.cfg.KeepQueuedOnShutdown {
+			s.withdraw(j)
+			s.finish(j, StateCancelled, fmt.Errorf("%w: the server is shutting down", errCancelled))
+		}
+	}
+	var running []*Job
+	for _, j := range s.Jobs() {
+		if j.State() == StateRunning {
+			running = append(running, j)
+		}
+	}
+	cancelAll := func() {
+		for _, j := range running {
+			if !j.ended() {
+				s.sendCancel(j.ID)
+			}
+		}
 	}
 	if s.cfg.CancelOnShutdown {
-		s.stop()
+		cancelAll()
 	}
 	done := make(chan struct{})
-	go func() { s.wg.Wait(); close(done) }()
+	go func() {
+		for _, j := range running {
+			<-j.Done()
+		}
+		close(done)
+	}()
 	select {
 	case <-done:
 		return nil
 	case <-ctx.Done():
 	}
-	s.stop()
+	cancelAll()
 	select {
 	case <-done:
 		return ctx.Err()
 	case <-time.After(cancelGrace):
 		s.log.Error("running jobs did not stop within the grace after being cancelled; leaving them", "grace", cancelGrace)
 		return fmt.Errorf("shutdown: running jobs did not stop %s after cancel: %w", cancelGrace, ctx.Err())
+	}
+}
+
+// Close stops listening to the bus; the caller closes the bus.
+func (s *Server) Close() {
+	for _, sub := range s.subs {
+		sub.Unsubscribe()
 	}
 }

@@ -31,6 +31,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/stepwise-sd/stepwise/internal/testenv"
+	"github.com/stepwise-sd/stepwise/jobbus"
 	"github.com/stepwise-sd/stepwise/modelcache"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
@@ -42,36 +43,103 @@ type env struct {
 	srv  *server.Server
 	http *httptest.Server
 	runs string
+	nats jobbus.ConnectOptions
+	// runner is the worker's, for a second worker on the same models.
+	runner *pipeline.Runner
+	// stopWorker stops the worker as SIGTERM stops `stepwise worker`, and
+	// returns what its Run returned.
+	stopWorker func() error
 }
 
-func start(t *testing.T, cfg server.Config) *env {
+// start runs a gateway and one worker over a real embedded NATS server: the
+// worker on a goroutine of the test process (the same code as `stepwise
+// worker`, on the real engine), for speed; the process tests in cmd/stepwise
+// run it in real child processes. It returns once the worker has announced
+// itself to the gateway.
+func start(t testing.TB, cfg server.Config) *env {
 	t.Helper()
-	lib := testenv.Library(t)
+	return startEnv(t, cfg, nil, server.WorkerConfig{})
+}
+
+// startWith is start with the worker's model cache over loader.
+func startWith(t testing.TB, cfg server.Config, loader modelcache.Loader) *env {
+	t.Helper()
+	return startEnv(t, cfg, loader, server.WorkerConfig{})
+}
+
+// startEnv is start with the worker's loader (nil: the library's) and configuration.
+func startEnv(t testing.TB, cfg server.Config, loader modelcache.Loader, wcfg server.WorkerConfig) *env {
+	t.Helper()
+	if loader == nil {
+		loader = modelcache.LibraryLoader{Lib: testenv.Library(t)}
+	}
 	sdDir, segPath := testenv.Tiny(t)
 	dir := t.TempDir()
 	runs, err := pipeline.OpenRuns(filepath.Join(dir, "runs"), pipeline.RunsOptions{})
 	require.NoError(t, err)
-	c := modelcache.New(modelcache.LibraryLoader{Lib: lib}, modelcache.Options{Budget: -1})
-	e := &pipeline.Runner{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
+	nats, err := jobbus.StartEmbedded(dir)
+	require.NoError(t, err)
+	t.Cleanup(nats.Shutdown)
+	gwBus, err := jobbus.Connect(nats.Options)
+	require.NoError(t, err)
+	t.Cleanup(gwBus.Close)
 	if cfg.Model == "" {
 		cfg.Model = sdDir
 	}
 	if cfg.SegModel == "" {
 		cfg.SegModel = segPath
 	}
-	s := server.New(cfg, e)
+	cfg.Runs, cfg.ConvertDir, cfg.Version = runs, filepath.Join(dir, "cache"), "test"
+	s, err := server.New(cfg, gwBus)
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+
+	c := modelcache.New(loader, modelcache.Options{Budget: -1})
+	e := &pipeline.Runner{Cache: c, Runs: runs, ConvertDir: filepath.Join(dir, "cache"), Version: "test"}
+	wBus, err := jobbus.Connect(nats.Options)
+	require.NoError(t, err)
+	t.Cleanup(wBus.Close)
+	if wcfg.ID == "" {
+		wcfg.ID = "test-worker"
+	}
+	if wcfg.StopGrace == 0 {
+		wcfg.StopGrace = 10 * time.Second
+	}
+	wcfg.Version, wcfg.Device = "test", "cpu"
+	w := server.NewWorker(wcfg, e, wBus)
+	ctx, stop := context.WithCancel(context.Background())
+	stopped := make(chan error, 1)
+	go func() { stopped <- w.Run(ctx) }()
+
+	var once sync.Once
+	var stopErr error
+	stopWorker := func() error {
+		once.Do(func() {
+			stop()
+			stopErr = <-stopped
+		})
+		return stopErr
+	}
 	hs := httptest.NewServer(s.Handler())
 	t.Cleanup(func() {
 		hs.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		s.Shutdown(ctx)
+		assert.NoError(t, stopWorker(), "the worker stops cleanly")
 		c.Close()
 	})
-	return &env{srv: s, http: hs, runs: runs.Dir()}
+	env := &env{srv: s, http: hs, runs: runs.Dir(), nats: nats.Options, runner: e, stopWorker: stopWorker}
+	require.Eventually(t, func() bool {
+		var h struct {
+			Workers []json.RawMessage `json:"workers"`
+		}
+		return env.get(t, "/healthz", &h) == http.StatusOK && len(h.Workers) == 1
+	}, time.Minute, 5*time.Millisecond, "the worker joins")
+	return env
 }
 
-func (e *env) post(t *testing.T, path string, body any) (int, map[string]any) {
+func (e *env) post(t testing.TB, path string, body any) (int, map[string]any) {
 	t.Helper()
 	var r io.Reader
 	switch b := body.(type) {
@@ -90,7 +158,7 @@ func (e *env) post(t *testing.T, path string, body any) (int, map[string]any) {
 	return resp.StatusCode, out
 }
 
-func (e *env) get(t *testing.T, path string, out any) int {
+func (e *env) get(t testing.TB, path string, out any) int {
 	t.Helper()
 	resp, err := http.Get(e.http.URL + path)
 	require.NoError(t, err)
@@ -101,7 +169,7 @@ func (e *env) get(t *testing.T, path string, out any) int {
 	return resp.StatusCode
 }
 
-func (e *env) dial(t *testing.T, path string) *websocket.Conn {
+func (e *env) dial(t testing.TB, path string) *websocket.Conn {
 	t.Helper()
 	c, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(e.http.URL, "http")+path, nil)
 	require.NoError(t, err)
@@ -115,7 +183,7 @@ type seen struct {
 }
 
 // collect reads a job's stream until it ends (completed, failed, cancelled).
-func collect(t *testing.T, c *websocket.Conn, jobID string) seen {
+func collect(t testing.TB, c *websocket.Conn, jobID string) seen {
 	t.Helper()
 	var s seen
 	c.SetReadDeadline(time.Now().Add(60 * time.Second))
@@ -154,7 +222,7 @@ func count(events []map[string]any, typ string) int {
 	return n
 }
 
-func submit(t *testing.T, e *env, body map[string]any) string {
+func submit(t testing.TB, e *env, body map[string]any) string {
 	t.Helper()
 	code, out := e.post(t, "/v1/jobs", body)
 	require.Equal(t, http.StatusAccepted, code, out)
@@ -296,6 +364,15 @@ func TestStalledClientIsDroppedAndServingGoesOn(t *testing.T) {
 	}()
 
 	gate := do("/v1/jobs", txt(1000))["id"].(string) // holds the worker until cancelled: the others stay queued
+	// The gate starts before the others queue, so none of them moves up.
+	for started := false; !started; {
+		select {
+		case ev := <-events:
+			started = ev.id == gate && ev.typ == "started"
+		case err := <-readErr:
+			require.NoError(t, err, "the reading client")
+		}
+	}
 	ids := make([]string, jobs)
 	for i := range ids {
 		ids[i] = do("/v1/jobs", txt(1))["id"].(string)
@@ -306,7 +383,7 @@ func TestStalledClientIsDroppedAndServingGoesOn(t *testing.T) {
 	do("/v1/jobs/"+gate+"/cancel", "")
 
 	// The reader sees each job queued, then cancelled.
-	got := map[string][]string{}
+	got := map[string][]string{gate: {"queued", "started"}}
 	for len(got[gate]) == 0 || got[gate][len(got[gate])-1] != "cancelled" {
 		select {
 		case ev := <-events:
@@ -379,11 +456,12 @@ func TestLateJoinerGetsStateAndLatestPreviewAtOnce(t *testing.T) {
 func TestCancelMidRunThenNextJobRuns(t *testing.T) {
 	e := start(t, server.Config{})
 	a := submit(t, e, txt(150))
+	ws := e.dial(t, "/v1/jobs/"+a+"/events")
+	waitForEvent(t, ws, "started")
 	b := submit(t, e, txt(3))
 	var v map[string]any
 	e.get(t, "/v1/jobs/"+b, &v)
 	assert.EqualValues(t, 0, v["position"], "the second job knows it is next")
-	ws := e.dial(t, "/v1/jobs/"+a+"/events")
 	ws.SetReadDeadline(time.Now().Add(30 * time.Second))
 	cancelledAt := 0.0
 	for {
@@ -609,7 +687,7 @@ func TestBadRequestsGetJSON4xxAndServingGoesOn(t *testing.T) {
 func TestQueueLimitAndGracefulShutdown(t *testing.T) {
 	e := start(t, server.Config{MaxQueue: 2})
 	running := submit(t, e, txt(80))
-	time.Sleep(50 * time.Millisecond)
+	waitForEvent(t, e.dial(t, "/v1/jobs/"+running+"/events"), "started") // out of the queue
 	q1 := submit(t, e, txt(2))
 	submit(t, e, txt(2))
 	code, out := e.post(t, "/v1/jobs", txt(2))

@@ -55,7 +55,7 @@ func (f *editFlags) options() (pipeline.EditOptions, error) {
 		return pipeline.EditOptions{}, err
 	}
 	o := f.o
-	o.SD = pipeline.ModelRef{Path: model, VAE: vae, DType: r.dtype}
+	o.SD = pipeline.ModelRef{Path: model, VAE: vae, DType: r.dtype, Backend: r.backend}
 	o.Segment.Model, o.Segment.Classes = pipeline.ModelRef{Path: segModel}, f.classes
 	o.Prompt, o.NegativePrompt, o.Steps, o.CFGScale = f.gen.prompt, f.gen.negative, f.gen.steps, f.gen.cfg
 	o.Seed, o.Sampler = r.seed, r.sampler

@@ -35,13 +35,18 @@ func (f *engineFlags) register(cmd *cobra.Command) {
 }
 
 func (f *engineFlags) load(stderr io.Writer) (*binding.Library, error) {
+	lg := f.logger(stderr)
+	return binding.Load(binding.Options{Path: f.lib, Device: f.device, Threads: f.threads, Logger: lg})
+}
+
+// logger is the command's logger (set as f.log), for commands that load no engine too.
+func (f *engineFlags) logger(stderr io.Writer) *slog.Logger {
 	level := slog.LevelWarn
 	if f.verbose {
 		level = slog.LevelDebug
 	}
-	lg := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	f.log = lg
-	return binding.Load(binding.Options{Path: f.lib, Device: f.device, Threads: f.threads, Logger: lg})
+	f.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	return f.log
 }
 
 // completeWords completes flag's value from a fixed list.
@@ -59,8 +64,22 @@ func completeSamplers(cmd *cobra.Command, flag string) {
 }
 
 func completeDTypes(cmd *cobra.Command, flag string) {
-	completeWords(cmd, flag, "auto", "f32", "f16", "bf16", "int8")
+	completeWords(cmd, flag, "auto", "f32", "f16", "bf16", "int8", "q8_0", "q5_0", "q4_0")
 }
+
+func completeBackends(cmd *cobra.Command, flag string) {
+	var names []string
+	for _, b := range binding.Backends() {
+		names = append(names, b.String())
+	}
+	completeWords(cmd, flag, names...)
+}
+
+// The help of the --dtype and --backend flags generate, edit and serve share.
+const (
+	dtypeHelp   = "weights dtype: auto, f32, f16, bf16, int8 (libtorch; int8: the UNet's linear layers, cpu); auto, f32, f16, q8_0, q5_0, q4_0 (sdcpp)"
+	backendHelp = "engine: libtorch, or sdcpp (stable-diffusion.cpp, when built in: stepwise version lists them)"
+)
 
 // defaultDataDir is $STEPWISE_DATA, else ~/.local/share/stepwise.
 func defaultDataDir() string {
@@ -76,15 +95,21 @@ func defaultDataDir() string {
 // demoModels returns the tiny random-weight models under data/models, making
 // them the first time.
 func demoModels(lib *binding.Library, data string, stderr io.Writer) (sd, seg string, err error) {
-	dir := filepath.Join(data, "models")
-	sd, seg = filepath.Join(dir, models.TinySDDir), filepath.Join(dir, models.TinySegFile)
-	if _, err1 := os.Stat(filepath.Join(sd, "unet", "diffusion_pytorch_model.safetensors")); err1 == nil {
-		if _, err2 := os.Stat(seg); err2 == nil {
-			return sd, seg, nil
-		}
+	dir, sd, seg, ok := demoModelPaths(data)
+	if ok {
+		return sd, seg, nil
 	}
 	fmt.Fprintf(stderr, "making the tiny demo models in %s (random weights: the images are noise)\n", dir)
 	return models.MakeTiny(lib, dir)
+}
+
+// demoModelPaths are where the demo models live under data; ok says they are there.
+func demoModelPaths(data string) (dir, sd, seg string, ok bool) {
+	dir = filepath.Join(data, "models")
+	sd, seg = filepath.Join(dir, models.TinySDDir), filepath.Join(dir, models.TinySegFile)
+	_, err1 := os.Stat(filepath.Join(sd, "unet", "diffusion_pytorch_model.safetensors"))
+	_, err2 := os.Stat(seg)
+	return dir, sd, seg, err1 == nil && err2 == nil
 }
 
 // newRunner is the pipeline runner over lib: conversions of pickle checkpoints are

@@ -78,7 +78,7 @@ func (f *generateFlags) options() (pipeline.GenerateOptions, error) {
 		return pipeline.GenerateOptions{}, err
 	}
 	o := pipeline.DefaultGenerateOptions()
-	o.SD = pipeline.ModelRef{Path: model, VAE: vae, DType: r.dtype}
+	o.SD = pipeline.ModelRef{Path: model, VAE: vae, DType: r.dtype, Backend: r.backend}
 	o.Prompt, o.NegativePrompt, o.Steps, o.CFGScale = f.gen.prompt, f.gen.negative, f.gen.steps, f.gen.cfg
 	o.Seed, o.Sampler, o.Width, o.Height, o.BatchSize = r.seed, r.sampler, f.width, f.height, f.batch
 	o.ClipSkip, o.Strength, o.MaskBlur, o.Preview, o.PreviewEvery = f.clipSkip, f.strength, f.maskBlur, preview, f.previewEvery

@@ -73,6 +73,11 @@ func TestGenerateBadInput(t *testing.T) {
 		{append(base, "--prompt", "x", "--width", "100", "--height", "64", "--steps", "1"), exitError, "multiples of 8"},
 		{append(base, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "0"), exitError, "steps must be between"},
 		{append(base, "--prompt", "x", "--dtype", "int4"), exitError, `unknown dtype "int4"`},
+		// Small and short: were the flag ignored, the run would succeed at once.
+		{append(base, "--prompt", "x", "--backend", "nope", "--width", "64", "--height", "64", "--steps", "1"), exitError, `unknown backend "nope"`},
+		{append(base, "--prompt", "x", "--dtype", "q8_0", "--width", "64", "--height", "64", "--steps", "1"), exitError, "dtype q8_0 is for the sdcpp backend only"},
+		// Built with it: the tiny model is refused by its shapes; without: the backend is unavailable.
+		{append(base, "--prompt", "x", "--backend", "sdcpp", "--width", "64", "--height", "64", "--steps", "1"), exitError, "sdcpp backend"},
 		{append(base, "--prompt", "x", "--init", notImage), exitError, "not a PNG or JPEG"},
 		{append(base, "--prompt", "x", "--mask", notImage), exitError, "a mask needs an init image"},
 		{append(base[:4], "/nonexistent/model", "--out", "o.png", "--prompt", "x"), exitError, "no such file"},

@@ -17,6 +17,7 @@ import (
 // are the pipeline's.
 type genFlags struct {
 	prompt, negative, sampler, dtype string
+	backend                          string
 	modelsDir, vae                   string
 	steps                            int
 	cfg                              float32
@@ -31,13 +32,15 @@ func (g *genFlags) register(cmd *cobra.Command, promptHelp string) {
 	fs.Float32Var(&g.cfg, "cfg-scale", pipeline.DefaultCFGScale, "classifier-free guidance scale (<= 1 disables guidance)")
 	fs.Int64Var(&g.seed, "seed", -1, "random seed (-1: pick one)")
 	fs.StringVar(&g.sampler, "sampler", pipeline.DefaultSampler.String(), "sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm (or A1111 names)")
-	fs.StringVar(&g.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16, int8 (cpu: the UNet's linear layers in int8)")
+	fs.StringVar(&g.dtype, "dtype", "auto", dtypeHelp)
+	fs.StringVar(&g.backend, "backend", binding.BackendLibtorch.String(), backendHelp)
 	fs.StringVar(&g.modelsDir, "models-dir", "", "folder of checkpoints: --model, --vae (and --seg-model) may name one of them")
 	fs.StringVar(&g.vae, "vae", "", "VAE replacing the model's own: a .safetensors file or diffusers VAE folder, or a name in --models-dir")
 	_ = cmd.MarkFlagDirname("models-dir")
 	_ = cmd.MarkFlagRequired("prompt")
 	completeSamplers(cmd, "sampler")
 	completeDTypes(cmd, "dtype")
+	completeBackends(cmd, "backend")
 }
 
 // pickModels resolves model names against --models-dir (when given): each
@@ -74,6 +77,7 @@ func readInput(path string) ([]byte, error) { return regfile.ReadFile(path, maxI
 type resolved struct {
 	sampler binding.Sampler
 	dtype   binding.DType
+	backend binding.Backend
 	seed    uint64
 }
 
@@ -87,9 +91,13 @@ func (g *genFlags) resolve() (resolved, error) {
 	if err != nil {
 		return resolved{}, err
 	}
+	backend, err := binding.ParseBackend(g.backend)
+	if err != nil {
+		return resolved{}, err
+	}
 	seed := uint64(g.seed)
 	if g.seed < 0 {
 		seed = uint64(time.Now().UnixNano()) & (1<<32 - 1)
 	}
-	return resolved{sampler: sampler, dtype: dtype, seed: seed}, nil
+	return resolved{sampler: sampler, dtype: dtype, backend: backend, seed: seed}, nil
 }

@@ -103,7 +103,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(newServeCommand(), newGenerateCommand(), newSegmentCommand(), newEditCommand(),
+	root.AddCommand(newServeCommand(), newWorkerCommand(), newGenerateCommand(), newSegmentCommand(), newEditCommand(),
 		newBenchCommand(), newModelsCommand(), newVersionCommand())
 	return root
 }

@@ -28,7 +28,7 @@ func TestVersion(t *testing.T) {
 	assert.Contains(t, out, "libtorch ")
 	assert.Contains(t, out, "* cpu")
 	assert.Regexp(t, `(?m)^   libtorch +available$`, out, "version lists the backends")
-	assert.Regexp(t, `(?m)^   sdcpp +(available|unavailable: .+)$`, out)
+	assert.Regexp(t, `(?m)^   sdcpp +(available \(.+libstable-diffusion\.so\)|unavailable: .+)$`, out, "with the build it found")
 
 	code, out, errOut = runCLI("version", "--json", "--lib", testenv.LibPath())
 	require.Equal(t, 0, code, errOut)
@@ -59,6 +59,11 @@ func TestHelpAndCompletion(t *testing.T) {
 	code, out, _ = runCLI("__complete", "generate", "--sampler", "dpm")
 	require.Equal(t, exitOK, code)
 	assert.Contains(t, out, "dpmpp_2m_karras")
+	for _, cmd := range []string{"generate", "edit", "serve"} {
+		code, out, _ = runCLI("__complete", cmd, "--backend", "")
+		require.Equal(t, exitOK, code)
+		assert.Contains(t, out, "libtorch\nsdcpp\n", "%s --backend", cmd)
+	}
 }
 
 func TestModelsMakeTinyThenList(t *testing.T) {
@@ -92,6 +97,8 @@ func TestBadInvocations(t *testing.T) {
 		{[]string{"version", "--lib", "/nonexistent/libstepwise.so"}, exitError, "/nonexistent/libstepwise.so: no such file"},
 		{[]string{"version", "--lib", testenv.LibPath(), "--device", "cuda:9"}, exitError, "not present"},
 		{[]string{"version", "--bogus"}, exitUsage, "stepwise version: unknown flag: --bogus"},
+		// An address it cannot listen on: were the flag ignored, serve would fail there, not serve.
+		{[]string{"serve", "--lib", testenv.LibPath(), "--addr", "256.0.0.1:0", "--backend", "nope"}, exitError, `unknown backend "nope"`},
 	}
 	for _, tt := range tests {
 		code, _, errOut := runCLI(tt.args...)

@@ -4,9 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -15,6 +19,7 @@ import (
 
 	"github.com/stepwise-sd/stepwise/binding"
 	"github.com/stepwise-sd/stepwise/catalog"
+	"github.com/stepwise-sd/stepwise/jobbus"
 	"github.com/stepwise-sd/stepwise/pipeline"
 	"github.com/stepwise-sd/stepwise/server"
 )
@@ -22,8 +27,11 @@ import (
 // serveFlags are serve's flags.
 type serveFlags struct {
 	engine                                        engineFlags
+	nats                                          natsFlags
+	workers, maxCrashes                           int
+	ackWait                                       time.Duration
 	addr, data, model, modelsDir, vae, segModel   string
-	dtype, token                                  string
+	dtype, backend, token                         string
 	origins, hosts                                []string
 	concurrency, maxQueue, maxSteps, maxSide      int
 	maxConns, maxWebsockets, maxPrompt, maxPixels int
@@ -34,23 +42,28 @@ type serveFlags struct {
 }
 
 func newServeCommand() *cobra.Command {
-	return newFlaggedCommand("serve", "serve the HTTP + websocket API and the page (127.0.0.1:7860)", cobra.NoArgs, &serveFlags{})
+	return newFlaggedCommand("serve", "serve the HTTP + websocket API and the page (127.0.0.1:7860); the engine runs in worker processes", cobra.NoArgs, &serveFlags{})
 }
 
 func (f *serveFlags) register(cmd *cobra.Command) {
 	f.engine.register(cmd)
+	f.nats.register(cmd, "external NATS server URL: use its queue instead of an embedded one, and start no local workers")
 	fs := cmd.Flags()
+	fs.IntVar(&f.workers, "workers", 1, "local worker processes to run and restart (with the embedded NATS; 0: none)")
+	fs.IntVar(&f.maxCrashes, "max-crashes", server.DefaultMaxCrashes, "times a job may end its worker before it fails instead of running again (local workers)")
+	fs.DurationVar(&f.ackWait, "ack-wait", jobbus.DefaultAckWait, "how long a job may go without its worker's word before another worker gets it")
 	fs.StringVar(&f.addr, "addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
 	fs.StringVar(&f.data, "data", defaultDataDir(), "data folder: runs/, cache/ and the demo models")
 	fs.StringVar(&f.model, "model", "", "Stable Diffusion model: a path, or a name in --models-dir (default: the folder's first, else the tiny demo model)")
 	fs.StringVar(&f.modelsDir, "models-dir", "", "folder of checkpoints (diffusers folders, .safetensors, .ckpt, VAEs) that requests may choose from")
 	fs.StringVar(&f.vae, "vae", "", "VAE replacing the models' own: a path, or a name in --models-dir")
 	fs.StringVar(&f.segModel, "seg-model", "", "segmentation U-Net (default: the tiny demo model)")
-	fs.StringVar(&f.dtype, "dtype", "auto", "weights dtype: auto, f32, f16, bf16, int8 (cpu: the UNet's linear layers in int8)")
+	fs.StringVar(&f.dtype, "dtype", "auto", dtypeHelp)
+	fs.StringVar(&f.backend, "backend", binding.BackendLibtorch.String(), backendHelp+"; the default of jobs that name none")
 	fs.StringVar(&f.token, "token", os.Getenv("STEPWISE_TOKEN"), "require this bearer token ($STEPWISE_TOKEN)")
 	fs.StringSliceVar(&f.origins, "allow-origin", nil, "comma-separated origins whose pages may use the API (the server's own always may)")
 	d := server.DefaultConfig() // the limits' defaults live with the server
-	fs.IntVar(&f.concurrency, "concurrency", d.Concurrency, "jobs running at once on the device")
+	fs.IntVar(&f.concurrency, "concurrency", 1, "jobs running at once in each local worker")
 	fs.IntVar(&f.maxQueue, "max-queue", d.MaxQueue, "jobs waiting at most")
 	fs.IntVar(&f.maxSteps, "max-steps", d.MaxSteps, "steps a job may ask for")
 	fs.IntVar(&f.maxSide, "max-size", d.MaxSide, "width or height a job may ask for")
@@ -69,6 +82,7 @@ func (f *serveFlags) register(cmd *cobra.Command) {
 	_ = cmd.MarkFlagDirname("data")
 	_ = cmd.MarkFlagDirname("models-dir")
 	completeDTypes(cmd, "dtype")
+	completeBackends(cmd, "backend")
 }
 
 func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
@@ -78,11 +92,13 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	lib, err := f.engine.load(stderr)
+	// The default backend is checked where it runs: a worker announces the
+	// backends it can load, and jobs asking for one no worker has are refused.
+	backend, err := binding.ParseBackend(f.backend)
 	if err != nil {
 		return err
 	}
-	lg := f.engine.log
+	lg := f.engine.logger(stderr)
 	var cat *catalog.Catalog
 	if f.modelsDir != "" {
 		if cat, err = catalog.Open(f.modelsDir, filepath.Join(f.data, "cache")); err != nil {
@@ -99,7 +115,8 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 		}
 	}
 	if model == "" || segModel == "" {
-		sd, seg, err := demoModels(lib, f.data, stderr)
+		// The gateway never loads the engine: a child process makes the demo models.
+		sd, seg, err := f.demoModels(cmd.Context(), stderr)
 		if err != nil {
 			return err
 		}
@@ -115,16 +132,37 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	runner := newRunner(lib, f.data, "", runs, lg)
-	defer runner.Cache.Close()
-	srv := server.New(server.Config{
-		Model: model, SegModel: segModel, VAE: vae, Catalog: cat, DType: dtype, Token: f.token,
-		AllowedOrigins: splitList(f.origins), AllowedHosts: splitList(f.hosts),
-		Concurrency: f.concurrency, MaxQueue: f.maxQueue, MaxSteps: f.maxSteps, MaxSide: f.maxSide,
+
+	opts := f.nats.options("stepwise serve")
+	embedded := opts.URL == ""
+	if embedded {
+		ns, err := jobbus.StartEmbedded(f.data)
+		if err != nil {
+			return err
+		}
+		defer ns.Shutdown()
+		opts = ns.Options
+		opts.Name = "stepwise serve"
+	}
+	bus, err := jobbus.Connect(opts)
+	if err != nil {
+		return err
+	}
+	defer bus.Close()
+	srv, err := server.New(server.Config{
+		Model: model, SegModel: segModel, VAE: vae, Catalog: cat, DType: dtype, Backend: backend,
+		Token: f.token, AllowedOrigins: splitList(f.origins), AllowedHosts: splitList(f.hosts),
+		MaxQueue: f.maxQueue, MaxSteps: f.maxSteps, MaxSide: f.maxSide,
 		MaxConns: f.maxConns, MaxWebsockets: f.maxWebsockets, MaxPromptBytes: f.maxPrompt, MaxPixels: f.maxPixels,
 		MaxBodyBytes: f.maxBody, ReadTimeout: f.readTimeout, KeepJobs: f.keepJobs, MaxBatch: f.maxBatch,
-		CancelOnShutdown: f.cancelOnShutdown, Logger: lg,
-	}, runner)
+		CancelOnShutdown: f.cancelOnShutdown, Runs: runs, ConvertDir: filepath.Join(f.data, "cache"),
+		KeepQueuedOnShutdown: !embedded, Version: version,
+		Bus: jobbus.SetupOptions{AckWait: f.ackWait, Retention: f.retention}, Logger: lg,
+	}, bus)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -133,8 +171,27 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
+	// Local workers live until the gateway has finished with them.
+	wctx, stopWorkers := context.WithCancel(context.Background())
+	supervised := make(chan struct{})
+	if embedded && f.workers > 0 {
+		sup, err := f.supervisor(opts, stderr, lg)
+		if err != nil {
+			stopWorkers()
+			return err
+		}
+		go func() { sup.run(wctx); close(supervised) }()
+	} else {
+		close(supervised)
+	}
+	defer func() { stopWorkers(); <-supervised }()
+
 	hs := srv.HTTPServer()
-	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (device %s, model %s)\n", version, ln.Addr(), lib.Device().ID, model)
+	where := "NATS " + opts.URL
+	if embedded {
+		where = fmt.Sprintf("%d local worker(s), embedded NATS %s", f.workers, opts.URL)
+	}
+	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (%s, model %s)\n", version, ln.Addr(), where, model)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	select {
@@ -152,6 +209,61 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	return jobErr
+}
+
+// engineArgs are the engine flags given to this command, for its children.
+func (f *serveFlags) engineArgs() []string {
+	var args []string
+	if f.engine.lib != "" {
+		args = append(args, "--lib", f.engine.lib)
+	}
+	if f.engine.device != "" {
+		args = append(args, "--device", f.engine.device)
+	}
+	if f.engine.threads > 0 {
+		args = append(args, "--threads", strconv.Itoa(f.engine.threads))
+	}
+	if f.engine.verbose {
+		args = append(args, "--verbose")
+	}
+	return args
+}
+
+// supervisor runs the local workers on the embedded NATS.
+func (f *serveFlags) supervisor(opts jobbus.ConnectOptions, stderr io.Writer, lg *slog.Logger) (*supervisor, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find this binary to start workers: %w", err)
+	}
+	args := append([]string{"worker", "--nats", opts.URL, "--data", f.data, "--retention", f.retention.String(),
+		"--max-crashes", strconv.Itoa(f.maxCrashes), "--concurrency", strconv.Itoa(f.concurrency),
+		"--shutdown-grace", f.grace.String()}, f.engineArgs()...)
+	return &supervisor{exe: exe, args: args, n: f.workers, grace: f.grace + 10*time.Second, stderr: stderr, log: lg,
+		env: []string{natsUserEnv + "=" + opts.User, natsPasswordEnv + "=" + opts.Password}}, nil
+}
+
+// demoModels returns the tiny random-weight models under data/models, made
+// the first time by a child process (`stepwise models make-tiny`), so a fault
+// of the engine never touches the gateway.
+func (f *serveFlags) demoModels(ctx context.Context, stderr io.Writer) (sd, seg string, err error) {
+	dir, sd, seg, ok := demoModelPaths(f.data)
+	if ok {
+		return sd, seg, nil
+	}
+	fmt.Fprintf(stderr, "making the tiny demo models in %s (random weights: the images are noise)\n", dir)
+	exe, err := os.Executable()
+	if err != nil {
+		return "", "", fmt.Errorf("find this binary to make the demo models: %w", err)
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	child := exec.CommandContext(ctx, exe, append([]string{"models", "make-tiny", dir}, f.engineArgs()...)...)
+	child.Stderr = stderr
+	if err := child.Run(); err != nil {
+		return "", "", fmt.Errorf("make the demo models (stepwise models make-tiny): %s", exitReason(err))
+	}
+	return sd, seg, nil
 }
 
 // pickModel resolves a model flag against a models folder: an existing path

@@ -47,8 +47,11 @@ func runVersion(ef *engineFlags, asJSON bool, stdout, stderr io.Writer) error {
 	fmt.Fprintln(stdout, "backends:")
 	for _, b := range v.Backends {
 		state := "available"
-		if !b.Available {
+		switch {
+		case !b.Available:
 			state = "unavailable: " + b.Reason
+		case b.Library != "":
+			state += " (" + b.Library + ")"
 		}
 		fmt.Fprintf(stdout, "   %-8s %s\n", b.Backend, state)
 	}
