@@ -71,3 +71,13 @@ func TestReducedPrecisionStaysNearFloat32(t *testing.T) {
 		})
 	}
 }
+
+// The segmentation model has no int8 path: asking for one is an error, not a
+// float32 model that reports int8.
+func TestInt8IsRefusedWhereItDoesNotApply(t *testing.T) {
+	lib := testenv.Library(t)
+	_, segPath := testenv.Tiny(t)
+	_, err := lib.OpenSeg(binding.SegOptions{Path: segPath, DType: binding.INT8})
+	require.ErrorIs(t, err, binding.ErrUnsupported)
+	assert.Contains(t, err.Error(), "int8 is for Stable Diffusion models")
+}
