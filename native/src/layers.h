@@ -29,12 +29,7 @@ TORCH_MODULE(ConvTranspose2d);
 struct LinearImpl : torch::nn::Module {
     LinearImpl(int64_t in, int64_t out, bool bias = true);
     torch::Tensor forward(const torch::Tensor &x);
-    // Replaces the float weight by int8 with one scale per output channel,
-    // prepacked for libtorch's quantized engine; forward then quantizes its
-    // input per call (dynamic quantization) and returns float32.
-    void quantize_int8();
     torch::Tensor weight, bias;
-    c10::IValue packed;  // the prepacked int8 weight and bias; None while float
 };
 TORCH_MODULE(Linear);
 
@@ -72,17 +67,6 @@ struct BatchNorm2dImpl : torch::nn::Module {
     double eps;
 };
 TORCH_MODULE(BatchNorm2d);
-
-// Stores the weights of every Linear under m as int8 (LinearImpl::quantize_int8).
-// Fails with SW_ERR_UNSUPPORTED when libtorch has no quantized engine. Returns
-// the bytes the weights take afterwards minus before (negative: saved).
-int64_t quantize_linears_int8(torch::nn::Module &m);
-
-// The activation layout the UNet and VAE compute in: channels-last on the CPU,
-// where oneDNN's convolutions take and give it without reordering (and the
-// attention blocks' [B, H*W, C] views of it cost no copy); as given elsewhere.
-// Their convolution kernels are loaded in the same layout (load_weights).
-torch::Tensor compute_layout(const torch::Tensor &x);
 
 // The most bytes one attention score matrix may take; larger ones are computed
 // in slices of queries (the result is the same: softmax is per query).

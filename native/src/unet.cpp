@@ -117,7 +117,7 @@ torch::Tensor Transformer2DImpl::forward(const torch::Tensor &x, const torch::Te
     }
     if (linear_projection) h = proj_out.forward(h);
     h = h.reshape({b, hgt, wid, c}).permute({0, 3, 1, 2});
-    if (!linear_projection) h = proj_out.forward(h.contiguous(x.suggest_memory_format()));
+    if (!linear_projection) h = proj_out.forward(h.contiguous());
     return h + x;
 }
 
@@ -280,7 +280,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor &sample, const torch::Tensor
     auto temb = timestep_embedding(t, config.block_out[0], config.flip_sin_to_cos, config.freq_shift).to(dtype);
     temb = time_linear_2(at::silu(time_linear_1(temb)));
 
-    auto h = conv_in(compute_layout(sample));
+    auto h = conv_in(sample);
     std::vector<torch::Tensor> skips{h};
     for (const auto &m : *down_blocks) {
         auto blk = m->as<UNetBlock>();
@@ -321,7 +321,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor &sample, const torch::Tensor
             h = blk->up(h, size);
         }
     }
-    return conv_out(at::silu(conv_norm_out(h))).contiguous();
+    return conv_out(at::silu(conv_norm_out(h)));
 }
 
 }  // namespace sw

@@ -146,13 +146,11 @@ VAEImpl::VAEImpl(const VAEConfig &c) : config(c) {
 }
 
 std::pair<torch::Tensor, torch::Tensor> VAEImpl::encode(const torch::Tensor &image) {
-    auto moments = quant_conv(encoder(compute_layout(image))).contiguous();
+    auto moments = quant_conv(encoder(image));
     auto parts = moments.chunk(2, 1);
     return {parts[0], parts[1].clamp(-30.0, 20.0)};
 }
 
-torch::Tensor VAEImpl::decode(const torch::Tensor &latents) {
-    return decoder(post_quant_conv(compute_layout(latents))).contiguous();
-}
+torch::Tensor VAEImpl::decode(const torch::Tensor &latents) { return decoder(post_quant_conv(latents)); }
 
 }  // namespace sw

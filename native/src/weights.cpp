@@ -69,11 +69,7 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
         } else {
             t = f.load(key, want_float ? dtype : target.scalar_type(), device);
         }
-        t = t.reshape(target.sizes());
-        // Convolution kernels are kept channels-last on the CPU, where the
-        // UNet and VAE run channels-last: oneDNN then reads them as they are
-        // instead of reordering a copy of every kernel at every call.
-        t = t.dim() == 4 && t.device().is_cpu() ? t.contiguous(torch::MemoryFormat::ChannelsLast) : t.contiguous();
+        t = t.reshape(target.sizes()).contiguous();
         target.set_data(t);
         if (is_param) stats.params += t.numel();
         stats.bytes += t.numel() * static_cast<int64_t>(t.element_size());
