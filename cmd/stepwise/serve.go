@@ -49,7 +49,7 @@ func (f *serveFlags) register(cmd *cobra.Command) {
 	f.engine.register(cmd)
 	f.nats.register(cmd, "external NATS server URL: use its queue instead of an embedded one, and start no local workers")
 	fs := cmd.Flags()
-	fs.IntVar(&f.workers, "workers", 1, "local worker processes to run and restart (with the embedded NATS; 0: none)")
+	fs.IntVar(&f.workers, "workers", autoWorkers, "local worker processes to run and restart, with the embedded NATS (-1: one per GPU found, else one; 0: none)")
 	fs.IntVar(&f.maxCrashes, "max-crashes", server.DefaultMaxCrashes, "times a job may end its worker before it fails instead of running again (local workers)")
 	fs.DurationVar(&f.ackWait, "ack-wait", jobbus.DefaultAckWait, "how long a job may go without its worker's word before another worker gets it")
 	fs.StringVar(&f.addr, "addr", "127.0.0.1:7860", "address to listen on (loopback by default)")
@@ -174,8 +174,12 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	// Local workers live until the gateway has finished with them.
 	wctx, stopWorkers := context.WithCancel(context.Background())
 	supervised := make(chan struct{})
-	if embedded && f.workers > 0 {
-		sup, err := f.supervisor(opts, stderr, lg)
+	var devices []string
+	if embedded {
+		devices = planWorkers(f.workers, f.engine.device, func() []string { return f.probeGPUs(ctx, lg) })
+	}
+	if len(devices) > 0 {
+		sup, err := f.supervisor(opts, devices, stderr, lg)
 		if err != nil {
 			stopWorkers()
 			return err
@@ -189,7 +193,7 @@ func (f *serveFlags) run(cmd *cobra.Command, _ []string) error {
 	hs := srv.HTTPServer()
 	where := "NATS " + opts.URL
 	if embedded {
-		where = fmt.Sprintf("%d local worker(s), embedded NATS %s", f.workers, opts.URL)
+		where = fmt.Sprintf("%d local worker(s), embedded NATS %s", len(devices), opts.URL)
 	}
 	fmt.Fprintf(stdout, "stepwise %s serving on http://%s (%s, model %s)\n", version, ln.Addr(), where, model)
 	errc := make(chan error, 1)
@@ -230,7 +234,7 @@ func (f *serveFlags) engineArgs() []string {
 }
 
 // supervisor runs the local workers on the embedded NATS.
-func (f *serveFlags) supervisor(opts jobbus.ConnectOptions, stderr io.Writer, lg *slog.Logger) (*supervisor, error) {
+func (f *serveFlags) supervisor(opts jobbus.ConnectOptions, devices []string, stderr io.Writer, lg *slog.Logger) (*supervisor, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("find this binary to start workers: %w", err)
@@ -238,7 +242,7 @@ func (f *serveFlags) supervisor(opts jobbus.ConnectOptions, stderr io.Writer, lg
 	args := append([]string{"worker", "--nats", opts.URL, "--data", f.data, "--retention", f.retention.String(),
 		"--max-crashes", strconv.Itoa(f.maxCrashes), "--concurrency", strconv.Itoa(f.concurrency),
 		"--shutdown-grace", f.grace.String()}, f.engineArgs()...)
-	return &supervisor{exe: exe, args: args, n: f.workers, grace: f.grace + 10*time.Second, stderr: stderr, log: lg,
+	return &supervisor{exe: exe, args: args, devices: devices, grace: f.grace + 10*time.Second, stderr: stderr, log: lg,
 		env: []string{natsUserEnv + "=" + opts.User, natsPasswordEnv + "=" + opts.Password}}, nil
 }
 
