@@ -35,10 +35,11 @@ type Options struct {
 
 // Library is the loaded engine. It is safe for concurrent use.
 type Library struct {
-	path   string
-	handle uintptr
-	device Device
-	fn     functions
+	path    string
+	handle  uintptr
+	device  Device
+	threads int
+	fn      functions
 }
 
 // functions holds every C function of the ABI, resolved once at load.
@@ -244,6 +245,10 @@ func open(path string) (*Library, error) {
 	return lib, nil
 }
 
+// Threads is the number of CPU threads the engine computes with: Options.Threads,
+// else $STEPWISE_THREADS, else every CPU.
+func (l *Library) Threads() int { return l.threads }
+
 func (l *Library) init(opts Options) error {
 	lg := opts.Logger
 	if lg == nil {
@@ -261,6 +266,7 @@ func (l *Library) init(opts Options) error {
 		}
 	}
 	l.fn.setNumThreads(int32(threads))
+	l.threads = threads
 	devices, err := l.Devices()
 	if err != nil {
 		return err

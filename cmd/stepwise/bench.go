@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -425,21 +424,11 @@ func (f *benchFlags) measure(ctx context.Context, p benchPlan, stderr io.Writer,
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	lib, err := f.engine.load(stderr)
+	lib, path, name, err := f.engine.loadBenchModel(f.model, f.cache, stderr)
 	if err != nil {
 		return err
 	}
-	path, name, err := benchModel(lib, f.model, f.cache, stderr)
-	if err != nil {
-		return err
-	}
-	threads := f.engine.threads
-	if threads <= 0 {
-		threads = runtime.NumCPU()
-		if n, err := strconv.Atoi(os.Getenv("STEPWISE_THREADS")); err == nil && n > 0 {
-			threads = n
-		}
-	}
+	threads := lib.Threads()
 	for _, b := range p.backends {
 		for _, dt := range p.dtypes {
 			if err := f.measureOne(ctx, lib, p, b, dt, path, name, threads, emit); err != nil {
@@ -500,20 +489,23 @@ func (f *benchFlags) measureOne(ctx context.Context, lib *binding.Library, p ben
 	return nil
 }
 
-// benchModel is the model bench times: model when given (named by its
-// path), else a random-weight SD 1.5-sized model made once in cache.
-func benchModel(lib *binding.Library, model, cache string, stderr io.Writer) (path, name string, err error) {
+// loadBenchModel loads the engine and finds the model a bench times: model,
+// else a random-weight SD 1.5-sized one made once in cache.
+func (e *engineFlags) loadBenchModel(model, cache string, stderr io.Writer) (lib *binding.Library, path, name string, err error) {
+	if lib, err = e.load(stderr); err != nil {
+		return nil, "", "", err
+	}
 	if model != "" {
-		return model, model, nil
+		return lib, model, model, nil
 	}
 	path = filepath.Join(cache, "sd15-random")
 	if _, err := os.Stat(filepath.Join(path, "unet", "diffusion_pytorch_model.safetensors")); err != nil {
 		fmt.Fprintf(stderr, "making a random-weight SD 1.5-sized model in %s (once)...\n", path)
 		if err := models.MakeRandomSD(lib, path, models.SD15Arch(), 1); err != nil {
-			return "", "", err
+			return nil, "", "", err
 		}
 	}
-	return path, "sd15-sized (random)", nil
+	return lib, path, "sd15-sized (random)", nil
 }
 
 // procStatusBytes reads a memory figure (VmHWM, VmRSS) of this process from

@@ -30,7 +30,7 @@ func init() {
 
 func TestBenchMeasuresEachDTypeInItsOwnProcess(t *testing.T) {
 	sdDir, _ := testenv.Tiny(t)
-	args := []string{"bench", "--lib", testenv.LibPath(), "--device", "cpu", "--model", sdDir, "--sizes", "64", "--steps", "2"}
+	args := []string{"bench", "--lib", testenv.LibPath(), "--device", "cpu", "--model", sdDir, "--sizes", "64", "--steps", "2", "--threads", "1"}
 
 	code, out, errOut := runCLI(append(args, "--dtypes", "f32,bf16", "--json")...)
 	require.Equal(t, exitOK, code, errOut)
@@ -47,6 +47,7 @@ func TestBenchMeasuresEachDTypeInItsOwnProcess(t *testing.T) {
 		assert.Equal(t, sdDir, r.Model, "the flags reach the child")
 		assert.Equal(t, 64, r.Size)
 		assert.Equal(t, 2, r.Steps)
+		assert.Equal(t, 1, r.Threads, "the engine's thread count, as --threads set it")
 		assert.Positive(t, r.PeakRSS, "%s has its own peak RSS", r.DType)
 		assert.NotZero(t, r.PID)
 		assert.NotEqual(t, os.Getpid(), r.PID, "%s is measured in a child, not in bench's process", r.DType)

@@ -74,11 +74,7 @@ func (f *benchMemoryFlags) run(cmd *cobra.Command, _ []string) error {
 		return fmt.Errorf("--runs must be at least 1 and --warmup at least 0")
 	}
 	stdout, stderr := cmd.OutOrStdout(), cmd.ErrOrStderr()
-	lib, err := f.engine.load(stderr)
-	if err != nil {
-		return err
-	}
-	path, name, err := benchModel(lib, f.model, f.cache, stderr)
+	lib, path, name, err := f.engine.loadBenchModel(f.model, f.cache, stderr)
 	if err != nil {
 		return err
 	}
