@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -230,34 +231,22 @@ func sd15Variant(t *testing.T, sd15 string, replace map[string]func(path string)
 // refuses the header before it reads any data).
 func withShape(t *testing.T, src, name string) func(string) {
 	return func(dst string) {
-		in, err := os.Open(src)
+		entries, start := stHeader(t, src)
+		e, ok := entries[name]
+		require.True(t, ok, "%s holds %s", src, name)
+		e.Shape = slices.Clone(e.Shape)
+		slices.Reverse(e.Shape)
+		entries[name] = e
+		st, err := os.Stat(src)
 		require.NoError(t, err)
-		defer in.Close()
-		st, err := in.Stat()
-		require.NoError(t, err)
-		var n uint64
-		require.NoError(t, binary.Read(in, binary.LittleEndian, &n))
-		raw := make([]byte, n)
-		_, err = io.ReadFull(in, raw)
-		require.NoError(t, err)
-		var header map[string]json.RawMessage
-		require.NoError(t, json.Unmarshal(raw, &header))
-		var e map[string]any
-		require.NoError(t, json.Unmarshal(header[name], &e))
-		shape := e["shape"].([]any)
-		for i, j := 0, len(shape)-1; i < j; i, j = i+1, j-1 {
-			shape[i], shape[j] = shape[j], shape[i]
-		}
-		header[name], err = json.Marshal(e)
-		require.NoError(t, err)
-		h, err := json.Marshal(header)
+		h, err := json.Marshal(entries)
 		require.NoError(t, err)
 		f, err := os.Create(dst)
 		require.NoError(t, err)
 		require.NoError(t, binary.Write(f, binary.LittleEndian, uint64(len(h))))
 		_, err = f.Write(h)
 		require.NoError(t, err)
-		require.NoError(t, f.Truncate(int64(8+len(h))+st.Size()-int64(8+n)))
+		require.NoError(t, f.Truncate(int64(8+len(h))+st.Size()-start))
 		require.NoError(t, f.Close())
 	}
 }
