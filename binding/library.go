@@ -216,6 +216,7 @@ func open(path string) (*Library, error) {
 			return nil, err
 		}
 	}
+	applyThreadPoolEnv()
 	h, err := purego.Dlopen(path, purego.RTLD_NOW|purego.RTLD_LOCAL)
 	if err != nil {
 		return nil, err
