@@ -42,14 +42,32 @@ GroupNormImpl::GroupNormImpl(int64_t groups_, int64_t channels, double eps_) : g
     bias = register_parameter("bias", empty({channels}), false);
 }
 
-torch::Tensor GroupNormImpl::forward(const torch::Tensor &x) { return at::group_norm(x, groups, weight, bias, eps); }
+namespace {
+// libtorch's CPU group and layer norms run ~10× slower in bfloat16 than in
+// float32 (GroupNorm at [2, 320, 32, 32]: 4.5 against 0.5 ms with both
+// conversions; LayerNorm at [2, 1024, 320]: 3.1 against 0.3 ms); computing in
+// float32 is also the more exact of the two.
+bool norm_in_float32(const torch::Tensor &x) { return x.scalar_type() == torch::kBFloat16 && x.device().is_cpu(); }
+}  // namespace
+
+torch::Tensor GroupNormImpl::forward(const torch::Tensor &x) {
+    if (norm_in_float32(x))
+        return at::group_norm(x.to(torch::kFloat32), groups, weight.to(torch::kFloat32), bias.to(torch::kFloat32), eps)
+            .to(x.scalar_type());
+    return at::group_norm(x, groups, weight, bias, eps);
+}
 
 LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_) : dim(dim_), eps(eps_) {
     weight = register_parameter("weight", empty({dim}), false);
     bias = register_parameter("bias", empty({dim}), false);
 }
 
-torch::Tensor LayerNormImpl::forward(const torch::Tensor &x) { return at::layer_norm(x, {dim}, weight, bias, eps); }
+torch::Tensor LayerNormImpl::forward(const torch::Tensor &x) {
+    if (norm_in_float32(x))
+        return at::layer_norm(x.to(torch::kFloat32), {dim}, weight.to(torch::kFloat32), bias.to(torch::kFloat32), eps)
+            .to(x.scalar_type());
+    return at::layer_norm(x, {dim}, weight, bias, eps);
+}
 
 EmbeddingImpl::EmbeddingImpl(int64_t count, int64_t dim) {
     weight = register_parameter("weight", empty({count, dim}), false);
