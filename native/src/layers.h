@@ -13,7 +13,12 @@ namespace sw {
 struct Conv2dImpl : torch::nn::Module {
     Conv2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = 0, bool bias = true);
     torch::Tensor forward(const torch::Tensor &x);
+    // Keeps w (this convolution's weight, in any layout) only in oneDNN's
+    // layout for this convolution, as dtype; weight becomes a placeholder of
+    // its shape and forward runs oneDNN on the packed kernel directly.
+    void prepack(const torch::Tensor &w, torch::ScalarType dtype);
     torch::Tensor weight, bias;
+    torch::Tensor packed;  // the weight in oneDNN's layout; undefined while not prepacked
     int64_t stride, padding;
 };
 TORCH_MODULE(Conv2d);
@@ -67,6 +72,12 @@ struct BatchNorm2dImpl : torch::nn::Module {
     double eps;
 };
 TORCH_MODULE(BatchNorm2d);
+
+// Whether convolutions with dtype weights on device are prepacked as they
+// load (load_weights): float32 or bfloat16 on the CPU, where this libtorch's
+// oneDNN convolution on a prepacked kernel runs and agrees with at::conv2d on
+// a probe (checked once per dtype, the reason logged when it does not).
+bool prepack_convolutions(torch::ScalarType dtype, const torch::Device &device);
 
 // The most bytes one attention score matrix may take; larger ones are computed
 // in slices of queries (the result is the same: softmax is per query).

@@ -183,26 +183,27 @@ const TensorEntry &SafeTensorsFile::entry(const std::string &name) const {
     return it->second;
 }
 
-torch::Tensor SafeTensorsFile::load(const std::string &name) const {
+torch::Tensor SafeTensorsFile::load_with(const std::string &name,
+                                         const std::function<torch::Tensor(const torch::Tensor &view)> &copy_out) const {
     const TensorEntry &e = entry(name);
-    // from_blob does not own the mapping; clone copies it out (and fixes any
-    // misalignment of the data section).
-    auto view = torch::from_blob(const_cast<uint8_t *>(data_ + e.begin), e.shape,
-                                 torch::TensorOptions().dtype(e.scalar));
-    auto out = view.clone();
-    drop_pages(map_, size_, static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_)) + e.begin,
-               static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_)) + e.end);
-    return out;
-}
-
-torch::Tensor SafeTensorsFile::load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const {
-    const TensorEntry &e = entry(name);
-    auto view = torch::from_blob(const_cast<uint8_t *>(data_ + e.begin), e.shape,
-                                 torch::TensorOptions().dtype(e.scalar));
-    auto out = e.scalar == dtype && device.is_cpu() ? view.clone() : view.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);
+    auto view = torch::from_blob(const_cast<uint8_t *>(data_ + e.begin), e.shape, torch::TensorOptions().dtype(e.scalar));
+    auto out = copy_out(view);
     const size_t base = static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_));
     drop_pages(map_, size_, base + e.begin, base + e.end);
     return out;
+}
+
+torch::Tensor SafeTensorsFile::load(const std::string &name) const {
+    // clone copies it out of the mapping (and fixes any misalignment of the
+    // data section).
+    return load_with(name, [](const torch::Tensor &view) { return view.clone(); });
+}
+
+torch::Tensor SafeTensorsFile::load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const {
+    return load_with(name, [&](const torch::Tensor &view) {
+        return view.scalar_type() == dtype && device.is_cpu() ? view.clone()
+                                                               : view.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);
+    });
 }
 
 void write_safetensors(const std::string &path, const std::vector<std::pair<std::string, torch::Tensor>> &tensors,

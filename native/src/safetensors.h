@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -40,6 +41,11 @@ public:
     torch::Tensor load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const;
     // The tensor in its stored dtype, on the CPU, owning its memory.
     torch::Tensor load(const std::string &name) const;
+    // copy_out's result for a view of the tensor's bytes in the mapping (its
+    // stored dtype and shape, on the CPU): copy_out must return a tensor that
+    // owns its memory. The view's pages are given back afterwards.
+    torch::Tensor load_with(const std::string &name,
+                            const std::function<torch::Tensor(const torch::Tensor &view)> &copy_out) const;
 
 private:
     std::string path_;

@@ -3,6 +3,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "common.h"
+#include "layers.h"
+
+#include <unordered_map>
 
 namespace sw {
 
@@ -42,6 +45,13 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
                          torch::ScalarType dtype, const torch::Device &device) {
     torch::NoGradGuard no_grad;
     WeightStats stats;
+    // Convolution kernels go from the mapping straight into oneDNN's layout
+    // (layers.h): never held in two layouts, no copy more than a plain load.
+    std::unordered_map<const c10::TensorImpl *, Conv2dImpl *> packable;
+    if (prepack_convolutions(dtype, device))
+        for (const auto &child : m.modules(/*include_self=*/true))
+            if (auto *conv = dynamic_cast<Conv2dImpl *>(child.get()); conv != nullptr && !conv->packed.defined())
+                packable[conv->weight.unsafeGetTensorImpl()] = conv;
     auto fill = [&](const std::string &name, torch::Tensor &target, bool is_param) {
         const Source src = resolve(name);
         const std::string &key = src.key;
@@ -62,6 +72,16 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
         if (target.sizes().vec() != have && !reshapeable(target.sizes(), have))
             fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has shape " + shape_str(have) + ", the config needs " +
                                     shape_str(target.sizes()));
+        if (auto conv = packable.find(target.unsafeGetTensorImpl()); conv != packable.end() && src.parts == 1) {
+            f.load_with(key, [&](const torch::Tensor &view) {
+                conv->second->prepack(view, dtype);
+                return torch::Tensor();
+            });
+            const int64_t n = target.numel();
+            if (is_param) stats.params += n;
+            stats.bytes += n * static_cast<int64_t>(c10::elementSize(dtype));
+            return;
+        }
         torch::Tensor t;
         if (src.parts > 1) {
             t = f.load(key).chunk(src.parts, 0)[static_cast<size_t>(src.part)].to(device, want_float ? dtype : target.scalar_type(),

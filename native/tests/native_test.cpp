@@ -296,6 +296,26 @@ void test_attention_slicing() {
     close("masked attention in query slices equals whole", self_sliced, self_whole, 1e-6);
 }
 
+// Every convolution of a CPU model in float32 or bfloat16 holds its kernel
+// once, in oneDNN's layout (layers.h): packed, with a one-element placeholder
+// where the dense weight was.
+void test_prepacked(sw_sd_model *m, const std::string &label) {
+    int64_t convs = 0, packed = 0, dense_bytes = 0;
+    for (torch::nn::Module *part : {static_cast<torch::nn::Module *>(m->unet.get()),
+                                    static_cast<torch::nn::Module *>(m->vae.get())})
+        for (const auto &child : part->modules()) {
+            auto *conv = dynamic_cast<sw::Conv2dImpl *>(child.get());
+            if (conv == nullptr) continue;
+            convs++;
+            if (conv->packed.defined() && conv->packed.is_mkldnn()) packed++;
+            dense_bytes += static_cast<int64_t>(conv->weight.storage().nbytes());
+        }
+    report(convs > 0 && packed == convs, label + " convolutions prepacked",
+           std::to_string(packed) + " of " + std::to_string(convs));
+    report(dense_bytes <= 4 * convs, label + " convolutions hold no dense kernel",
+           std::to_string(dense_bytes) + " bytes in " + std::to_string(convs) + " placeholders");
+}
+
 // Runs f with a cancel flag that is already set, as if another thread had
 // called sw_*_model_cancel: it must stop with SW_CANCELLED at a cancel point.
 void expect_cancel_point(const std::string &name, const std::function<void()> &f) {
@@ -398,6 +418,7 @@ int main() {
         run("vae", [&] { test_vae(m); });
         run("samplers", [&] { test_samplers(m); });
         run("cancel points", [&] { test_cancel_points(m); });
+        run("prepacked f32", [&] { test_prepacked(m, "f32"); });
         const std::string prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
         for (auto [name, kind] : std::vector<std::pair<std::string, sw::SamplerKind>>{
                  {"ddim", sw::SamplerKind::DDIM}, {"euler", sw::SamplerKind::Euler},
