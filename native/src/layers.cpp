@@ -123,6 +123,15 @@ torch::Tensor GroupNormImpl::forward(const torch::Tensor &x) {
     return at::group_norm(x, groups, weight, bias, eps);
 }
 
+torch::Tensor GroupNormImpl::forward_silu(const torch::Tensor &x) {
+    if (norm_in_float32(x)) {
+        auto y = at::group_norm(x.to(torch::kFloat32), groups, weight.to(torch::kFloat32), bias.to(torch::kFloat32), eps);
+        return at::silu_(y).to(x.scalar_type());
+    }
+    auto y = at::group_norm(x, groups, weight, bias, eps);
+    return at::silu_(y);
+}
+
 LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_) : dim(dim_), eps(eps_) {
     weight = register_parameter("weight", empty({dim}), false);
     bias = register_parameter("bias", empty({dim}), false);

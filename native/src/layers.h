@@ -41,6 +41,10 @@ TORCH_MODULE(Linear);
 struct GroupNormImpl : torch::nn::Module {
     GroupNormImpl(int64_t groups, int64_t channels, double eps);
     torch::Tensor forward(const torch::Tensor &x);
+    // silu(forward(x)), with the SiLU applied in place on the norm's result
+    // (in float32 where the norm computes in float32): one pass and one
+    // tensor fewer.
+    torch::Tensor forward_silu(const torch::Tensor &x);
     torch::Tensor weight, bias;
     int64_t groups;
     double eps;

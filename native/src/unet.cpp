@@ -14,11 +14,13 @@ ResnetBlockImpl::ResnetBlockImpl(int64_t in, int64_t out, int64_t temb_channels,
 }
 
 torch::Tensor ResnetBlockImpl::forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &temb) {
-    auto h = conv1(at::silu(norm1(x)));
-    if (temb && time_emb_proj) h = h + time_emb_proj(at::silu(*temb)).unsqueeze(-1).unsqueeze(-1);
+    // In place where a tensor is the block's own (a convolution's output): no
+    // allocation, and a + b is b + a to the bit.
+    auto h = conv1(norm1->forward_silu(x));
+    if (temb && time_emb_proj) h.add_(time_emb_proj(at::silu(*temb)).unsqueeze(-1).unsqueeze(-1));
     check_cancel();  // one convolution at 2048² takes seconds
-    h = conv2(at::silu(norm2(h)));
-    return (conv_shortcut ? conv_shortcut(x) : x) + h;
+    h = conv2(norm2->forward_silu(h));
+    return h.add_(conv_shortcut ? conv_shortcut(x) : x);
 }
 
 Downsample2DImpl::Downsample2DImpl(int64_t channels, bool pad_asymmetric_) : pad_asymmetric(pad_asymmetric_) {
@@ -328,7 +330,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor &sample, const torch::Tensor
             h = blk->up(h, size);
         }
     }
-    return conv_out(at::silu(conv_norm_out(h)));
+    return conv_out(conv_norm_out->forward_silu(h));
 }
 
 }  // namespace sw

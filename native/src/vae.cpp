@@ -135,7 +135,7 @@ torch::Tensor VAECoderImpl::forward(const torch::Tensor &x) {
     }
     if (!decoder) h = mid(h);
     check_cancel();
-    return conv_out(at::silu(conv_norm_out(h)));
+    return conv_out(conv_norm_out->forward_silu(h));
 }
 
 VAEImpl::VAEImpl(const VAEConfig &c) : config(c) {
