@@ -83,6 +83,11 @@ bool prepacking_works(torch::ScalarType dtype) {
 
 }  // namespace
 
+torch::Tensor channels_last_on_cpu(const torch::Tensor &x) {
+    if (x.dim() != 4 || !prepack_convolutions(x.scalar_type(), x.device())) return x;
+    return x.contiguous(torch::MemoryFormat::ChannelsLast);
+}
+
 bool prepack_convolutions(torch::ScalarType dtype, const torch::Device &device) {
     return device.is_cpu() && (dtype == torch::kFloat32 || dtype == torch::kBFloat16) && prepacking_works(dtype);
 }

@@ -20,6 +20,14 @@ struct Conv2dImpl : torch::nn::Module {
     torch::Tensor weight, bias;
     torch::Tensor packed;  // the weight in oneDNN's layout; undefined while not prepacked
     int64_t stride, padding;
+    // How load_weights holds the kernel where convolutions are prepacked (see
+    // prepack_convolutions): in oneDNN's layout, which pays where the kernel
+    // outweighs the activations (the UNet's small latents, many channels), or
+    // dense channels-last for a model that computes channels-last (the VAE,
+    // whose activations at 128² and 256² are the larger: oneDNN then reads and
+    // writes them as they are; float32 [1, 128, 256, 256]: 104 ms against 130
+    // prepacked, bfloat16 44 against 52).
+    enum class CPUKernel { Prepacked, ChannelsLast } cpu_kernel = CPUKernel::Prepacked;
 };
 TORCH_MODULE(Conv2d);
 
@@ -82,6 +90,11 @@ TORCH_MODULE(BatchNorm2d);
 // oneDNN convolution on a prepacked kernel runs and agrees with at::conv2d on
 // a probe (checked once per dtype, the reason logged when it does not).
 bool prepack_convolutions(torch::ScalarType dtype, const torch::Device &device);
+
+// x in channels-last when it is a 4-d tensor whose convolutions have
+// channels-last kernels (Conv2dImpl::CPUKernel::ChannelsLast: the CPU, float32
+// or bfloat16); x as it is otherwise.
+torch::Tensor channels_last_on_cpu(const torch::Tensor &x);
 
 // The most bytes one attention score matrix may take; larger ones are computed
 // in slices of queries (the result is the same: softmax is per query).

@@ -143,14 +143,18 @@ VAEImpl::VAEImpl(const VAEConfig &c) : config(c) {
     decoder = register_module("decoder", VAECoder(c, true));
     quant_conv = register_module("quant_conv", Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1));
     post_quant_conv = register_module("post_quant_conv", Conv2d(c.latent_channels, c.latent_channels, 1));
+    for (const auto &child : modules(/*include_self=*/false))
+        if (auto *conv = dynamic_cast<Conv2dImpl *>(child.get())) conv->cpu_kernel = Conv2dImpl::CPUKernel::ChannelsLast;
 }
 
 std::pair<torch::Tensor, torch::Tensor> VAEImpl::encode(const torch::Tensor &image) {
-    auto moments = quant_conv(encoder(image));
+    auto moments = quant_conv(encoder(channels_last_on_cpu(image))).contiguous();
     auto parts = moments.chunk(2, 1);
     return {parts[0], parts[1].clamp(-30.0, 20.0)};
 }
 
-torch::Tensor VAEImpl::decode(const torch::Tensor &latents) { return decoder(post_quant_conv(latents)); }
+torch::Tensor VAEImpl::decode(const torch::Tensor &latents) {
+    return decoder(post_quant_conv(channels_last_on_cpu(latents))).contiguous();
+}
 
 }  // namespace sw

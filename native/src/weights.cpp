@@ -6,6 +6,7 @@
 #include "layers.h"
 
 #include <unordered_map>
+#include <unordered_set>
 
 namespace sw {
 
@@ -47,11 +48,18 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     WeightStats stats;
     // Convolution kernels go from the mapping straight into oneDNN's layout
     // (layers.h): never held in two layouts, no copy more than a plain load.
+    // Those that want channels-last kernels are copied out in that layout.
     std::unordered_map<const c10::TensorImpl *, Conv2dImpl *> packable;
+    std::unordered_set<const c10::TensorImpl *> channels_last;
     if (prepack_convolutions(dtype, device))
-        for (const auto &child : m.modules(/*include_self=*/true))
-            if (auto *conv = dynamic_cast<Conv2dImpl *>(child.get()); conv != nullptr && !conv->packed.defined())
+        for (const auto &child : m.modules(/*include_self=*/true)) {
+            auto *conv = dynamic_cast<Conv2dImpl *>(child.get());
+            if (conv == nullptr || conv->packed.defined()) continue;
+            if (conv->cpu_kernel == Conv2dImpl::CPUKernel::ChannelsLast)
+                channels_last.insert(conv->weight.unsafeGetTensorImpl());
+            else
                 packable[conv->weight.unsafeGetTensorImpl()] = conv;
+        }
     auto fill = [&](const std::string &name, torch::Tensor &target, bool is_param) {
         const Source src = resolve(name);
         const std::string &key = src.key;
@@ -80,6 +88,16 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
             const int64_t n = target.numel();
             if (is_param) stats.params += n;
             stats.bytes += n * static_cast<int64_t>(c10::elementSize(dtype));
+            return;
+        }
+        if (channels_last.count(target.unsafeGetTensorImpl()) != 0 && src.parts == 1) {
+            auto t = f.load_with(key, [&](const torch::Tensor &view) {
+                return view.reshape(target.sizes()).to(dtype, /*non_blocking=*/false, /*copy=*/true,
+                                                       torch::MemoryFormat::ChannelsLast);
+            });
+            target.set_data(t);
+            if (is_param) stats.params += t.numel();
+            stats.bytes += t.numel() * static_cast<int64_t>(t.element_size());
             return;
         }
         torch::Tensor t;

@@ -329,23 +329,33 @@ void test_attention_slicing() {
 }
 
 // Every convolution of a CPU model in float32 or bfloat16 holds its kernel
-// once, in oneDNN's layout (layers.h): packed, with a one-element placeholder
-// where the dense weight was.
+// once (layers.h): the UNet's in oneDNN's layout, with a one-element
+// placeholder where the dense weight was; the VAE's dense, channels-last.
 void test_prepacked(sw_sd_model *m, const std::string &label) {
-    int64_t convs = 0, packed = 0, dense_bytes = 0;
-    for (torch::nn::Module *part : {static_cast<torch::nn::Module *>(m->unet.get()),
-                                    static_cast<torch::nn::Module *>(m->vae.get())})
-        for (const auto &child : part->modules()) {
-            auto *conv = dynamic_cast<sw::Conv2dImpl *>(child.get());
-            if (conv == nullptr) continue;
-            convs++;
-            if (conv->packed.defined() && conv->packed.is_mkldnn()) packed++;
-            dense_bytes += static_cast<int64_t>(conv->weight.storage().nbytes());
-        }
-    report(convs > 0 && packed == convs, label + " convolutions prepacked",
+    int64_t convs = 0, packed = 0, placeholder_bytes = 0;
+    for (const auto &child : m->unet->modules()) {
+        auto *conv = dynamic_cast<sw::Conv2dImpl *>(child.get());
+        if (conv == nullptr) continue;
+        convs++;
+        if (conv->packed.defined() && conv->packed.is_mkldnn()) packed++;
+        placeholder_bytes += static_cast<int64_t>(conv->weight.storage().nbytes());
+    }
+    report(convs > 0 && packed == convs, label + " unet convolutions prepacked",
            std::to_string(packed) + " of " + std::to_string(convs));
-    report(dense_bytes <= 4 * convs, label + " convolutions hold no dense kernel",
-           std::to_string(dense_bytes) + " bytes in " + std::to_string(convs) + " placeholders");
+    report(placeholder_bytes <= 4 * convs, label + " unet convolutions hold no dense kernel",
+           std::to_string(placeholder_bytes) + " bytes in " + std::to_string(convs) + " placeholders");
+    int64_t vae_convs = 0, channels_last = 0;
+    for (const auto &child : m->vae->modules()) {
+        auto *conv = dynamic_cast<sw::Conv2dImpl *>(child.get());
+        if (conv == nullptr) continue;
+        vae_convs++;
+        const auto &w = conv->weight;
+        if (!conv->packed.defined() && w.storage().nbytes() == w.numel() * w.element_size() &&
+            w.is_contiguous(torch::MemoryFormat::ChannelsLast) && (w.size(2) == 1 || !w.is_contiguous()))
+            channels_last++;
+    }
+    report(vae_convs > 0 && channels_last == vae_convs, label + " vae kernels dense channels-last",
+           std::to_string(channels_last) + " of " + std::to_string(vae_convs));
 }
 
 // Runs f with a cancel flag that is already set, as if another thread had
