@@ -145,14 +145,15 @@ func TestABIMismatchIsRefused(t *testing.T) {
 
 func TestParseDType(t *testing.T) {
 	for in, want := range map[string]binding.DType{"": binding.DTypeAuto, "auto": binding.DTypeAuto, "f32": binding.F32,
-		"float32": binding.F32, "fp16": binding.F16, "F16": binding.F16, "bf16": binding.BF16, "bfloat16": binding.BF16} {
+		"float32": binding.F32, "fp16": binding.F16, "F16": binding.F16, "bf16": binding.BF16, "bfloat16": binding.BF16, "int8": binding.INT8, "INT8": binding.INT8} {
 		got, err := binding.ParseDType(in)
 		require.NoError(t, err, in)
 		assert.Equal(t, want, got, in)
 	}
-	_, err := binding.ParseDType("int8")
+	assert.Equal(t, "int8", binding.INT8.String())
+	_, err := binding.ParseDType("int4")
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), `unknown dtype "int8"`)
+	assert.Contains(t, err.Error(), `unknown dtype "int4"`)
 }
 
 func TestErrorsMatchTheirStatus(t *testing.T) {

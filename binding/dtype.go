@@ -18,6 +18,10 @@ const (
 	Q8_0 DType = 4
 	Q5_0 DType = 5
 	Q4_0 DType = 6
+	// INT8 is libtorch on the cpu with the UNet's linear layers in int8
+	// (per-channel weight scales, activations quantized per call); the rest
+	// computes in float32.
+	INT8 DType = 7
 )
 
 func (t DType) String() string {
@@ -34,13 +38,16 @@ func (t DType) String() string {
 		return "q5_0"
 	case Q4_0:
 		return "q4_0"
+	case INT8:
+		return "int8"
 	default:
 		return "auto"
 	}
 }
 
 // ParseDType reads "auto", "f32"/"float32"/"fp32", "f16"/"float16"/"fp16",
-// "bf16"/"bfloat16", or (sdcpp backend only) "q8_0", "q5_0", "q4_0".
+// "bf16"/"bfloat16", "int8" (libtorch on the cpu), or (sdcpp backend only)
+// "q8_0", "q5_0", "q4_0".
 func ParseDType(s string) (DType, error) {
 	switch strings.ToLower(strings.TrimSpace(s)) {
 	case "", "auto":
@@ -57,8 +64,10 @@ func ParseDType(s string) (DType, error) {
 		return Q5_0, nil
 	case "q4_0":
 		return Q4_0, nil
+	case "int8":
+		return INT8, nil
 	}
-	return DTypeAuto, fmt.Errorf("unknown dtype %q (want auto, f32, f16, bf16, q8_0, q5_0 or q4_0)", s)
+	return DTypeAuto, fmt.Errorf("unknown dtype %q (want auto, f32, f16, bf16, int8, q8_0, q5_0 or q4_0)", s)
 }
 
 // Resolve maps DTypeAuto to the default for a device kind.

@@ -64,7 +64,7 @@ func completeSamplers(cmd *cobra.Command, flag string) {
 }
 
 func completeDTypes(cmd *cobra.Command, flag string) {
-	completeWords(cmd, flag, "auto", "f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")
+	completeWords(cmd, flag, "auto", "f32", "f16", "bf16", "int8", "q8_0", "q5_0", "q4_0")
 }
 
 func completeBackends(cmd *cobra.Command, flag string) {
@@ -77,7 +77,7 @@ func completeBackends(cmd *cobra.Command, flag string) {
 
 // The help of the --dtype and --backend flags generate, edit and serve share.
 const (
-	dtypeHelp   = "weights dtype: auto, f32, f16, bf16 (libtorch); auto, f32, f16, q8_0, q5_0, q4_0 (sdcpp)"
+	dtypeHelp   = "weights dtype: auto, f32, f16, bf16, int8 (libtorch; int8: the UNet's linear layers, cpu); auto, f32, f16, q8_0, q5_0, q4_0 (sdcpp)"
 	backendHelp = "engine: libtorch, or sdcpp (stable-diffusion.cpp, when built in: stepwise version lists them)"
 )
 

@@ -72,7 +72,7 @@ func TestGenerateBadInput(t *testing.T) {
 		{append(base, "--prompt", "x", "--sampler", "nope"), exitError, `unknown sampler "nope"`},
 		{append(base, "--prompt", "x", "--width", "100", "--height", "64", "--steps", "1"), exitError, "multiples of 8"},
 		{append(base, "--prompt", "x", "--width", "64", "--height", "64", "--steps", "0"), exitError, "steps must be between"},
-		{append(base, "--prompt", "x", "--dtype", "int8"), exitError, `unknown dtype "int8"`},
+		{append(base, "--prompt", "x", "--dtype", "int4"), exitError, `unknown dtype "int4"`},
 		// Small and short: were the flag ignored, the run would succeed at once.
 		{append(base, "--prompt", "x", "--backend", "nope", "--width", "64", "--height", "64", "--steps", "1"), exitError, `unknown backend "nope"`},
 		{append(base, "--prompt", "x", "--dtype", "q8_0", "--width", "64", "--height", "64", "--steps", "1"), exitError, "dtype q8_0 is for the sdcpp backend only"},

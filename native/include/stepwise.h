@@ -139,7 +139,10 @@ typedef enum sw_dtype {
     /* ggml block-quantised weights: the stable-diffusion.cpp backend only */
     SW_DTYPE_Q8_0 = 4,
     SW_DTYPE_Q5_0 = 5,
-    SW_DTYPE_Q4_0 = 6
+    SW_DTYPE_Q4_0 = 6,
+    /* libtorch on the cpu: the UNet's linear layers in int8 (per-channel
+       scales, dynamic activation quantization), everything else float32 */
+    SW_DTYPE_INT8 = 7
 } sw_dtype;
 
 /* ---- backends ------------------------------------------------------------ */

@@ -118,13 +118,18 @@ sw_dtype resolve_dtype(int32_t dtype, const torch::Device &device) {
         case SW_DTYPE_F32:
         case SW_DTYPE_BF16:
             return static_cast<sw_dtype>(dtype);
+        case SW_DTYPE_INT8:
+            if (!device.is_cpu())
+                fail(SW_ERR_UNSUPPORTED, "dtype int8 runs on the cpu only (device " + device_id(device) + ")");
+            return SW_DTYPE_INT8;
         case SW_DTYPE_Q8_0:
         case SW_DTYPE_Q5_0:
         case SW_DTYPE_Q4_0:
             fail(SW_ERR_UNSUPPORTED, std::string("dtype ") + dtype_name(static_cast<sw_dtype>(dtype)) +
-                                         " is for the sdcpp backend only (libtorch takes auto, f32, f16 or bf16)");
+                                         " is for the sdcpp backend only (libtorch takes auto, f32, f16, bf16 or int8)");
         default:
-            fail(SW_ERR_INVALID_ARGUMENT, "unknown dtype " + std::to_string(dtype) + " (want auto, f32, f16 or bf16)");
+            fail(SW_ERR_INVALID_ARGUMENT,
+                 "unknown dtype " + std::to_string(dtype) + " (want auto, f32, f16, bf16 or int8)");
     }
 }
 
@@ -153,6 +158,8 @@ const char *dtype_name(sw_dtype dtype) {
             return "q5_0";
         case SW_DTYPE_Q4_0:
             return "q4_0";
+        case SW_DTYPE_INT8:
+            return "int8";
         default:
             return "auto";
     }

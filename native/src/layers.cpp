@@ -3,6 +3,10 @@
 #include "common.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/version.h>
+
+#include <algorithm>
 
 #include <map>
 #include <mutex>
@@ -106,7 +110,75 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias) {
     if (has_bias) bias = register_parameter("bias", empty({out}), false);
 }
 
-torch::Tensor LinearImpl::forward(const torch::Tensor &x) { return at::linear(x, weight, bias); }
+namespace {
+
+// The quantized engine int8 layers run on, chosen once per process: oneDNN
+// (VNNI kernels) where libtorch has it, else what it has.
+void select_qengine() {
+    static std::once_flag once;
+    static std::string error;
+    std::call_once(once, [] {
+        const auto &have = at::globalContext().supportedQEngines();
+        auto has = [&](at::QEngine e) { return std::find(have.begin(), have.end(), e) != have.end(); };
+        std::vector<at::QEngine> prefer{at::QEngine::ONEDNN};
+#if TORCH_VERSION_MAJOR >= 2
+        prefer.push_back(at::QEngine::X86);
+#endif
+        prefer.push_back(at::QEngine::FBGEMM);
+        prefer.push_back(at::QEngine::QNNPACK);
+        for (auto e : prefer)
+            if (has(e)) {
+                at::globalContext().setQEngine(e);
+                return;
+            }
+        error = "int8: this libtorch has no quantized engine (onednn, fbgemm or qnnpack)";
+    });
+    if (!error.empty()) fail(SW_ERR_UNSUPPORTED, error);
+}
+
+c10::OperatorHandle quantized_op(const char *name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
+
+}  // namespace
+
+void LinearImpl::quantize_int8() {
+    select_qengine();
+    static const auto prepack = quantized_op("quantized::linear_prepack");
+    auto w = weight.to(torch::kFloat32).contiguous();
+    // Symmetric per output channel: the largest |w| of a row maps to 127.
+    auto scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12).to(torch::kDouble);
+    auto zeros = torch::zeros({w.size(0)}, torch::kLong);
+    auto q = at::quantize_per_channel(w, scales, zeros, 0, torch::kQInt8);
+    // A copy: set_data below changes the tensor the parameter shares.
+    c10::optional<at::Tensor> b;
+    if (bias.defined()) b = bias.to(torch::kFloat32).clone();
+    torch::jit::Stack stack{q, b};
+    prepack.callBoxed(&stack);
+    packed = std::move(stack.at(0));
+    // The float weight is no longer read: keep a placeholder of its shape.
+    weight.set_data(empty({1}).expand(weight.sizes()));
+    if (bias.defined()) bias.set_data(empty({1}).expand(bias.sizes()));
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor &x) {
+    if (packed.isNone()) return at::linear(x, weight, bias);
+    static const auto dynamic = quantized_op("quantized::linear_dynamic");
+    torch::jit::Stack stack{x.to(torch::kFloat32).contiguous(), packed, false};
+    dynamic.callBoxed(&stack);
+    return stack.at(0).toTensor().to(x.scalar_type());
+}
+
+int64_t quantize_linears_int8(torch::nn::Module &m) {
+    torch::NoGradGuard no_grad;
+    int64_t change = 0;
+    for (const auto &child : m.modules(/*include_self=*/true)) {
+        auto *lin = dynamic_cast<LinearImpl *>(child.get());
+        if (lin == nullptr || !lin->packed.isNone()) continue;
+        const int64_t before = lin->weight.numel() * static_cast<int64_t>(lin->weight.element_size());
+        lin->quantize_int8();
+        change += lin->weight.numel() - before;  // one byte per weight now
+    }
+    return change;
+}
 
 GroupNormImpl::GroupNormImpl(int64_t groups_, int64_t channels, double eps_) : groups(groups_), eps(eps_) {
     weight = register_parameter("weight", empty({channels}), false);

@@ -42,7 +42,12 @@ TORCH_MODULE(ConvTranspose2d);
 struct LinearImpl : torch::nn::Module {
     LinearImpl(int64_t in, int64_t out, bool bias = true);
     torch::Tensor forward(const torch::Tensor &x);
+    // Replaces the float weight by int8 with one scale per output channel,
+    // prepacked for libtorch's quantized engine; forward then quantizes its
+    // input per call (dynamic quantization) and returns its input's dtype.
+    void quantize_int8();
     torch::Tensor weight, bias;
+    c10::IValue packed;  // the prepacked int8 weight and bias; None while float
 };
 TORCH_MODULE(Linear);
 
@@ -84,6 +89,11 @@ struct BatchNorm2dImpl : torch::nn::Module {
     double eps;
 };
 TORCH_MODULE(BatchNorm2d);
+
+// Stores the weights of every Linear under m as int8 (LinearImpl::quantize_int8).
+// Fails with SW_ERR_UNSUPPORTED when libtorch has no quantized engine. Returns
+// the bytes the weights take afterwards minus before (negative: saved).
+int64_t quantize_linears_int8(torch::nn::Module &m);
 
 // Whether convolutions with dtype weights on device are prepacked as they
 // load (load_weights): float32 or bfloat16 on the CPU, where this libtorch's

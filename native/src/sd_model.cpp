@@ -180,6 +180,10 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     m->text_encoder->eval();
     m->unet->eval();
     m->vae->eval();
+    // int8: the UNet's linear layers (attention projections, feed-forward,
+    // time embedding), where dynamic quantization pays; convolutions, the text
+    // encoder and the VAE stay float32.
+    if (m->dtype == SW_DTYPE_INT8) m->bytes += quantize_linears_int8(*m->unet);
     m->arch = sd_family(unet_cfg) + " " + unet_cfg.describe() + (is_file ? " (single file)" : "") +
               (vae_arg.empty() ? "" : " + external VAE");
     log(SW_LOG_INFO, "opened " + root + " (" + m->arch + ", " + std::to_string(m->params) + " params, " +

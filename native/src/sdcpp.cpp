@@ -400,7 +400,9 @@ std::pair<sd_type_t, sw_dtype> weight_type(int32_t dtype, const std::string &fil
         case SW_DTYPE_Q4_0:
             return {SD_TYPE_Q4_0, SW_DTYPE_Q4_0};
         case SW_DTYPE_BF16:
-            fail(SW_ERR_UNSUPPORTED, "dtype bf16: the sdcpp backend takes auto, f32, f16, q8_0, q5_0 or q4_0");
+        case SW_DTYPE_INT8:
+            fail(SW_ERR_UNSUPPORTED, std::string("dtype ") + dtype_name(static_cast<sw_dtype>(dtype)) +
+                                         ": the sdcpp backend takes auto, f32, f16, q8_0, q5_0 or q4_0");
         default:
             fail(SW_ERR_INVALID_ARGUMENT, "unknown dtype " + std::to_string(dtype) +
                                               " (the sdcpp backend takes auto, f32, f16, q8_0, q5_0 or q4_0)");
@@ -443,7 +445,7 @@ sw_sd_model *open_sdcpp_model(const sw_sd_model_params &p) {
         fail(SW_ERR_UNSUPPORTED, "the sdcpp backend uses its built-in CLIP vocabulary; no tokenizer folder");
     if (p.vae_path != nullptr && *p.vae_path != '\0')
         fail(SW_ERR_UNSUPPORTED, "the sdcpp backend does not replace a model's VAE yet");
-    if (p.dtype == SW_DTYPE_BF16 || p.dtype < SW_DTYPE_AUTO || p.dtype > SW_DTYPE_Q4_0) weight_type(p.dtype, "");
+    if (p.dtype == SW_DTYPE_BF16 || p.dtype == SW_DTYPE_INT8 || p.dtype < SW_DTYPE_AUTO || p.dtype > SW_DTYPE_Q4_0) weight_type(p.dtype, "");
     struct stat st;
     if (::stat(root.c_str(), &st) != 0) fail(SW_ERR_NOT_FOUND, root + ": no such file or folder");
     const bool is_dir = S_ISDIR(st.st_mode);

@@ -13,6 +13,8 @@ sw_seg_model *open_seg_model(const sw_seg_model_params &p) {
     m->path = p.path;
     m->device = parse_device(p.device ? p.device : "cpu");
     m->dtype = resolve_dtype(p.dtype == SW_DTYPE_AUTO ? SW_DTYPE_F32 : p.dtype, m->device);
+    if (m->dtype == SW_DTYPE_INT8)
+        fail(SW_ERR_UNSUPPORTED, "dtype int8 is for Stable Diffusion models (segmentation takes f32, f16 or bf16)");
     const auto dot = m->path.find_last_of('.');
     const std::string ext = dot == std::string::npos ? "" : m->path.substr(dot);
     if (ext == ".pth" || ext == ".pt" || ext == ".ckpt")
