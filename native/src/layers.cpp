@@ -7,7 +7,6 @@
 #include <torch/version.h>
 
 #include <algorithm>
-
 #include <map>
 #include <mutex>
 #include <stdexcept>

@@ -42,8 +42,9 @@ public:
     // The tensor in its stored dtype, on the CPU, owning its memory.
     torch::Tensor load(const std::string &name) const;
     // copy_out's result for a view of the tensor's bytes in the mapping (its
-    // stored dtype and shape, on the CPU): copy_out must return a tensor that
-    // owns its memory. The view's pages are given back afterwards.
+    // stored dtype and shape, on the CPU): a tensor that owns its memory, or
+    // an undefined one when copy_out kept its copy elsewhere (a prepacked
+    // kernel). The view is invalid, its pages given back, once it returns.
     torch::Tensor load_with(const std::string &name,
                             const std::function<torch::Tensor(const torch::Tensor &view)> &copy_out) const;
 
