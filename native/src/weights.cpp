@@ -47,8 +47,9 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     torch::NoGradGuard no_grad;
     WeightStats stats;
     // Convolution kernels go from the mapping straight into oneDNN's layout
-    // (layers.h): never held in two layouts, no copy more than a plain load.
-    // Those that want channels-last kernels are copied out in that layout.
+    // (layers.h), one kernel's temporary plain copy at a time: the model never
+    // holds a kernel in two layouts. Those that want channels-last kernels are
+    // copied out of the mapping in that layout.
     std::unordered_map<const c10::TensorImpl *, Conv2dImpl *> packable;
     std::unordered_set<const c10::TensorImpl *> channels_last;
     if (prepack_convolutions(dtype, device))
