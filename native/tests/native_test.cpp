@@ -58,11 +58,11 @@ void run(const std::string &name, const std::function<void()> &f) {
 
 std::string sd(const std::string &rel) { return fixtures + "/sd/" + rel; }
 
-sw_sd_model *open_model(const std::string &dir) {
+sw_sd_model *open_model(const std::string &dir, sw_dtype dtype = SW_DTYPE_F32) {
     sw_sd_model_params p{};
     p.path = dir.c_str();
     p.device = "cpu";
-    p.dtype = SW_DTYPE_F32;
+    p.dtype = dtype;
     return sw::open_sd_model(p);
 }
 
@@ -165,28 +165,29 @@ void test_unet(sw_sd_model *m, const std::string &golden, const std::string &lab
 
 void test_prepacked(sw_sd_model *m, const std::string &label);
 
-// bfloat16 against the float32 goldens: UNet passes, a VAE decode and encode,
-// so a reduced-precision path that has gone wrong shows without a sampler's
-// amplification. The limits are about twice the error measured here (relative
-// to the output's peak, as close() takes them).
-void test_bfloat16() {
-    const std::string dir = sd("tiny-sd15");
-    sw_sd_model_params p{};
-    p.path = dir.c_str();
-    p.device = "cpu";
-    p.dtype = SW_DTYPE_BF16;
-    std::unique_ptr<sw_sd_model> m(sw::open_sd_model(p));
-    const auto st = torch::kBFloat16;
+// A reduced precision's UNet passes against the float32 goldens, within tol
+// (relative to the output's peak, as close() takes it), and different from
+// them at all: float32 itself is within 1e-5, so this tells that the reduced
+// precision was applied.
+void test_unet_near_float32(sw_sd_model *m, const std::string &label, double tol) {
+    const auto st = sw::scalar_type(m->dtype);
     sw::SafeTensorsFile g(sd("tiny-sd15/golden/unet.safetensors"));
     auto x = g.load("sample").to(st), ctx = g.load("encoder_hidden_states").to(st);
     for (auto [out, t] : std::vector<std::pair<std::string, float>>{{"out_t999", 999}, {"out_t1", 1}}) {
         auto got = m->unet->forward(x, torch::full({2}, t), ctx).to(torch::kFloat32);
-        close("bf16 unet " + out, got, g.load(out), 0.05);
+        close(label + " unet " + out, got, g.load(out), tol);
         const double d = (got - g.load(out)).abs().max().item<double>();
-        // float32 itself is within 1e-5 of the goldens: this tells that
-        // bfloat16 was applied at all.
-        report(d > 1e-3, "bf16 unet " + out + " differs from float32", "max|d| " + std::to_string(d));
+        report(d > 1e-3, label + " unet " + out + " differs from float32", "max|d| " + std::to_string(d));
     }
+}
+
+// bfloat16 against the float32 goldens: UNet passes, a VAE decode and encode,
+// so a reduced-precision path that has gone wrong shows without a sampler's
+// amplification. The limits are about twice the error measured here.
+void test_bfloat16() {
+    std::unique_ptr<sw_sd_model> m(open_model(sd("tiny-sd15"), SW_DTYPE_BF16));
+    test_unet_near_float32(m.get(), "bf16", 0.05);
+    const auto st = torch::kBFloat16;
     sw::SafeTensorsFile v(sd("tiny-sd15/golden/vae.safetensors"));
     close("bf16 vae dec_output", m->vae->decode(v.load("dec_input").to(st)).to(torch::kFloat32), v.load("dec_output"),
           0.03);
@@ -195,16 +196,11 @@ void test_bfloat16() {
     test_prepacked(m.get(), "bf16");
 }
 
-// int8 (the UNet's linear layers) against the float32 goldens: the UNet within
-// about twice the error measured here, and differing from float32 at all; the
-// VAE, which stays float32, at float32's tolerance.
+// int8 (the UNet's linear layers) against the float32 goldens: every UNet
+// linear layer quantized, its passes within about twice the error measured
+// here; the VAE, which stays float32, at float32's tolerance.
 void test_int8() {
-    const std::string dir = sd("tiny-sd15");
-    sw_sd_model_params p{};
-    p.path = dir.c_str();
-    p.device = "cpu";
-    p.dtype = SW_DTYPE_INT8;
-    std::unique_ptr<sw_sd_model> m(sw::open_sd_model(p));
+    std::unique_ptr<sw_sd_model> m(open_model(sd("tiny-sd15"), SW_DTYPE_INT8));
     int64_t linears = 0, quantized = 0;
     for (const auto &child : m->unet->modules())
         if (auto *lin = dynamic_cast<sw::LinearImpl *>(child.get())) {
@@ -213,14 +209,7 @@ void test_int8() {
         }
     report(linears > 0 && quantized == linears, "int8 unet linear layers quantized",
            std::to_string(quantized) + " of " + std::to_string(linears));
-    sw::SafeTensorsFile g(sd("tiny-sd15/golden/unet.safetensors"));
-    auto x = g.load("sample"), ctx = g.load("encoder_hidden_states");
-    for (auto [out, t] : std::vector<std::pair<std::string, float>>{{"out_t999", 999}, {"out_t1", 1}}) {
-        auto got = m->unet->forward(x, torch::full({2}, t), ctx);
-        close("int8 unet " + out, got, g.load(out), 0.06);
-        const double d = (got - g.load(out)).abs().max().item<double>();
-        report(d > 1e-3, "int8 unet " + out + " differs from float32", "max|d| " + std::to_string(d));
-    }
+    test_unet_near_float32(m.get(), "int8", 0.06);
     sw::SafeTensorsFile v(sd("tiny-sd15/golden/vae.safetensors"));
     close("int8 vae dec_output (float32)", m->vae->decode(v.load("dec_input")), v.load("dec_output"), 1e-4);
 }
