@@ -3,13 +3,21 @@
 #include "common.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <stdexcept>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace sw {
 
@@ -239,6 +247,119 @@ torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor &x) {
                           /*cudnn_enabled=*/true);
 }
 
+namespace {
+
+#if defined(__x86_64__)
+// exp for x <= 0 (softmax's x - max), 8 at a time: Cephes' expf polynomial
+// (relative error ~1e-7), with x clamped at -87.3 so that 2^n stays normal
+// (exp(-87.3) = 1.2e-38 where the exact value would underflow to 0).
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) void softmax_row_avx2(float *p, int64_t n) {
+    int64_t i = 0;
+    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    float m = *std::max_element(lanes, lanes + 8);
+    for (; i < n; i++) m = std::max(m, p[i]);
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vsum = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 v = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), vm));
+        _mm256_storeu_ps(p + i, v);
+        vsum = _mm256_add_ps(vsum, v);
+    }
+    _mm256_store_ps(lanes, vsum);
+    float sum = 0;
+    for (float l : lanes) sum += l;
+    for (; i < n; i++) {
+        p[i] = std::exp(std::max(p[i] - m, -87.3f));
+        sum += p[i];
+    }
+    const __m256 vinv = _mm256_set1_ps(1.0f / sum);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), vinv));
+    for (; i < n; i++) p[i] /= sum;
+}
+
+// A bfloat16 row through buf (n floats): widened, softmax in float32, then
+// rounded to nearest even as c10::BFloat16 rounds.
+__attribute__((target("avx2,fma"))) void softmax_row_bf16_avx2(uint16_t *p, int64_t n, float *buf) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p + i)));
+        _mm256_storeu_ps(buf + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+    for (; i < n; i++) {
+        const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+        std::memcpy(buf + i, &bits, sizeof bits);
+    }
+    softmax_row_avx2(buf, n);
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(buf + i));
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), one);
+        const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(bias, lsb)), 16);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(p + i), _mm256_castsi256_si128(packed));
+    }
+    for (; i < n; i++) {
+        uint32_t bits;
+        std::memcpy(&bits, buf + i, sizeof bits);
+        p[i] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+}
+
+void softmax_rows_avx2(float *data, int64_t rows, int64_t n) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
+        for (int64_t row = lo; row < hi; row++) softmax_row_avx2(data + row * n, n);
+    });
+}
+
+void softmax_rows_bf16_avx2(uint16_t *data, int64_t rows, int64_t n) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
+        std::vector<float> buf(static_cast<size_t>(n));
+        for (int64_t row = lo; row < hi; row++) softmax_row_bf16_avx2(data + row * n, n, buf.data());
+    });
+}
+#endif
+
+}  // namespace
+
+torch::Tensor softmax_lastdim_(torch::Tensor &x) {
+#if defined(__x86_64__)
+    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1) {
+        const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
+        if (x.scalar_type() == torch::kFloat32) {
+            softmax_rows_avx2(x.data_ptr<float>(), rows, n);
+            return x;
+        }
+        if (x.scalar_type() == torch::kBFloat16) {
+            softmax_rows_bf16_avx2(reinterpret_cast<uint16_t *>(x.data_ptr<at::BFloat16>()), rows, n);
+            return x;
+        }
+    }
+#endif
+    x = at::softmax(x, -1);
+    return x;
+}
+
 torch::Tensor attention(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
                         const c10::optional<torch::Tensor> &mask, bool upcast, int64_t max_bytes) {
     const auto b = q.size(0), nq = q.size(1), nk = k.size(1), inner = q.size(2);
@@ -254,7 +375,7 @@ torch::Tensor attention(const torch::Tensor &q, const torch::Tensor &k, const to
         auto qs = qh.slice(2, lo, hi);
         torch::Tensor scores = up ? at::matmul(qs.to(torch::kFloat32), khT) * scale : at::matmul(qs * scale, khT);
         if (mask) scores = scores + mask->slice(0, lo, hi).to(scores.scalar_type());
-        auto probs = at::softmax(scores, -1);
+        auto probs = softmax_lastdim_(scores);
         return at::matmul(up ? probs.to(v.scalar_type()) : probs, vh);
     };
     const int64_t elem = up ? 4 : static_cast<int64_t>(q.element_size());

@@ -377,6 +377,36 @@ void test_prepacked(sw_sd_model *m, const std::string &label) {
            std::to_string(channels_last) + " of " + std::to_string(vae_convs));
 }
 
+// The vectorised softmax against libtorch's, on row lengths that are and are
+// not multiples of 8, with a causal -inf mask and a large dynamic range.
+void test_softmax() {
+    auto g = at::detail::createCPUGenerator(3);
+    for (int64_t n : {1, 7, 8, 77, 1024, 4099}) {
+        auto x = torch::randn({3, 5, n}, g) * 12;
+        auto want = at::softmax(x, -1);
+        auto got = x.clone();
+        sw::softmax_lastdim_(got);
+        close("softmax rows of " + std::to_string(n), got, want, 2e-6);
+    }
+    auto x = torch::randn({64, 64}, g) + torch::full({64, 64}, -std::numeric_limits<float>::infinity()).triu(1);
+    auto got = x.clone();
+    sw::softmax_lastdim_(got);
+    close("softmax with a causal -inf mask", got, at::softmax(x, -1), 2e-6);
+    // bfloat16: libtorch also computes in float32 and rounds once, so the two
+    // differ by at most one bfloat16 step where the float32 values straddle a
+    // rounding boundary (2^-8 relative).
+    for (int64_t n : {7, 77, 4099}) {
+        auto xb = (torch::randn({4, n}, g) * 8).to(torch::kBFloat16);
+        auto want = at::softmax(xb, -1).to(torch::kFloat32);
+        auto gotb = xb.clone();
+        sw::softmax_lastdim_(gotb);
+        const auto w = want, d = (gotb.to(torch::kFloat32) - w).abs();
+        const bool ok = (d <= w.abs() * (1.0 / 128) + 1e-30).all().item<bool>();
+        report(ok, "bf16 softmax rows of " + std::to_string(n) + " within one bfloat16 step",
+               "max|d| " + std::to_string(d.max().item<double>()));
+    }
+}
+
 // Runs f with a cancel flag that is already set, as if another thread had
 // called sw_*_model_cancel: it must stop with SW_CANCELLED at a cancel point.
 void expect_cancel_point(const std::string &name, const std::function<void()> &f) {
@@ -453,6 +483,7 @@ void test_sampler_ids() {
 int main() {
     torch::set_num_threads(1);
     run("attention slicing", test_attention_slicing);  // needs no fixtures
+    run("softmax", test_softmax);
     run("built-in tokenizer", [] {  // the README's well-known ids, with no file at hand
         const std::vector<int64_t> want = {49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407};
         auto got = sw::Tokenizer(sw::ClipPad::EndOfText).encode_padded("a photograph of an astronaut riding a horse", 77);
