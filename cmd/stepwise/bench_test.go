@@ -28,18 +28,25 @@ func init() {
 	_ = os.Setenv(runAsMainEnv, "1")
 }
 
-func TestBenchMeasuresEachDTypeInItsOwnProcess(t *testing.T) {
-	sdDir, _ := testenv.Tiny(t)
-	args := []string{"bench", "--lib", testenv.LibPath(), "--device", "cpu", "--model", sdDir, "--sizes", "64", "--steps", "2", "--threads", "1"}
-
-	code, out, errOut := runCLI(append(args, "--dtypes", "f32,bf16", "--json")...)
-	require.Equal(t, exitOK, code, errOut)
+// benchRows reads bench --json's output: one row per line.
+func benchRows(t *testing.T, out string) []benchRow {
+	t.Helper()
 	var rows []benchRow
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
 		var r benchRow
 		require.NoError(t, json.Unmarshal([]byte(line), &r), line)
 		rows = append(rows, r)
 	}
+	return rows
+}
+
+func TestBenchMeasuresEachDTypeInItsOwnProcess(t *testing.T) {
+	sdDir, _ := testenv.Tiny(t)
+	args := []string{"bench", "--lib", testenv.LibPath(), "--device", "cpu", "--model", sdDir, "--sizes", "64", "--steps", "2", "--threads", "1"}
+
+	code, out, errOut := runCLI(append(args, "--dtypes", "f32,bf16", "--json")...)
+	require.Equal(t, exitOK, code, errOut)
+	rows := benchRows(t, out)
 	require.Len(t, rows, 2)
 	assert.Equal(t, "f32", rows[0].DType)
 	assert.Equal(t, "bf16", rows[1].DType)
@@ -205,12 +212,7 @@ func TestBenchBackendsAndDTypes(t *testing.T) {
 		"--backends", "libtorch,sdcpp", "--dtypes", "f32,bf16,q8_0"}
 	code, out, errOut := runCLI(append(args, "--json")...)
 	require.Equal(t, exitOK, code, errOut)
-	var rows []benchRow
-	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
-		var r benchRow
-		require.NoError(t, json.Unmarshal([]byte(line), &r), line)
-		rows = append(rows, r)
-	}
+	rows := benchRows(t, out)
 	require.Len(t, rows, 6, "libtorch and sdcpp, each with f32, bf16, q8_0")
 	pids := map[int]bool{}
 	for i, r := range rows {
