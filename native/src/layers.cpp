@@ -200,21 +200,17 @@ namespace {
 bool norm_in_float32(const torch::Tensor &x) { return x.scalar_type() == torch::kBFloat16 && x.device().is_cpu(); }
 }  // namespace
 
-torch::Tensor GroupNormImpl::forward(const torch::Tensor &x) {
-    if (norm_in_float32(x))
-        return at::group_norm(x.to(torch::kFloat32), groups, weight.to(torch::kFloat32), bias.to(torch::kFloat32), eps)
-            .to(x.scalar_type());
-    return at::group_norm(x, groups, weight, bias, eps);
+torch::Tensor GroupNormImpl::normalize(const torch::Tensor &x, bool silu) {
+    const bool up = norm_in_float32(x);
+    auto y = up ? at::group_norm(x.to(torch::kFloat32), groups, weight.to(torch::kFloat32), bias.to(torch::kFloat32), eps)
+                : at::group_norm(x, groups, weight, bias, eps);
+    if (silu) at::silu_(y);
+    return up ? y.to(x.scalar_type()) : y;
 }
 
-torch::Tensor GroupNormImpl::forward_silu(const torch::Tensor &x) {
-    if (norm_in_float32(x)) {
-        auto y = at::group_norm(x.to(torch::kFloat32), groups, weight.to(torch::kFloat32), bias.to(torch::kFloat32), eps);
-        return at::silu_(y).to(x.scalar_type());
-    }
-    auto y = at::group_norm(x, groups, weight, bias, eps);
-    return at::silu_(y);
-}
+torch::Tensor GroupNormImpl::forward(const torch::Tensor &x) { return normalize(x, false); }
+
+torch::Tensor GroupNormImpl::forward_silu(const torch::Tensor &x) { return normalize(x, true); }
 
 LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_) : dim(dim_), eps(eps_) {
     weight = register_parameter("weight", empty({dim}), false);

@@ -61,6 +61,9 @@ struct GroupNormImpl : torch::nn::Module {
     torch::Tensor weight, bias;
     int64_t groups;
     double eps;
+
+private:
+    torch::Tensor normalize(const torch::Tensor &x, bool silu);
 };
 TORCH_MODULE(GroupNorm);
 

@@ -81,37 +81,29 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
         if (target.sizes().vec() != have && !reshapeable(target.sizes(), have))
             fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has shape " + shape_str(have) + ", the config needs " +
                                     shape_str(target.sizes()));
+        const auto load_dtype = want_float ? dtype : target.scalar_type();
         if (auto conv = packable.find(target.unsafeGetTensorImpl()); conv != packable.end() && src.parts == 1) {
+            // target becomes a placeholder of its shape in load_dtype.
             f.load_with(key, [&](const torch::Tensor &view) {
-                conv->second->prepack(view, dtype);
+                conv->second->prepack(view, load_dtype);
                 return torch::Tensor();
             });
-            const int64_t n = target.numel();
-            if (is_param) stats.params += n;
-            stats.bytes += n * static_cast<int64_t>(c10::elementSize(dtype));
-            return;
-        }
-        if (channels_last.count(target.unsafeGetTensorImpl()) != 0 && src.parts == 1) {
-            auto t = f.load_with(key, [&](const torch::Tensor &view) {
-                return view.reshape(target.sizes()).to(dtype, /*non_blocking=*/false, /*copy=*/true,
+        } else if (channels_last.count(target.unsafeGetTensorImpl()) != 0 && src.parts == 1) {
+            target.set_data(f.load_with(key, [&](const torch::Tensor &view) {
+                return view.reshape(target.sizes()).to(load_dtype, /*non_blocking=*/false, /*copy=*/true,
                                                        torch::MemoryFormat::ChannelsLast);
-            });
-            target.set_data(t);
-            if (is_param) stats.params += t.numel();
-            stats.bytes += t.numel() * static_cast<int64_t>(t.element_size());
-            return;
-        }
-        torch::Tensor t;
-        if (src.parts > 1) {
-            t = f.load(key).chunk(src.parts, 0)[static_cast<size_t>(src.part)].to(device, want_float ? dtype : target.scalar_type(),
-                                                                                 false, true);
+            }));
         } else {
-            t = f.load(key, want_float ? dtype : target.scalar_type(), device);
+            torch::Tensor t;
+            if (src.parts > 1) {
+                t = f.load(key).chunk(src.parts, 0)[static_cast<size_t>(src.part)].to(device, load_dtype, false, true);
+            } else {
+                t = f.load(key, load_dtype, device);
+            }
+            target.set_data(t.reshape(target.sizes()).contiguous());
         }
-        t = t.reshape(target.sizes()).contiguous();
-        target.set_data(t);
-        if (is_param) stats.params += t.numel();
-        stats.bytes += t.numel() * static_cast<int64_t>(t.element_size());
+        if (is_param) stats.params += target.numel();
+        stats.bytes += target.numel() * static_cast<int64_t>(target.element_size());
     };
     for (auto &item : m.named_parameters(true)) fill(item.key(), item.value(), true);
     for (auto &item : m.named_buffers(true)) fill(item.key(), item.value(), false);
