@@ -1,6 +1,7 @@
 #include "layers.h"
 
 #include "common.h"
+#include "winograd.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -37,6 +38,7 @@ Conv2dImpl::Conv2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_,
 torch::Tensor Conv2dImpl::forward(const torch::Tensor &x) {
     if (packed.defined())
         return at::mkldnn_convolution(x.contiguous(), packed, bias, {padding, padding}, {stride, stride}, {1, 1}, 1);
+    if (winograd_applies(x, weight, bias, stride, padding)) return conv2d_winograd(x, weight, bias);
     return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
 }
 

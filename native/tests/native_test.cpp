@@ -20,6 +20,7 @@
 #include "sampler.h"
 #include "segment.h"
 #include "tokenizer.h"
+#include "winograd.h"
 
 namespace {
 
@@ -377,6 +378,51 @@ void test_prepacked(sw_sd_model *m, const std::string &label) {
            std::to_string(channels_last) + " of " + std::to_string(vae_convs));
 }
 
+// Winograd convolutions against at::conv2d, where they apply and where not,
+// and a VAE decode large enough to take them against the same decode in
+// float64 (which never does).
+void test_winograd(sw_sd_model *m) {
+    auto gen = at::detail::createCPUGenerator(5);
+    struct Case {
+        std::string name;
+        int64_t n, c, o, h, w;
+        bool channels_last, bias;
+    };
+    // The last two run in bands of rows (40 + 40 + 40 + 10; 36 × 7 + 7).
+    for (const auto &k : std::vector<Case>{{"nchw", 1, 32, 32, 128, 128, false, true},
+                                           {"channels-last, in bands", 1, 128, 128, 130, 128, true, true},
+                                           {"no bias, batch of 2, in bands", 2, 256, 256, 259, 72, false, false}}) {
+        auto x = torch::randn({k.n, k.c, k.h, k.w}, gen), w = torch::randn({k.o, k.c, 3, 3}, gen).div(10);
+        torch::Tensor b = k.bias ? torch::randn({k.o}, gen) : torch::Tensor();
+        if (k.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+        const std::string name = "winograd " + k.name;
+        report(sw::winograd_applies(x, w, b, 1, 1), name + " applies", "");
+        auto got = sw::conv2d_winograd(x, w, b);
+        close(name, got, at::conv2d(x, w, b, {1, 1}, {1, 1}), 1e-5);
+        report(got.is_contiguous(k.channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous),
+               name + " keeps the input's memory format", "");
+    }
+    auto x = torch::randn({1, 32, 128, 128}, gen), w = torch::randn({32, 32, 3, 3}, gen), b = torch::randn({32}, gen);
+    for (auto [why, applies] : std::vector<std::pair<std::string, bool>>{
+             {"stride 2", sw::winograd_applies(x, w, b, 2, 1)},
+             {"padding 0", sw::winograd_applies(x, w, b, 1, 0)},
+             {"1x1 kernel", sw::winograd_applies(x, torch::randn({32, 32, 1, 1}), b, 1, 1)},
+             {"bfloat16", sw::winograd_applies(x.to(torch::kBFloat16), w.to(torch::kBFloat16), b, 1, 1)},
+             {"below 128x128", sw::winograd_applies(x.narrow(3, 0, 127), w, b, 1, 1)},
+             {"3 output channels (not a multiple of 16)",
+              sw::winograd_applies(x, torch::randn({3, 32, 3, 3}), torch::randn({3}), 1, 1)}})
+        report(!applies, "winograd does not apply: " + why, "");
+
+    std::unique_ptr<sw_sd_model> wide(open_model(sd("tiny-sd15")));
+    wide->vae->to(torch::kFloat64);
+    auto latents = torch::randn({1, 4, 16, 16}, gen);
+    const int64_t before = sw::winograd_calls();
+    auto got = m->vae->decode(latents);
+    report(sw::winograd_calls() > before, "vae decode at 128x128 runs winograd convolutions",
+           std::to_string(sw::winograd_calls() - before) + " calls");
+    close("vae decode at 128x128 against float64", got, wide->vae->decode(latents.to(torch::kFloat64)), 1e-5);
+}
+
 // The vectorised softmax against libtorch's, on row lengths that are and are
 // not multiples of 8, with a causal -inf mask and a large dynamic range.
 void test_softmax() {
@@ -511,6 +557,7 @@ int main() {
         run("samplers", [&] { test_samplers(m); });
         run("cancel points", [&] { test_cancel_points(m); });
         run("prepacked f32", [&] { test_prepacked(m, "f32"); });
+        run("winograd", [&] { test_winograd(m); });
         const std::string prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
         for (auto [name, kind] : std::vector<std::pair<std::string, sw::SamplerKind>>{
                  {"ddim", sw::SamplerKind::DDIM}, {"euler", sw::SamplerKind::Euler},

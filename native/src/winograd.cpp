@@ -1,0 +1,307 @@
+#include "winograd.h"
+
+#include "common.h"
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+#include <string>
+#include <tuple>
+
+#if SW_WITH_DNNL
+#include <dnnl.hpp>
+#endif
+
+namespace sw {
+
+namespace {
+
+std::atomic<int64_t> calls{0};
+
+#if SW_WITH_DNNL
+
+using dims = dnnl::memory::dims;
+using tag = dnnl::memory::format_tag;
+constexpr auto f32 = dnnl::memory::data_type::f32;
+
+dnnl::engine &cpu() {
+    static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+    return e;
+}
+
+// What a compiled convolution depends on: oneDNN splits its work for the
+// thread count it was compiled for.
+struct Shape {
+    int64_t n, c, o, h, w;
+    bool x_channels_last, bias;
+    int threads;
+    bool operator<(const Shape &s) const {
+        return std::tie(n, c, o, h, w, x_channels_last, bias, threads) <
+               std::tie(s.n, s.c, s.o, s.h, s.w, s.x_channels_last, s.bias, s.threads);
+    }
+};
+
+// The convolution runs in bands of output rows: oneDNN's Winograd scratchpad
+// holds every tile of the image transformed, ~5× the input ([1, 128, 256, 256]:
+// 160 MB), and memory that fresh costs more in page faults than the
+// convolution saves. A band's buffers, about this size, are reused from band to
+// band and call to call; bands run as fast as the whole image.
+constexpr int64_t kBandBytes = 32 << 20;
+
+// A band of output rows and where it sits: the first band pads above, the
+// last below; the others read a row of input beyond each edge.
+struct Band {
+    int64_t rows;
+    bool top, bottom;
+    int64_t input_rows() const { return rows + !top + !bottom; }
+    bool operator==(const Band &b) const { return rows == b.rows && top == b.top && bottom == b.bottom; }
+};
+
+// One band's primitives: oneDNN compiles each (JIT) once.
+struct BandPlan {
+    Band band;
+    dnnl::convolution_forward::primitive_desc pd;
+    dnnl::convolution_forward conv;
+    dnnl::reorder to_src, from_dst;  // from and to the band of the tensors as ATen holds them
+    dnnl::memory::desc x_desc, y_desc;
+};
+
+// A shape's primitives, and the bytes of the buffers a call uses.
+struct Plan {
+    int64_t band_rows;
+    std::vector<BandPlan> bands;  // each kind of band the image has (at most 4)
+    dnnl::memory::desc w_desc;    // the kernel as oneDNN takes it from ATen (dense [out, in, 3, 3])
+    dnnl::reorder to_weights;     // into Winograd's transformed layout, shared by the bands
+    size_t weights_bytes = 0, src_bytes = 0, dst_bytes = 0, scratch_bytes = 0;
+    const BandPlan &find(const Band &b) const {
+        for (const auto &p : bands)
+            if (p.band == b) return p;
+        throw std::logic_error("winograd: no plan for a band");
+    }
+};
+
+size_t aligned(size_t n) { return (n + 4095) & ~size_t(4095); }
+
+// The strides of a contiguous tensor of dims in NCHW or channels-last, as ATen lays it out.
+dims strides_of(const dims &d, bool channels_last) {
+    if (channels_last) return {d[1] * d[2] * d[3], 1, d[3] * d[1], d[1]};
+    return {d[1] * d[2] * d[3], d[2] * d[3], d[3], 1};
+}
+
+BandPlan build_band(const Shape &s, const Band &b) {
+    auto any = [](const dims &d) { return dnnl::memory::desc(d, f32, tag::any); };
+    const dims x{s.n, s.c, b.input_rows(), s.w}, w{s.o, s.c, 3, 3}, y{s.n, s.o, b.rows, s.w};
+    const dims stride{1, 1}, pad_l{b.top ? 1 : 0, 1}, pad_r{b.bottom ? 1 : 0, 1};
+    const auto prop = dnnl::prop_kind::forward_inference;
+    const auto alg = dnnl::algorithm::convolution_winograd;
+    auto d = s.bias ? dnnl::convolution_forward::desc(prop, alg, any(x), any(w), dnnl::memory::desc({s.o}, f32, tag::a),
+                                                      any(y), stride, pad_l, pad_r)
+                    : dnnl::convolution_forward::desc(prop, alg, any(x), any(w), any(y), stride, pad_l, pad_r);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // the caller's buffer: calls run from several threads
+    BandPlan p{b};
+    p.pd = dnnl::convolution_forward::primitive_desc(d, attr, cpu());
+    p.conv = dnnl::convolution_forward(p.pd);
+    // A band of the whole tensor: its own dims, the whole tensor's strides.
+    p.x_desc = dnnl::memory::desc(x, f32, strides_of({s.n, s.c, s.h, s.w}, s.x_channels_last));
+    p.y_desc = dnnl::memory::desc(y, f32, strides_of({s.n, s.o, s.h, s.w}, s.x_channels_last));
+    p.to_src = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), p.x_desc, cpu(), p.pd.src_desc()));
+    p.from_dst = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), p.pd.dst_desc(), cpu(), p.y_desc));
+    return p;
+}
+
+// Each kind of band an image of h rows splits into. Every band has the same
+// rows (the last overlaps the one before it): oneDNN lays the transformed
+// kernel out differently for bands of other heights.
+std::vector<Band> bands_of(int64_t h, int64_t rows) {
+    if (h <= rows) return {{h, true, true}};
+    std::vector<Band> out{{rows, true, false}};
+    if (h > 2 * rows) out.push_back({rows, false, false});
+    out.push_back({rows, false, true});
+    return out;
+}
+
+std::shared_ptr<const Plan> build(const Shape &s) {
+    auto plan = std::make_shared<Plan>();
+    // Rows per band: a multiple of the 4-row output tile, the band's input,
+    // output and transformed tiles (~6× both) within kBandBytes.
+    const int64_t row_bytes = s.w * (s.c + s.o) * 4 * 6;
+    plan->band_rows = std::max<int64_t>(4, kBandBytes / row_bytes / 4 * 4);
+    for (const auto &b : bands_of(s.h, plan->band_rows)) {
+        plan->bands.push_back(build_band(s, b));
+        const auto &p = plan->bands.back();
+        // Every band must take the one transformed kernel.
+        if (p.pd.weights_desc() != plan->bands.front().pd.weights_desc())
+            throw dnnl::error(dnnl_unimplemented, "winograd: bands want different kernel layouts");
+        plan->src_bytes = std::max(plan->src_bytes, aligned(p.pd.src_desc().get_size()));
+        plan->dst_bytes = std::max(plan->dst_bytes, aligned(p.pd.dst_desc().get_size()));
+        plan->scratch_bytes = std::max(plan->scratch_bytes, aligned(p.pd.scratchpad_desc().get_size()));
+    }
+    plan->w_desc = dnnl::memory::desc({s.o, s.c, 3, 3}, f32, tag::oihw);
+    const auto &wino = plan->bands.front().pd.weights_desc();
+    plan->to_weights = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), plan->w_desc, cpu(), wino));
+    plan->weights_bytes = aligned(wino.get_size());
+    return plan;
+}
+
+// The shape's plan; null where oneDNN has no Winograd kernel for it (its
+// AVX-512 kernels want channel counts in multiples of 16, for one).
+std::shared_ptr<const Plan> plan_for(const Shape &s) {
+    // Bounded: a server that sees many image sizes must not grow without end.
+    constexpr size_t kMaxPlans = 64;
+    static std::mutex mu;
+    static std::map<Shape, std::shared_ptr<const Plan>> plans;
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        if (auto it = plans.find(s); it != plans.end()) return it->second;
+    }
+    std::shared_ptr<const Plan> plan;
+    try {
+        plan = build(s);  // outside the lock: compiling takes milliseconds
+    } catch (const dnnl::error &e) {
+        if (e.status != dnnl_unimplemented) throw;  // the convolution's or a reorder's
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    if (plans.size() >= kMaxPlans) plans.clear();
+    return plans.emplace(s, plan).first->second;
+}
+
+bool channels_last(const torch::Tensor &t) {
+    return !t.is_contiguous() && t.is_contiguous(torch::MemoryFormat::ChannelsLast);
+}
+
+Shape shape_of(const torch::Tensor &x, const torch::Tensor &weight, const torch::Tensor &bias) {
+    return {x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), channels_last(x), bias.defined(),
+            at::get_num_threads()};
+}
+
+torch::Tensor run(const torch::Tensor &x_, const torch::Tensor &weight_, const torch::Tensor &bias_) {
+    // oneDNN's OpenMP kernels take the calling thread's thread count, which
+    // ATen sets only on threads that ran one of its parallel loops.
+    at::internal::lazy_init_num_threads();
+    const Shape s = shape_of(x_, weight_, bias_);
+    auto x = s.x_channels_last ? x_ : x_.contiguous();
+    // oneDNN 2.6 has no reorder from a channels-last kernel to its Winograd
+    // layout; the dense copy costs a few percent of the transform.
+    auto weight = weight_.contiguous();
+    torch::Tensor bias = bias_.defined() ? bias_.contiguous() : bias_;
+    auto plan = plan_for(s);
+    if (!plan) throw std::logic_error("conv2d_winograd: oneDNN has no Winograd kernel for this convolution");
+
+    auto y = at::empty({s.n, s.o, s.h, s.w}, x.options().memory_format(s.x_channels_last ? torch::MemoryFormat::ChannelsLast
+                                                                                        : torch::MemoryFormat::Contiguous));
+    // The buffers, kept by the thread from call to call (grown, never shrunk):
+    // fresh memory would be page-faulted at every call.
+    thread_local torch::Tensor arena;
+    const size_t need = plan->weights_bytes + plan->src_bytes + plan->dst_bytes + plan->scratch_bytes;
+    if (!arena.defined() || static_cast<size_t>(arena.numel()) < need)
+        arena = at::empty({static_cast<int64_t>(need)}, x.options().dtype(torch::kUInt8));
+    auto *base = static_cast<uint8_t *>(arena.data_ptr());
+    uint8_t *w_buf = base, *src_buf = w_buf + plan->weights_bytes, *dst_buf = src_buf + plan->src_bytes,
+            *scratch_buf = dst_buf + plan->dst_bytes;
+
+    dnnl::stream stream(cpu());
+    const auto &first = plan->bands.front().pd;
+    dnnl::memory weights(first.weights_desc(), cpu(), w_buf);
+    dnnl::memory user_weights(plan->w_desc, cpu(), weight.data_ptr());
+    plan->to_weights.execute(stream, user_weights, weights);
+    std::optional<dnnl::memory> bias_mem;
+    if (bias.defined()) bias_mem.emplace(dnnl::memory::desc({s.o}, f32, tag::a), cpu(), bias.data_ptr());
+    auto *xp = x.data_ptr<float>();
+    auto *yp = y.data_ptr<float>();
+    const int64_t rows = std::min(plan->band_rows, s.h);
+    for (int64_t next = 0; next < s.h; next += rows) {
+        const int64_t r0 = std::min(next, s.h - rows);  // the last band ends at the last row
+        const Band b{rows, r0 == 0, r0 + rows == s.h};
+        const auto &p = plan->find(b);
+        dnnl::memory user_src(p.x_desc, cpu(), xp + (r0 - !b.top) * x.stride(2));
+        dnnl::memory src(p.pd.src_desc(), cpu(), src_buf), dst(p.pd.dst_desc(), cpu(), dst_buf);
+        dnnl::memory user_dst(p.y_desc, cpu(), yp + r0 * y.stride(2));
+        p.to_src.execute(stream, user_src, src);
+        std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, src},
+                                                   {DNNL_ARG_WEIGHTS, weights},
+                                                   {DNNL_ARG_DST, dst},
+                                                   {DNNL_ARG_SCRATCHPAD, dnnl::memory(p.pd.scratchpad_desc(), cpu(), scratch_buf)}};
+        if (bias_mem) args.emplace(DNNL_ARG_BIAS, *bias_mem);
+        p.conv.execute(stream, args);
+        p.from_dst.execute(stream, dst, user_dst);
+    }
+    stream.wait();
+    return y;
+}
+
+#endif  // SW_WITH_DNNL
+
+// Whether Winograd runs here and agrees with at::conv2d, checked once.
+bool winograd_works() {
+    static const bool works = [] {
+        std::string why;
+        bool ok = false;
+#if SW_WITH_DNNL
+        try {
+            torch::NoGradGuard no_grad;
+            auto gen = at::detail::createCPUGenerator(2);
+            // Both of oneDNN's Winograd kernels: F(2×2, 3×3) takes small
+            // images, F(4×4, 3×3) large ones.
+            double err = 0;
+            for (int64_t size : {20, 128}) {
+                auto w = torch::randn({32, 32, 3, 3}, gen).div(16);
+                auto b = torch::randn({32}, gen);
+                auto x = torch::randn({1, 32, size, size + 4}, gen);
+                auto want = at::conv2d(x, w, b, {1, 1}, {1, 1});
+                for (bool cl : {false, true}) {
+                    auto in = cl ? x.contiguous(torch::MemoryFormat::ChannelsLast) : x;
+                    auto got = run(in, cl ? w.contiguous(torch::MemoryFormat::ChannelsLast) : w, b);
+                    err = std::max(err, (got - want).abs().max().item<double>());
+                }
+            }
+            ok = err <= 1e-4;
+            if (!ok) why = "differs from at::conv2d by " + std::to_string(err);
+        } catch (const std::exception &e) {
+            why = e.what();
+            why = why.substr(0, why.find('\n'));
+        }
+#else
+        why = "this build has no oneDNN 2 headers (Debian: libdnnl-dev)";
+#endif
+        if (!ok) log(SW_LOG_INFO, "convolutions do not run as Winograd (" + why + ")");
+        return ok;
+    }();
+    return works;
+}
+
+}  // namespace
+
+bool winograd_applies(const torch::Tensor &x, const torch::Tensor &weight, const torch::Tensor &bias, int64_t stride,
+                      int64_t padding) {
+    if (stride != 1 || padding != 1 || x.dim() != 4 || weight.dim() != 4) return false;
+    if (!x.device().is_cpu() || x.scalar_type() != torch::kFloat32 || weight.scalar_type() != torch::kFloat32) return false;
+    if (weight.size(2) != 3 || weight.size(3) != 3 || x.size(2) * x.size(3) < kWinogradMinPixels) return false;
+    if (weight.size(1) != x.size(1) || (bias.defined() && bias.numel() != weight.size(0))) return false;
+    if (x.size(1) % 16 != 0 || weight.size(0) % 16 != 0) return false;  // oneDNN's fast kernels' blocks
+    if (!winograd_works()) return false;
+#if SW_WITH_DNNL
+    return plan_for(shape_of(x, weight, bias)) != nullptr;
+#else
+    return false;
+#endif
+}
+
+torch::Tensor conv2d_winograd(const torch::Tensor &x, const torch::Tensor &weight, const torch::Tensor &bias) {
+#if SW_WITH_DNNL
+    calls.fetch_add(1, std::memory_order_relaxed);
+    return run(x, weight, bias);
+#else
+    throw std::logic_error("conv2d_winograd: this build has no oneDNN");
+#endif
+}
+
+int64_t winograd_calls() { return calls.load(std::memory_order_relaxed); }
+
+}  // namespace sw
