@@ -54,9 +54,8 @@ TORCH_MODULE(Linear);
 struct GroupNormImpl : torch::nn::Module {
     GroupNormImpl(int64_t groups, int64_t channels, double eps);
     torch::Tensor forward(const torch::Tensor &x);
-    // silu(forward(x)), with the SiLU applied in place on the norm's result
-    // (in float32 where the norm computes in float32): one pass and one
-    // tensor fewer.
+    // silu(forward(x)) in one pass (group_norm_fast, where it applies; else
+    // the SiLU in place on at::group_norm's result).
     torch::Tensor forward_silu(const torch::Tensor &x);
     torch::Tensor weight, bias;
     int64_t groups;
@@ -108,6 +107,15 @@ bool prepack_convolutions(torch::ScalarType dtype, const torch::Device &device);
 // channels-last kernels (Conv2dImpl::CPUKernel::ChannelsLast: the CPU, float32
 // or bfloat16); x as it is otherwise.
 torch::Tensor channels_last_on_cpu(const torch::Tensor &x);
+
+// GroupNorm of x (then SiLU, if silu) in the engine's own kernel: x float32
+// or bfloat16, 4-d, NCHW or channels-last, on a CPU with AVX2 and FMA (and
+// height × width, NCHW, or channels, channels-last, in multiples of 8). The
+// statistics are summed in double, the rest computes in float32; the result
+// has x's dtype and memory format. An undefined tensor where it does not
+// apply: the caller then runs at::group_norm.
+torch::Tensor group_norm_fast(const torch::Tensor &x, int64_t groups, const torch::Tensor &weight,
+                              const torch::Tensor &bias, double eps, bool silu);
 
 // softmax over the last dimension, in place where it can be: float32 or
 // bfloat16 (computed in float32, rounded as c10::BFloat16 rounds) on a CPU

@@ -423,6 +423,48 @@ void test_winograd(sw_sd_model *m) {
     close("vae decode at 128x128 against float64", got, wide->vae->decode(latents.to(torch::kFloat64)), 1e-5);
 }
 
+// The own GroupNorm (+ SiLU) kernel against at::group_norm in float64 (then
+// SiLU, then rounded to the input's dtype): float32 within 1e-5 of the peak,
+// bfloat16 within one bfloat16 step, NCHW and channels-last, a mean far from
+// zero; and where it does not apply it says so.
+void test_group_norm() {
+    auto gen = at::detail::createCPUGenerator(9);
+    struct Case {
+        std::string name;
+        torch::ScalarType dtype;
+        bool channels_last, silu;
+    };
+    for (const auto &k : std::vector<Case>{{"f32 nchw", torch::kFloat32, false, false},
+                                           {"f32 nchw silu", torch::kFloat32, false, true},
+                                           {"f32 channels-last silu", torch::kFloat32, true, true},
+                                           {"bf16 nchw silu", torch::kBFloat16, false, true},
+                                           {"bf16 channels-last", torch::kBFloat16, true, false},
+                                           {"bf16 channels-last silu", torch::kBFloat16, true, true}}) {
+        auto x = (torch::randn({2, 64, 24, 40}, gen) * 3 + 20).to(k.dtype);
+        if (k.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+        auto w = torch::randn({64}, gen), b = torch::randn({64}, gen);
+        auto got = sw::group_norm_fast(x, 32, w.to(k.dtype), b.to(k.dtype), 1e-6, k.silu);
+        const std::string name = "group norm " + k.name;
+        if (!got.defined()) {
+            report(false, name, "does not apply");
+            continue;
+        }
+        auto want = at::group_norm(x.to(torch::kFloat64), 32, w.to(k.dtype).to(torch::kFloat64),
+                                   b.to(k.dtype).to(torch::kFloat64), 1e-6);
+        if (k.silu) want = at::silu(want);
+        want = want.to(k.dtype).to(torch::kFloat32);
+        // One bfloat16 step at the output's magnitude: 2^-7 relative.
+        close(name, got.to(torch::kFloat32), want, k.dtype == torch::kFloat32 ? 5e-6 : 1.0 / 128);
+        report(got.scalar_type() == k.dtype &&
+                   got.is_contiguous(k.channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous),
+               name + " keeps dtype and memory format", "");
+    }
+    auto x = torch::randn({1, 64, 5, 5}, gen), w = torch::randn({64}), b = torch::randn({64});
+    report(!sw::group_norm_fast(x, 32, w, b, 1e-6, false).defined(), "group norm: 25 pixels, NCHW, not applied", "");
+    report(!sw::group_norm_fast(x.to(torch::kFloat64), 32, w, b, 1e-6, false).defined(),
+           "group norm: float64 not applied", "");
+}
+
 // The vectorised softmax against libtorch's, on row lengths that are and are
 // not multiples of 8, with a causal -inf mask and a large dynamic range.
 void test_softmax() {
@@ -530,6 +572,7 @@ int main() {
     torch::set_num_threads(1);
     run("attention slicing", test_attention_slicing);  // needs no fixtures
     run("softmax", test_softmax);
+    run("group norm", test_group_norm);
     run("built-in tokenizer", [] {  // the README's well-known ids, with no file at hand
         const std::vector<int64_t> want = {49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407};
         auto got = sw::Tokenizer(sw::ClipPad::EndOfText).encode_padded("a photograph of an astronaut riding a horse", 77);
