@@ -125,8 +125,9 @@ torch::Tensor group_norm_fast(const torch::Tensor &x, int64_t groups, const torc
 // x = at::softmax(x, -1). Returns x.
 torch::Tensor softmax_lastdim_(torch::Tensor &x);
 
-// The most bytes one attention score matrix may take; larger ones are computed
-// in slices of queries (the result is the same: softmax is per query).
+// The most bytes one attention score matrix may take (on the CPU, one head's
+// block of queries); larger ones are computed in slices of queries (the
+// result is the same: softmax is per query).
 constexpr int64_t kAttentionSliceBytes = int64_t(256) << 20;
 
 // Multi-head scaled dot-product attention over [B, N, heads*dim] tensors.

@@ -346,6 +346,33 @@ void test_attention_slicing() {
     auto self_whole = sw::attention(q, q, q, 8, mask);
     auto self_sliced = sw::attention(q, q, q, 8, mask, false, 2 * 8 * 300 * 4 * 7);
     close("masked attention in query slices equals whole", self_sliced, self_whole, 1e-6);
+
+    // Against the formula in float64: float32, bfloat16 with and without
+    // scores upcast to float32, a causal mask, blocks of 512 queries and a
+    // shorter last one (1100 = 2 × 512 + 76), keys fewer than queries.
+    auto reference = [](const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
+                        const torch::Tensor &mask) {
+        const auto b = q.size(0), nq = q.size(1), nk = k.size(1), dim = q.size(2) / heads;
+        auto split = [&](const torch::Tensor &t, int64_t n) {
+            return t.to(torch::kFloat64).reshape({b, n, heads, dim}).transpose(1, 2);
+        };
+        auto s = at::matmul(split(q, nq), split(k, nk).transpose(-1, -2)) / std::sqrt(static_cast<double>(dim));
+        if (mask.defined()) s = s + mask.to(torch::kFloat64);
+        return at::matmul(at::softmax(s, -1), split(v, nk)).transpose(1, 2).reshape({b, nq, heads * dim});
+    };
+    auto big_q = torch::randn({2, 1100, 64}, g), big_k = torch::randn({2, 1100, 64}, g), big_v = torch::randn({2, 1100, 64}, g);
+    auto causal = torch::full({1100, 1100}, -std::numeric_limits<float>::infinity()).triu(1);
+    close("attention f32 against float64", sw::attention(big_q, k, v, 8), reference(big_q, k, v, 8, {}), 1e-5);
+    close("masked self-attention f32 against float64", sw::attention(big_q, big_k, big_v, 8, causal),
+          reference(big_q, big_k, big_v, 8, causal), 1e-5);
+    for (bool upcast : {false, true}) {
+        const auto bf = torch::kBFloat16;
+        auto qb = big_q.to(bf), kb = big_k.to(bf), vb = big_v.to(bf);
+        auto got = sw::attention(qb, kb, vb, 8, c10::nullopt, upcast);
+        report(got.scalar_type() == bf, std::string("attention bf16 keeps its dtype") + (upcast ? " (upcast)" : ""), "");
+        close(std::string("attention bf16 against float64") + (upcast ? " (upcast)" : ""), got.to(torch::kFloat32),
+              reference(qb, kb, vb, 8, {}), 0.02);
+    }
 }
 
 // Every convolution of a CPU model in float32 or bfloat16 holds its kernel
