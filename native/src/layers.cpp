@@ -1,7 +1,7 @@
 #include "layers.h"
 
 #include "common.h"
-#include "winograd.h"
+#include "onednn.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>

@@ -20,7 +20,7 @@
 #include "sampler.h"
 #include "segment.h"
 #include "tokenizer.h"
-#include "winograd.h"
+#include "onednn.h"
 
 namespace {
 

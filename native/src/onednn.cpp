@@ -1,4 +1,4 @@
-#include "winograd.h"
+#include "onednn.h"
 
 #include "common.h"
 

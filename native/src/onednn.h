@@ -1,6 +1,9 @@
-// Winograd convolutions on the CPU, through oneDNN's C++ API directly.
+// What the engine runs through oneDNN's own C++ API rather than through
+// libtorch: Winograd convolutions on the CPU.
+// Built only against oneDNN 2 (CMakeLists.txt says which); without it every
+// function here reports that it does not apply.
 //
-// libtorch runs every convolution with oneDNN's direct algorithm: it never asks
+// Winograd. libtorch runs every convolution with oneDNN's direct algorithm: it never asks
 // for Winograd. For float32 3×3 convolutions oneDNN's Winograd F(4×4, 3×3)
 // kernels (AVX-512) do the same work in ~2.5× less time on this project's
 // machine (2 threads: [1, 128, 256, 256] 34 ms against 85 ms direct) and agree
@@ -8,8 +11,8 @@
 // transformed layout four times the size of the dense one, and oneDNN's
 // transform is slow (~170 ns per input×output channel pair), so the transform
 // is done at every call and only where the image is large enough that it
-// costs a small part of what Winograd saves (kWinogradMinPixels). Nothing is
-// held between calls but oneDNN's compiled primitives.
+// costs a small part of what Winograd saves (kWinogradMinPixels). Between
+// calls only oneDNN's compiled primitives and a per-thread buffer are kept.
 #pragma once
 
 #include <torch/torch.h>
