@@ -196,9 +196,15 @@ torch::Tensor run(const torch::Tensor &x_, const torch::Tensor &weight_, const t
 
     auto y = at::empty({s.n, s.o, s.h, s.w}, x.options().memory_format(s.x_channels_last ? torch::MemoryFormat::ChannelsLast
                                                                                         : torch::MemoryFormat::Contiguous));
-    // The buffers, kept by the thread from call to call (grown, never shrunk):
-    // fresh memory would be page-faulted at every call.
-    thread_local torch::Tensor arena;
+    // The buffers, kept by the process from call to call (grown, never
+    // shrunk): fresh memory would be page-faulted at every call. One is kept,
+    // not one per thread (Go calls arrive on any thread); a call that finds it
+    // in use by another takes its own for the call.
+    static std::mutex arena_mu;
+    static torch::Tensor kept;
+    std::unique_lock<std::mutex> lock(arena_mu, std::try_to_lock);
+    torch::Tensor own;
+    torch::Tensor &arena = lock.owns_lock() ? kept : own;
     const size_t need = plan->weights_bytes + plan->src_bytes + plan->dst_bytes + plan->scratch_bytes;
     if (!arena.defined() || static_cast<size_t>(arena.numel()) < need)
         arena = at::empty({static_cast<int64_t>(need)}, x.options().dtype(torch::kUInt8));

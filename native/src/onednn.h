@@ -12,7 +12,7 @@
 // transform is slow (~170 ns per input×output channel pair), so the transform
 // is done at every call and only where the image is large enough that it
 // costs a small part of what Winograd saves (kWinogradMinPixels). Between
-// calls only oneDNN's compiled primitives and a per-thread buffer are kept.
+// calls only oneDNN's compiled primitives and one buffer are kept.
 #pragma once
 
 #include <torch/torch.h>
