@@ -10,6 +10,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -428,6 +429,20 @@ void test_winograd(sw_sd_model *m) {
         close(name, got, at::conv2d(x, w, b, {1, 1}, {1, 1}), 1e-5);
         report(got.is_contiguous(k.channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous),
                name + " keeps the input's memory format", "");
+    }
+    // Two threads at once: one takes the kept buffer, the other its own.
+    {
+        auto xa = torch::randn({1, 64, 160, 128}, gen), wa = torch::randn({64, 64, 3, 3}, gen).div(20);
+        auto xb = torch::randn({1, 32, 128, 136}, gen), wb = torch::randn({48, 32, 3, 3}, gen).div(20);
+        torch::Tensor ya, yb;
+        std::thread other([&] {
+            c10::InferenceMode guard;
+            for (int i = 0; i < 4; i++) yb = sw::conv2d_winograd(xb, wb, {});
+        });
+        for (int i = 0; i < 4; i++) ya = sw::conv2d_winograd(xa, wa, {});
+        other.join();
+        close("winograd from two threads at once (a)", ya, at::conv2d(xa, wa, {}, {1, 1}, {1, 1}), 1e-5);
+        close("winograd from two threads at once (b)", yb, at::conv2d(xb, wb, {}, {1, 1}, {1, 1}), 1e-5);
     }
     auto x = torch::randn({1, 32, 128, 128}, gen), w = torch::randn({32, 32, 3, 3}, gen), b = torch::randn({32}, gen);
     for (auto [why, applies] : std::vector<std::pair<std::string, bool>>{
