@@ -105,7 +105,8 @@ BandPlan build_band(const Shape &s, const Band &b) {
                     : dnnl::convolution_forward::desc(prop, alg, any(x), any(w), any(y), stride, pad_l, pad_r);
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // the caller's buffer: calls run from several threads
-    BandPlan p{b};
+    BandPlan p;
+    p.band = b;
     p.pd = dnnl::convolution_forward::primitive_desc(d, attr, cpu());
     p.conv = dnnl::convolution_forward(p.pd);
     // A band of the whole tensor: its own dims, the whole tensor's strides.

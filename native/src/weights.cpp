@@ -5,6 +5,12 @@
 #include "common.h"
 #include "layers.h"
 
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <map>
+#include <optional>
+#include <mutex>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -26,6 +32,84 @@ bool ends_with(const std::string &s, const std::string &suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// While a model's convolution kernels are prepacked, libtorch's CPU
+// allocations keep the blocks they free and hand them out again: each
+// kernel's temporary plain copy (to_mkldnn) then reuses the last one's memory
+// instead of page-faulting fresh memory (page faults, not copying, are most of
+// a prepacking load's time). A block is reused for a request of at least half
+// its size; the kept ones are freed when loading ends, and blocks allocated
+// meanwhile are freed as usual whenever they are.
+class ReusingCPUAllocator final : public c10::Allocator {
+public:
+    c10::DataPtr allocate(size_t n) const override {
+        void *p = nullptr;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (active_) {
+                auto it = kept_.lower_bound(n);
+                if (it != kept_.end() && it->first / 2 <= n) {
+                    p = it->second;
+                    kept_.erase(it);
+                }
+            }
+        }
+        if (p == nullptr) {
+            p = c10::alloc_cpu(n);
+            std::lock_guard<std::mutex> lock(mu_);
+            sizes_[p] = n;
+        }
+        return {p, p, &ReusingCPUAllocator::release, c10::Device(c10::DeviceType::CPU)};
+    }
+    c10::DeleterFnPtr raw_deleter() const override { return &ReusingCPUAllocator::release; }
+
+    static ReusingCPUAllocator &get() {
+        static ReusingCPUAllocator a;
+        return a;
+    }
+    // Starts keeping freed blocks; stop() frees those kept. Loads may overlap
+    // (several models opening at once): the first start and last stop count.
+    void start() {
+        std::lock_guard<std::mutex> lock(mu_);
+        active_++;
+    }
+    void stop() {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (--active_ > 0) return;
+        for (auto &[size, p] : kept_) {
+            sizes_.erase(p);
+            c10::free_cpu(p);
+        }
+        kept_.clear();
+    }
+
+private:
+    static void release(void *p) {
+        auto &a = get();
+        std::lock_guard<std::mutex> lock(a.mu_);
+        auto it = a.sizes_.find(p);
+        if (a.active_ > 0 && it != a.sizes_.end()) {
+            a.kept_.emplace(it->second, p);
+            return;
+        }
+        if (it != a.sizes_.end()) a.sizes_.erase(it);
+        c10::free_cpu(p);
+    }
+    mutable std::mutex mu_;
+    int active_ = 0;
+    mutable std::multimap<size_t, void *> kept_;        // freed while active, by size
+    mutable std::unordered_map<void *, size_t> sizes_;  // every live or kept block's size
+};
+
+std::mutex &swap_mu() {
+    static std::mutex mu;
+    return mu;
+}
+
+int &reuse_users() {
+    static int n = 0;
+    return n;
+}
+
 // Same tensor up to trailing 1x1 kernel dimensions: Linear [o, i] vs Conv [o, i, 1, 1].
 bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
     auto strip = [](std::vector<int64_t> v) {
@@ -36,6 +120,20 @@ bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
 }
 
 }  // namespace
+
+ReuseCPUMemory::ReuseCPUMemory() {
+    std::lock_guard<std::mutex> lock(swap_mu());
+    ReusingCPUAllocator::get().start();
+    if (reuse_users()++ == 0) c10::SetCPUAllocator(&ReusingCPUAllocator::get());
+}
+
+ReuseCPUMemory::~ReuseCPUMemory() {
+    {
+        std::lock_guard<std::mutex> lock(swap_mu());
+        if (--reuse_users() == 0) c10::SetCPUAllocator(c10::GetDefaultCPUAllocator());
+    }
+    ReusingCPUAllocator::get().stop();
+}
 
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const std::string &prefix,
                          torch::ScalarType dtype, const torch::Device &device) {
@@ -61,6 +159,8 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
             else
                 packable[conv->weight.unsafeGetTensorImpl()] = conv;
         }
+    std::optional<ReuseCPUMemory> reuse;
+    if (!packable.empty()) reuse.emplace();
     auto fill = [&](const std::string &name, torch::Tensor &target, bool is_param) {
         const Source src = resolve(name);
         const std::string &key = src.key;

@@ -2,6 +2,7 @@
 // the reference outputs in ../shared/fixtures (see the READMEs there). Prints
 // one line per check and a closing "N passed, N failed" line.
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <atomic>
 #include <cstdio>
@@ -21,6 +22,7 @@
 #include "sampler.h"
 #include "segment.h"
 #include "tokenizer.h"
+#include "weights.h"
 #include "onednn.h"
 
 namespace {
@@ -465,6 +467,27 @@ void test_winograd(sw_sd_model *m) {
     close("vae decode at 128x128 against float64", got, wide->vae->decode(latents.to(torch::kFloat64)), 1e-5);
 }
 
+// ReuseCPUMemory: a freed block comes back for a request of at least half its
+// size, not for a larger or a much smaller one, and libtorch's allocator is
+// its own again afterwards.
+void test_reuse_cpu_memory() {
+    auto bytes = [](int64_t n) { return torch::empty({n}, torch::kUInt8); };
+    void *first = nullptr;
+    {
+        sw::ReuseCPUMemory reuse;
+        auto a = bytes(1 << 20);
+        first = a.data_ptr();
+        a.reset();
+        auto larger = bytes(2 << 20);
+        report(larger.data_ptr() != first, "reuse: a larger request gets a fresh block", "");
+        auto much_smaller = bytes(300 << 10);
+        report(much_smaller.data_ptr() != first, "reuse: a request under half the block gets a fresh one", "");
+        auto smaller = bytes(600 << 10);
+        report(smaller.data_ptr() == first, "reuse: a request of at least half the block reuses it", "");
+    }
+    report(c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator(), "reuse: libtorch's allocator is back afterwards", "");
+}
+
 // The own GroupNorm (+ SiLU) kernel against at::group_norm in float64 (then
 // SiLU, then rounded to the input's dtype): float32 within 1e-5 of the peak,
 // bfloat16 within one bfloat16 step, NCHW and channels-last, a mean far from
@@ -615,6 +638,7 @@ int main() {
     run("attention slicing", test_attention_slicing);  // needs no fixtures
     run("softmax", test_softmax);
     run("group norm", test_group_norm);
+    run("reuse cpu memory", test_reuse_cpu_memory);
     run("built-in tokenizer", [] {  // the README's well-known ids, with no file at hand
         const std::vector<int64_t> want = {49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407};
         auto got = sw::Tokenizer(sw::ClipPad::EndOfText).encode_padded("a photograph of an astronaut riding a horse", 77);
@@ -634,7 +658,13 @@ int main() {
     run("tokenizer", test_tokenizer);
     run("built-in tokenizer goldens", test_builtin_tokenizer);
     sw_sd_model *m = nullptr;
-    run("open tiny-sd15", [&] { m = open_model(sd("tiny-sd15")); });
+    run("open tiny-sd15", [&] {
+        m = open_model(sd("tiny-sd15"));
+        // Loading swaps in an allocator that reuses freed blocks (weights.cpp)
+        // and must put libtorch's own back.
+        report(c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator(),
+               "libtorch's CPU allocator is its own again after loading", "");
+    });
     if (m) {
         run("text encoder", [&] { test_text_encoder(m); });
         run("unet", [&] { test_unet(m, sd("tiny-sd15/golden/unet.safetensors"), "unet"); });
