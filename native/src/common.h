@@ -36,6 +36,12 @@ sw_dtype resolve_dtype(int32_t dtype, const torch::Device &device);
 torch::ScalarType scalar_type(sw_dtype dtype);
 const char *dtype_name(sw_dtype dtype);
 
+// Whether t is laid out channels-last and not also plain NCHW (a tensor with
+// one channel or one pixel is both).
+inline bool is_channels_last(const torch::Tensor &t) {
+    return !t.is_contiguous() && t.is_contiguous(torch::MemoryFormat::ChannelsLast);
+}
+
 // Reads a whole text file of at most max_bytes; a missing file is
 // SW_ERR_NOT_FOUND naming it, anything but a regular file SW_ERR_IO.
 std::string read_text_file(const std::string &path, int64_t max_bytes = int64_t(64) << 20);

@@ -251,6 +251,12 @@ torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor &x) {
 namespace {
 
 #if defined(__x86_64__)
+// The kernels below need AVX2 and FMA; elsewhere their callers use libtorch's.
+bool has_avx2_fma() {
+    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return has;
+}
+
 // exp for x <= 0 (softmax's x - max), 8 at a time: Cephes' expf polynomial
 // (relative error ~1e-7), with x clamped at -87.3 so that 2^n stays normal
 // (exp(-87.3) = 1.2e-38 where the exact value would underflow to 0).
@@ -269,6 +275,47 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
     const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// Eight float32 or bfloat16 values as float32, and back (bfloat16 rounded to
+// nearest even, as c10::BFloat16 rounds); to_float and to_bfloat16 one at a
+// time, for the tails.
+template <typename T> __attribute__((target("avx2,fma"))) inline __m256 load8(const T *p) {
+    if constexpr (std::is_same_v<T, float>) {
+        return _mm256_loadu_ps(p);
+    } else {
+        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    }
+}
+
+template <typename T> __attribute__((target("avx2,fma"))) inline void store8(T *p, __m256 v) {
+    if constexpr (std::is_same_v<T, float>) {
+        _mm256_storeu_ps(p, v);
+    } else {
+        const __m256i b = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+        const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_castsi256_si128(packed));
+    }
+}
+
+template <typename T> float to_float(T v) {
+    if constexpr (std::is_same_v<T, float>) {
+        return v;
+    } else {
+        const uint32_t bits = static_cast<uint32_t>(v) << 16;
+        float f;
+        std::memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+}
+
+inline uint16_t to_bfloat16(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
 __attribute__((target("avx2,fma"))) void softmax_row_avx2(float *p, int64_t n) {
@@ -302,28 +349,11 @@ __attribute__((target("avx2,fma"))) void softmax_row_avx2(float *p, int64_t n) {
 // rounded to nearest even as c10::BFloat16 rounds.
 __attribute__((target("avx2,fma"))) void softmax_row_bf16_avx2(uint16_t *p, int64_t n, float *buf) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p + i)));
-        _mm256_storeu_ps(buf + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-    }
-    for (; i < n; i++) {
-        const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-        std::memcpy(buf + i, &bits, sizeof bits);
-    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, load8(p + i));
+    for (; i < n; i++) buf[i] = to_float(p[i]);
     softmax_row_avx2(buf, n);
-    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
-    for (i = 0; i + 8 <= n; i += 8) {
-        const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(buf + i));
-        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), one);
-        const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(bias, lsb)), 16);
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-        _mm_storeu_si128(reinterpret_cast<__m128i *>(p + i), _mm256_castsi256_si128(packed));
-    }
-    for (; i < n; i++) {
-        uint32_t bits;
-        std::memcpy(&bits, buf + i, sizeof bits);
-        p[i] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-    }
+    for (i = 0; i + 8 <= n; i += 8) store8(p + i, _mm256_loadu_ps(buf + i));
+    for (; i < n; i++) p[i] = to_bfloat16(buf[i]);
 }
 
 void softmax_rows_avx2(float *data, int64_t rows, int64_t n) {
@@ -337,33 +367,6 @@ void softmax_rows_bf16_avx2(uint16_t *data, int64_t rows, int64_t n) {
         std::vector<float> buf(static_cast<size_t>(n));
         for (int64_t row = lo; row < hi; row++) softmax_row_bf16_avx2(data + row * n, n, buf.data());
     });
-}
-
-// GroupNorm (+ SiLU) over a 4-d float32 or bfloat16 tensor, NCHW or
-// channels-last, in two passes: statistics (float32 lanes summed into
-// doubles, over fixed chunks so the result does not depend on the thread
-// count), then the per-channel affine with the SiLU fused and bfloat16
-// rounded as c10::BFloat16 rounds. For bfloat16 it replaces a conversion to
-// float32 and back around at::group_norm and a separate SiLU pass.
-template <typename T> __attribute__((target("avx2,fma"))) inline __m256 load8(const T *p) {
-    if constexpr (std::is_same_v<T, float>) {
-        return _mm256_loadu_ps(p);
-    } else {
-        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-    }
-}
-
-template <typename T> __attribute__((target("avx2,fma"))) inline void store8(T *p, __m256 v) {
-    if constexpr (std::is_same_v<T, float>) {
-        _mm256_storeu_ps(p, v);
-    } else {
-        const __m256i b = _mm256_castps_si256(v);
-        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-        const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-        _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_castsi256_si128(packed));
-    }
 }
 
 // v * sigmoid(v), with exp taken of -|v| only (exp_nonpositive's range).
@@ -399,17 +402,6 @@ __attribute__((target("avx2,fma"))) void shifted_sums8(const T *p, int64_t runs,
     }
 }
 
-template <typename T> float to_float(T v) {
-    if constexpr (std::is_same_v<T, float>) {
-        return v;
-    } else {
-        const uint32_t bits = static_cast<uint32_t>(v) << 16;
-        float f;
-        std::memcpy(&f, &bits, sizeof f);
-        return f;
-    }
-}
-
 // y = x * a + b (then SiLU) over len values (a multiple of 8).
 template <typename T>
 __attribute__((target("avx2,fma"))) void affine_run(const T *x, T *y, int64_t len, float a, float b, bool silu) {
@@ -430,6 +422,12 @@ __attribute__((target("avx2,fma"))) void affine_pixel(const T *x, T *y, int64_t 
     }
 }
 
+// GroupNorm (+ SiLU) over a 4-d float32 or bfloat16 tensor, NCHW or
+// channels-last, in two passes: statistics (float32 lanes summed into
+// doubles, over fixed chunks so the result does not depend on the thread
+// count), then the per-channel affine with the SiLU fused and bfloat16
+// rounded as c10::BFloat16 rounds. For bfloat16 it replaces a conversion to
+// float32 and back around at::group_norm and a separate SiLU pass.
 template <typename T>
 void group_norm_avx2(const T *x, T *y, int64_t n, int64_t c, int64_t hw, int64_t groups, bool channels_last,
                      const float *gamma, const float *beta, double eps, bool silu) {
@@ -509,12 +507,11 @@ void group_norm_avx2(const T *x, T *y, int64_t n, int64_t c, int64_t hw, int64_t
 torch::Tensor group_norm_fast(const torch::Tensor &x, int64_t groups, const torch::Tensor &weight,
                               const torch::Tensor &bias, double eps, bool silu) {
 #if defined(__x86_64__)
-    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     const bool dtype_ok = x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16;
-    if (avx2 && dtype_ok && x.device().is_cpu() && x.dim() == 4 && groups > 0 && x.size(1) % groups == 0 &&
+    if (has_avx2_fma() && dtype_ok && x.device().is_cpu() && x.dim() == 4 && groups > 0 && x.size(1) % groups == 0 &&
         x.numel() > 0) {
         const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-        const bool cl = !x.is_contiguous() && x.is_contiguous(torch::MemoryFormat::ChannelsLast);
+        const bool cl = is_channels_last(x);
         if ((cl || x.is_contiguous()) && (cl ? c % 8 == 0 : hw % 8 == 0)) {
             auto gamma = weight.to(torch::kFloat32).contiguous(), beta = bias.to(torch::kFloat32).contiguous();
             auto y = at::empty_like(x);  // keeps x's memory format
@@ -534,8 +531,7 @@ torch::Tensor group_norm_fast(const torch::Tensor &x, int64_t groups, const torc
 
 torch::Tensor softmax_lastdim_(torch::Tensor &x) {
 #if defined(__x86_64__)
-    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx2 && x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1) {
+    if (has_avx2_fma() && x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1) {
         const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
         if (x.scalar_type() == torch::kFloat32) {
             softmax_rows_avx2(x.data_ptr<float>(), rows, n);

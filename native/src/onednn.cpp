@@ -9,10 +9,10 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <unordered_map>
-#include <vector>
 #include <string>
 #include <tuple>
+#include <unordered_map>
+#include <vector>
 
 #if SW_WITH_DNNL
 #include <dnnl.hpp>
@@ -34,6 +34,9 @@ dnnl::engine &cpu() {
     static dnnl::engine e(dnnl::engine::kind::cpu, 0);
     return e;
 }
+
+// A bias of o channels as the convolution takes and ATen holds it.
+dnnl::memory::desc bias_desc(int64_t o) { return dnnl::memory::desc({o}, f32, tag::a); }
 
 // What a compiled convolution depends on: oneDNN splits its work for the
 // thread count it was compiled for.
@@ -75,7 +78,7 @@ struct BandPlan {
 // A shape's primitives, and the bytes of the buffers a call uses.
 struct Plan {
     int64_t band_rows;
-    std::vector<BandPlan> bands;  // each kind of band the image has (at most 4)
+    std::vector<BandPlan> bands;  // each kind of band the image has (at most 3)
     dnnl::memory::desc w_desc;    // the kernel as oneDNN takes it from ATen (dense [out, in, 3, 3])
     dnnl::reorder to_weights;     // into Winograd's transformed layout, shared by the bands
     size_t weights_bytes = 0, src_bytes = 0, dst_bytes = 0, scratch_bytes = 0;
@@ -100,7 +103,7 @@ BandPlan build_band(const Shape &s, const Band &b) {
     const dims stride{1, 1}, pad_l{b.top ? 1 : 0, 1}, pad_r{b.bottom ? 1 : 0, 1};
     const auto prop = dnnl::prop_kind::forward_inference;
     const auto alg = dnnl::algorithm::convolution_winograd;
-    auto d = s.bias ? dnnl::convolution_forward::desc(prop, alg, any(x), any(w), dnnl::memory::desc({s.o}, f32, tag::a),
+    auto d = s.bias ? dnnl::convolution_forward::desc(prop, alg, any(x), any(w), bias_desc(s.o),
                                                       any(y), stride, pad_l, pad_r)
                     : dnnl::convolution_forward::desc(prop, alg, any(x), any(w), any(y), stride, pad_l, pad_r);
     dnnl::primitive_attr attr;
@@ -173,12 +176,8 @@ std::shared_ptr<const Plan> plan_for(const Shape &s) {
     return plans.emplace(s, plan).first->second;
 }
 
-bool channels_last(const torch::Tensor &t) {
-    return !t.is_contiguous() && t.is_contiguous(torch::MemoryFormat::ChannelsLast);
-}
-
 Shape shape_of(const torch::Tensor &x, const torch::Tensor &weight, const torch::Tensor &bias) {
-    return {x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), channels_last(x), bias.defined(),
+    return {x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), is_channels_last(x), bias.defined(),
             at::get_num_threads()};
 }
 
@@ -219,7 +218,7 @@ torch::Tensor run(const torch::Tensor &x_, const torch::Tensor &weight_, const t
     dnnl::memory user_weights(plan->w_desc, cpu(), weight.data_ptr());
     plan->to_weights.execute(stream, user_weights, weights);
     std::optional<dnnl::memory> bias_mem;
-    if (bias.defined()) bias_mem.emplace(dnnl::memory::desc({s.o}, f32, tag::a), cpu(), bias.data_ptr());
+    if (bias.defined()) bias_mem.emplace(bias_desc(s.o), cpu(), bias.data_ptr());
     auto *xp = x.data_ptr<float>();
     auto *yp = y.data_ptr<float>();
     const int64_t rows = std::min(plan->band_rows, s.h);

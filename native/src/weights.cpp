@@ -9,8 +9,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <map>
-#include <optional>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -32,13 +32,8 @@ bool ends_with(const std::string &s, const std::string &suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// While a model's convolution kernels are prepacked, libtorch's CPU
-// allocations keep the blocks they free and hand them out again: each
-// kernel's temporary plain copy (to_mkldnn) then reuses the last one's memory
-// instead of page-faulting fresh memory (page faults, not copying, are most of
-// a prepacking load's time). A block is reused for a request of at least half
-// its size; the kept ones are freed when loading ends, and blocks allocated
-// meanwhile are freed as usual whenever they are.
+// ReuseCPUMemory's allocator (weights.h): blocks allocated while it is active
+// are freed as usual whenever they are, after it too.
 class ReusingCPUAllocator final : public c10::Allocator {
 public:
     c10::DataPtr allocate(size_t n) const override {
@@ -66,15 +61,17 @@ public:
         static ReusingCPUAllocator a;
         return a;
     }
-    // Starts keeping freed blocks; stop() frees those kept. Loads may overlap
-    // (several models opening at once): the first start and last stop count.
+    // The first start makes this libtorch's CPU allocator; the last stop
+    // frees the kept blocks and gives libtorch its own back. Loads may overlap
+    // (several models opening at once).
     void start() {
         std::lock_guard<std::mutex> lock(mu_);
-        active_++;
+        if (active_++ == 0) c10::SetCPUAllocator(this);
     }
     void stop() {
         std::lock_guard<std::mutex> lock(mu_);
         if (--active_ > 0) return;
+        c10::SetCPUAllocator(c10::GetDefaultCPUAllocator());
         for (auto &[size, p] : kept_) {
             sizes_.erase(p);
             c10::free_cpu(p);
@@ -100,16 +97,6 @@ private:
     mutable std::unordered_map<void *, size_t> sizes_;  // every live or kept block's size
 };
 
-std::mutex &swap_mu() {
-    static std::mutex mu;
-    return mu;
-}
-
-int &reuse_users() {
-    static int n = 0;
-    return n;
-}
-
 // Same tensor up to trailing 1x1 kernel dimensions: Linear [o, i] vs Conv [o, i, 1, 1].
 bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
     auto strip = [](std::vector<int64_t> v) {
@@ -121,19 +108,9 @@ bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
 
 }  // namespace
 
-ReuseCPUMemory::ReuseCPUMemory() {
-    std::lock_guard<std::mutex> lock(swap_mu());
-    ReusingCPUAllocator::get().start();
-    if (reuse_users()++ == 0) c10::SetCPUAllocator(&ReusingCPUAllocator::get());
-}
+ReuseCPUMemory::ReuseCPUMemory() { ReusingCPUAllocator::get().start(); }
 
-ReuseCPUMemory::~ReuseCPUMemory() {
-    {
-        std::lock_guard<std::mutex> lock(swap_mu());
-        if (--reuse_users() == 0) c10::SetCPUAllocator(c10::GetDefaultCPUAllocator());
-    }
-    ReusingCPUAllocator::get().stop();
-}
+ReuseCPUMemory::~ReuseCPUMemory() { ReusingCPUAllocator::get().stop(); }
 
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const std::string &prefix,
                          torch::ScalarType dtype, const torch::Device &device) {
