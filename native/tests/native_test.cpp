@@ -523,6 +523,11 @@ void test_group_norm() {
         report(got.scalar_type() == k.dtype &&
                    got.is_contiguous(k.channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous),
                name + " keeps dtype and memory format", "");
+        if (k.dtype == torch::kBFloat16) {  // the float32 kernel's result, rounded to nearest even
+            auto wide = sw::group_norm_fast(x.to(torch::kFloat32), 32, w.to(k.dtype).to(torch::kFloat32),
+                                            b.to(k.dtype).to(torch::kFloat32), 1e-6, k.silu);
+            report(torch::equal(got, wide.to(k.dtype)), name + " rounds as Tensor::to rounds", "");
+        }
     }
     auto x = torch::randn({1, 64, 5, 5}, gen), w = torch::randn({64}), b = torch::randn({64});
     report(!sw::group_norm_fast(x, 32, w, b, 1e-6, false).defined(), "group norm: 25 pixels, NCHW, not applied", "");
@@ -557,6 +562,12 @@ void test_softmax() {
         const bool ok = (d <= w.abs() * (1.0 / 128) + 1e-30).all().item<bool>();
         report(ok, "bf16 softmax rows of " + std::to_string(n) + " within one bfloat16 step",
                "max|d| " + std::to_string(d.max().item<double>()));
+        // And rounded to nearest even, as Tensor::to rounds, from the same
+        // float32 computation (rows of 7 and 77 end in a scalar tail).
+        auto wide = xb.to(torch::kFloat32);
+        sw::softmax_lastdim_(wide);
+        report(torch::equal(gotb, wide.to(torch::kBFloat16)),
+               "bf16 softmax rows of " + std::to_string(n) + " round as Tensor::to rounds", "");
     }
 }
 
