@@ -58,18 +58,39 @@ std::string shape_str(const std::vector<int64_t> &shape) {
     return s + "]";
 }
 
+// Linux 5.14's names, for older headers; older kernels refuse them (EINVAL)
+// and the pages then fault in on first use instead.
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+// page_range is [begin, end) widened to whole pages within the mapping.
+std::pair<size_t, size_t> page_range(size_t map_size, size_t begin, size_t end) {
+    static const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    return {begin / page * page, std::min(map_size, (end + page - 1) / page * page)};
+}
+
 // drop_pages gives the pages of [begin, end) of a read-only file mapping back
 // to the kernel once a tensor has been copied out of them, so the mapped file
 // and the loaded weights are never both resident: a model's peak memory is its
 // weights plus one tensor, not twice its file. The pages stay in the page
 // cache; reading them again faults them back in.
 void drop_pages(const void *map, size_t map_size, size_t begin, size_t end) {
-    static const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-    const size_t lo = begin / page * page, hi = std::min(map_size, (end + page - 1) / page * page);
+    const auto [lo, hi] = page_range(map_size, begin, end);
     if (hi > lo) ::madvise(static_cast<char *>(const_cast<void *>(map)) + lo, hi - lo, MADV_DONTNEED);
 }
 
 }  // namespace
+
+// The mapping outlives the file object while a tensor load mapped still uses it.
+struct SafeTensorsFile::Mapping {
+    Mapping(void *a, size_t n) : addr(a), size(n) {}
+    Mapping(const Mapping &) = delete;
+    Mapping &operator=(const Mapping &) = delete;
+    ~Mapping() { ::munmap(addr, size); }
+    void *const addr;
+    const size_t size;
+};
 
 SafeTensorsFile::SafeTensorsFile(const std::string &path) : path_(path) {
     int64_t file_size = 0;
@@ -171,11 +192,10 @@ SafeTensorsFile::SafeTensorsFile(const std::string &path) : path_(path) {
         map_ = nullptr;
         throw;
     }
+    mapping_ = std::make_shared<Mapping>(map_, size_);
 }
 
-SafeTensorsFile::~SafeTensorsFile() {
-    if (map_ != nullptr) ::munmap(map_, size_);
-}
+SafeTensorsFile::~SafeTensorsFile() = default;
 
 const TensorEntry &SafeTensorsFile::entry(const std::string &name) const {
     auto it = entries_.find(name);
@@ -200,6 +220,23 @@ torch::Tensor SafeTensorsFile::load(const std::string &name) const {
 }
 
 torch::Tensor SafeTensorsFile::load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const {
+    const TensorEntry &e = entry(name);
+    auto *data = const_cast<uint8_t *>(data_ + e.begin);
+    if (device.is_cpu() && e.scalar == dtype && reinterpret_cast<uintptr_t>(data) % c10::elementSize(dtype) == 0) {
+        // Resident now, as a copy would be: the first step does not pay for
+        // faulting the weights in. The pages go back with the tensor (a page
+        // it shares with a neighbour still in use is read back in from the
+        // page cache: the mapping is never written).
+        const size_t base = static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_));
+        const auto [lo, hi] = page_range(size_, base + e.begin, base + e.end);
+        if (hi > lo) ::madvise(static_cast<char *>(map_) + lo, hi - lo, MADV_POPULATE_READ);
+        return torch::from_blob(
+            data, e.shape,
+            [mapping = mapping_, begin = base + e.begin, end = base + e.end](void *) {
+                drop_pages(mapping->addr, mapping->size, begin, end);
+            },
+            torch::TensorOptions().dtype(e.scalar));
+    }
     return load_with(name, [&](const torch::Tensor &view) {
         return view.scalar_type() == dtype && device.is_cpu() ? view.clone()
                                                                : view.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);

@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -22,8 +23,9 @@ struct TensorEntry {
 
 // SafeTensorsFile memory-maps a file and validates its whole header up front:
 // every tensor's dtype, shape and offsets, and that the offsets tile the data
-// section exactly. Tensors are copied out on request; the mapping is released on
-// destruction.
+// section exactly. Tensors are copied out on request, or used from the mapping
+// itself where nothing needs converting (load); the mapping is released once
+// the file and every tensor still using it are gone.
 class SafeTensorsFile {
 public:
     explicit SafeTensorsFile(const std::string &path);
@@ -37,7 +39,10 @@ public:
     const std::map<std::string, TensorEntry> &entries() const { return entries_; }
     const std::map<std::string, std::string> &metadata() const { return metadata_; }
 
-    // A tensor owning its memory, converted to dtype and moved to device.
+    // The tensor in dtype on device. On the CPU in its stored dtype (and
+    // aligned for it) it is the mapping's own bytes, read-only, made resident
+    // now and given back when the tensor is freed: weights are never copied
+    // only to be held once more. Anything else is a converted copy.
     torch::Tensor load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const;
     // The tensor in its stored dtype, on the CPU, owning its memory.
     torch::Tensor load(const std::string &name) const;
@@ -48,8 +53,11 @@ public:
     torch::Tensor load_with(const std::string &name,
                             const std::function<torch::Tensor(const torch::Tensor &view)> &copy_out) const;
 
+    struct Mapping;
+
 private:
     std::string path_;
+    std::shared_ptr<Mapping> mapping_;  // shared with the tensors load maps
     void *map_ = nullptr;
     size_t size_ = 0;
     const uint8_t *data_ = nullptr;  // start of the data section

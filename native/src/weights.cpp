@@ -44,6 +44,7 @@ public:
                 auto it = kept_.lower_bound(n);
                 if (it != kept_.end() && it->first / 2 <= n) {
                     p = it->second;
+                    kept_bytes_ -= it->first;
                     kept_.erase(it);
                 }
             }
@@ -77,6 +78,11 @@ public:
             c10::free_cpu(p);
         }
         kept_.clear();
+        kept_bytes_ = 0;
+    }
+    size_t kept_bytes() const {
+        std::lock_guard<std::mutex> lock(mu_);
+        return kept_bytes_;
     }
 
 private:
@@ -86,6 +92,16 @@ private:
         auto it = a.sizes_.find(p);
         if (a.active_ > 0 && it != a.sizes_.end()) {
             a.kept_.emplace(it->second, p);
+            a.kept_bytes_ += it->second;
+            // The smallest go first: the next kernel is as likely to be as
+            // large as the last one.
+            while (a.kept_bytes_ > ReuseCPUMemory::kMaxKeptBytes) {
+                auto smallest = a.kept_.begin();
+                a.kept_bytes_ -= smallest->first;
+                a.sizes_.erase(smallest->second);
+                c10::free_cpu(smallest->second);
+                a.kept_.erase(smallest);
+            }
             return;
         }
         if (it != a.sizes_.end()) a.sizes_.erase(it);
@@ -94,6 +110,7 @@ private:
     mutable std::mutex mu_;
     int active_ = 0;
     mutable std::multimap<size_t, void *> kept_;        // freed while active, by size
+    mutable size_t kept_bytes_ = 0;                     // their total
     mutable std::unordered_map<void *, size_t> sizes_;  // every live or kept block's size
 };
 
@@ -111,6 +128,8 @@ bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
 ReuseCPUMemory::ReuseCPUMemory() { ReusingCPUAllocator::get().start(); }
 
 ReuseCPUMemory::~ReuseCPUMemory() { ReusingCPUAllocator::get().stop(); }
+
+size_t ReuseCPUMemory::kept_bytes() { return ReusingCPUAllocator::get().kept_bytes(); }
 
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const std::string &prefix,
                          torch::ScalarType dtype, const torch::Device &device) {

@@ -45,7 +45,8 @@ std::vector<std::pair<std::string, torch::Tensor>> named_tensors(torch::nn::Modu
 
 // While one lives, libtorch's CPU allocations keep the blocks they free and
 // hand them out again, for requests of at least half a block's size; the kept
-// ones are freed when the last one ends, and libtorch's own allocator is back.
+// ones (at most kMaxKeptBytes, the smallest freed first) are freed when the
+// last one ends, and libtorch's own allocator is back.
 // load_weights holds one while it prepacks convolution kernels: each kernel's
 // temporary plain copy (to_mkldnn) then reuses the last one's memory instead
 // of page-faulting fresh memory, which is most of such a load's time (float32
@@ -56,6 +57,12 @@ public:
     ~ReuseCPUMemory();
     ReuseCPUMemory(const ReuseCPUMemory &) = delete;
     ReuseCPUMemory &operator=(const ReuseCPUMemory &) = delete;
+
+    // Twice SD 1.5's largest float32 kernel: kernels of every size class,
+    // kept, would be a model's peak plus ~0.3 GB.
+    static constexpr size_t kMaxKeptBytes = size_t(128) << 20;
+    // The bytes kept for reuse now.
+    static size_t kept_bytes();
 };
 
 }  // namespace sw

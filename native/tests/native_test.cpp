@@ -2,11 +2,13 @@
 // the reference outputs in ../shared/fixtures (see the READMEs there). Prints
 // one line per check and a closing "N passed, N failed" line.
 #include <ATen/CPUGeneratorImpl.h>
+#include <unistd.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -467,6 +469,40 @@ void test_winograd(sw_sd_model *m) {
     close("vae decode at 128x128 against float64", got, wide->vae->decode(latents.to(torch::kFloat64)), 1e-5);
 }
 
+// Whether /proc/self/maps lists a mapping of path.
+bool mapped(const std::string &path) {
+    std::ifstream maps("/proc/self/maps");
+    for (std::string line; std::getline(maps, line);)
+        if (line.find(path) != std::string::npos) return true;
+    return false;
+}
+
+// SafeTensorsFile::load: a tensor in its stored dtype on the CPU is the
+// mapping's own bytes (two loads share them), outlives the file object, and
+// takes the mapping with it when the last such tensor goes; another dtype is a
+// copy of its own.
+void test_mapped_load() {
+    const std::string path = "/tmp/stepwise-native-test-mapped-" + std::to_string(::getpid()) + ".safetensors";
+    auto gen = at::detail::createCPUGenerator(3);
+    const auto a = torch::randn({64, 33}, gen), b = torch::randn({1000}, gen);
+    sw::write_safetensors(path, {{"a", a}, {"b", b}});
+    torch::Tensor first, second, converted;
+    {
+        sw::SafeTensorsFile f(path);
+        first = f.load("a", torch::kFloat32, torch::kCPU);
+        second = f.load("a", torch::kFloat32, torch::kCPU);
+        converted = f.load("b", torch::kBFloat16, torch::kCPU);
+    }
+    report(first.data_ptr() == second.data_ptr(), "mapped load: same-dtype tensors are the mapping's bytes", "");
+    report(first.equal(a), "mapped load: the tensor outlives the file object", "");
+    report(converted.equal(b.to(torch::kBFloat16)), "mapped load: another dtype is converted", "");
+    report(mapped(path), "mapped load: the mapping stays while a tensor uses it", "");
+    first.reset();
+    second.reset();
+    report(!mapped(path), "mapped load: the mapping goes with the last tensor", "");
+    std::remove(path.c_str());
+}
+
 // ReuseCPUMemory: a freed block comes back for a request of at least half its
 // size, not for a larger or a much smaller one, and libtorch's allocator is
 // its own again afterwards.
@@ -484,6 +520,13 @@ void test_reuse_cpu_memory() {
         report(much_smaller.data_ptr() != first, "reuse: a request under half the block gets a fresh one", "");
         auto smaller = bytes(600 << 10);
         report(smaller.data_ptr() == first, "reuse: a request of at least half the block reuses it", "");
+        // Blocks of many sizes freed while loading are not all kept.
+        const int64_t block = sw::ReuseCPUMemory::kMaxKeptBytes / 3 + 1;
+        std::vector<torch::Tensor> blocks;
+        for (int i = 0; i < 4; i++) blocks.push_back(bytes(block * (i + 2) / 2));
+        blocks.clear();
+        report(sw::ReuseCPUMemory::kept_bytes() <= sw::ReuseCPUMemory::kMaxKeptBytes && sw::ReuseCPUMemory::kept_bytes() > 0,
+               "reuse: at most kMaxKeptBytes are kept", std::to_string(sw::ReuseCPUMemory::kept_bytes()) + " bytes");
     }
     report(c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator(), "reuse: libtorch's allocator is back afterwards", "");
 }
@@ -650,6 +693,7 @@ int main() {
     run("softmax", test_softmax);
     run("group norm", test_group_norm);
     run("reuse cpu memory", test_reuse_cpu_memory);
+    run("mapped load", test_mapped_load);
     run("built-in tokenizer", [] {  // the README's well-known ids, with no file at hand
         const std::vector<int64_t> want = {49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407};
         auto got = sw::Tokenizer(sw::ClipPad::EndOfText).encode_padded("a photograph of an astronaut riding a horse", 77);
