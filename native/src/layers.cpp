@@ -9,12 +9,15 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <set>
 #include <stdexcept>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -223,6 +226,7 @@ LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_) : dim(dim_), eps(eps_) {
 }
 
 torch::Tensor LayerNormImpl::forward(const torch::Tensor &x) {
+    if (auto y = layer_norm_bf16_fast(x, weight, bias, eps); y.defined()) return y;
     if (norm_in_float32(x))
         return at::layer_norm(x.to(torch::kFloat32), {dim}, weight.to(torch::kFloat32), bias.to(torch::kFloat32), eps)
             .to(x.scalar_type());
@@ -345,15 +349,36 @@ __attribute__((target("avx2,fma"))) void softmax_row_avx2(float *p, int64_t n) {
     for (; i < n; i++) p[i] /= sum;
 }
 
-// A bfloat16 row through buf (n floats): widened, softmax in float32, then
-// rounded to nearest even as c10::BFloat16 rounds.
+// A bfloat16 row, computed in float32 through buf (n floats, in L1 for
+// attention's rows) and rounded to nearest even as c10::BFloat16 rounds. The
+// row itself is read twice and written once: its maximum straight from the
+// bfloat16 values, then exp and sum into buf, then normalized into the row (a
+// widened copy first made two more passes: 1.14 ms for a [512, 4096] block).
 __attribute__((target("avx2,fma"))) void softmax_row_bf16_avx2(uint16_t *p, int64_t n, float *buf) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, load8(p + i));
-    for (; i < n; i++) buf[i] = to_float(p[i]);
-    softmax_row_avx2(buf, n);
-    for (i = 0; i + 8 <= n; i += 8) store8(p + i, _mm256_loadu_ps(buf + i));
-    for (; i < n; i++) p[i] = to_bfloat16(buf[i]);
+    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, load8(p + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    float m = *std::max_element(lanes, lanes + 8);
+    for (; i < n; i++) m = std::max(m, to_float(p[i]));
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vsum = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 v = exp_nonpositive(_mm256_sub_ps(load8(p + i), vm));
+        _mm256_storeu_ps(buf + i, v);
+        vsum = _mm256_add_ps(vsum, v);
+    }
+    _mm256_store_ps(lanes, vsum);
+    float sum = 0;
+    for (float l : lanes) sum += l;
+    for (; i < n; i++) {
+        buf[i] = std::exp(std::max(to_float(p[i]) - m, -87.3f));
+        sum += buf[i];
+    }
+    const __m256 vinv = _mm256_set1_ps(1.0f / sum);
+    for (i = 0; i + 8 <= n; i += 8) store8(p + i, _mm256_mul_ps(_mm256_loadu_ps(buf + i), vinv));
+    for (; i < n; i++) p[i] = to_bfloat16(buf[i] / sum);
 }
 
 void softmax_rows_avx2(float *data, int64_t rows, int64_t n) {
@@ -502,6 +527,38 @@ void group_norm_avx2(const T *x, T *y, int64_t n, int64_t c, int64_t hw, int64_t
 }
 #endif
 
+// One bfloat16 row of n values (a multiple of 8) through buf: widened, the
+// mean, the variance about it, then the affine, rounded into y.
+__attribute__((target("avx2,fma"))) void layer_norm_row_bf16(const uint16_t *x, uint16_t *y, int64_t n,
+                                                             const float *gamma, const float *beta, float eps,
+                                                             float *buf) {
+    __m256 vs = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 v = load8(x + i);
+        _mm256_storeu_ps(buf + i, v);
+        vs = _mm256_add_ps(vs, v);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vs);
+    double sum = 0;
+    for (float l : lanes) sum += l;
+    const float mean = static_cast<float>(sum / n);
+    const __m256 vm = _mm256_set1_ps(mean);
+    __m256 vq = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(buf + i), vm);
+        vq = _mm256_fmadd_ps(d, d, vq);
+    }
+    _mm256_store_ps(lanes, vq);
+    double sq = 0;
+    for (float l : lanes) sq += l;
+    const __m256 vr = _mm256_set1_ps(static_cast<float>(1.0 / std::sqrt(sq / n + eps)));
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(buf + i), vm), vr);
+        store8(y + i, _mm256_fmadd_ps(d, _mm256_loadu_ps(gamma + i), _mm256_loadu_ps(beta + i)));
+    }
+}
+
 }  // namespace
 
 torch::Tensor group_norm_fast(const torch::Tensor &x, int64_t groups, const torch::Tensor &weight,
@@ -524,6 +581,42 @@ torch::Tensor group_norm_fast(const torch::Tensor &x, int64_t groups, const torc
                                 gamma.data_ptr<float>(), beta.data_ptr<float>(), eps, silu);
             return y;
         }
+    }
+#endif
+    return torch::Tensor();
+}
+
+int64_t kernel_threads() {
+    std::mutex mu;
+    std::set<std::thread::id> seen;
+    // Rows enough for every thread, each long enough that no thread finishes
+    // all of its rows before the others start.
+    at::parallel_for(0, 64, 1, [&](int64_t, int64_t) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        std::lock_guard<std::mutex> lock(mu);
+        seen.insert(std::this_thread::get_id());
+    });
+    return static_cast<int64_t>(seen.size());
+}
+
+torch::Tensor layer_norm_bf16_fast(const torch::Tensor &x, const torch::Tensor &weight, const torch::Tensor &bias,
+                                   double eps) {
+#if defined(__x86_64__)
+    if (has_avx2_fma() && x.scalar_type() == torch::kBFloat16 && x.device().is_cpu() && x.dim() >= 1 &&
+        x.numel() > 0 && x.size(-1) % 8 == 0 && weight.numel() == x.size(-1) && bias.numel() == x.size(-1)) {
+        const auto in = x.contiguous();
+        const int64_t n = in.size(-1), rows = in.numel() / n;
+        auto gamma = weight.to(torch::kFloat32).contiguous(), beta = bias.to(torch::kFloat32).contiguous();
+        auto y = at::empty_like(in);
+        const auto *src = reinterpret_cast<const uint16_t *>(in.data_ptr<at::BFloat16>());
+        auto *dst = reinterpret_cast<uint16_t *>(y.data_ptr<at::BFloat16>());
+        const float *g = gamma.data_ptr<float>(), *b = beta.data_ptr<float>();
+        at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t lo, int64_t hi) {
+            std::vector<float> buf(static_cast<size_t>(n));
+            for (int64_t r = lo; r < hi; r++)
+                layer_norm_row_bf16(src + r * n, dst + r * n, n, g, b, static_cast<float>(eps), buf.data());
+        });
+        return y;
     }
 #endif
     return torch::Tensor();

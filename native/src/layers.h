@@ -117,6 +117,14 @@ torch::Tensor channels_last_on_cpu(const torch::Tensor &x);
 torch::Tensor group_norm_fast(const torch::Tensor &x, int64_t groups, const torch::Tensor &weight,
                               const torch::Tensor &bias, double eps, bool silu);
 
+// LayerNorm over the last dimension of a bfloat16 x in the engine's own
+// kernel, computed in float32 (a row at a time, in L1: mean, then the
+// variance about it) and rounded as c10::BFloat16 rounds: on a CPU with AVX2
+// and FMA, rows of a multiple of 8. An undefined tensor where it does not
+// apply: the caller then runs at::layer_norm.
+torch::Tensor layer_norm_bf16_fast(const torch::Tensor &x, const torch::Tensor &weight, const torch::Tensor &bias,
+                                   double eps);
+
 // softmax over the last dimension, in place where it can be: float32 or
 // bfloat16 (computed in float32, rounded as c10::BFloat16 rounds) on a CPU
 // with AVX2 and FMA, in one vectorised pass per row for the exponentials
@@ -124,6 +132,11 @@ torch::Tensor group_norm_fast(const torch::Tensor &x, int64_t groups, const torc
 // 512² the UNet's first-level attention holds 16 × 4096² scores); elsewhere
 // x = at::softmax(x, -1). Returns x.
 torch::Tensor softmax_lastdim_(torch::Tensor &x);
+
+// How many threads the engine's own CPU kernels (softmax_lastdim_, GroupNorm)
+// split their rows over at the current thread setting: at::parallel_for in
+// this library, which runs on one thread unless it was built with OpenMP.
+int64_t kernel_threads();
 
 // The most bytes one attention score matrix may take (on the CPU, one head's
 // block of queries); larger ones are computed in slices of queries (the

@@ -578,6 +578,34 @@ void test_group_norm() {
            "group norm: float64 not applied", "");
 }
 
+// The bfloat16 LayerNorm kernel against at::layer_norm in float64, rounded:
+// within one bfloat16 step, with a mean far from zero, on a non-contiguous
+// input; other dtypes and row lengths are left to libtorch.
+void test_layer_norm() {
+    auto gen = at::detail::createCPUGenerator(10);
+    for (int64_t c : {320, 1280}) {
+        auto x = (torch::randn({2, 77, c}, gen) * 2 + 300).to(torch::kBFloat16);
+        auto w = torch::randn({c}, gen).to(torch::kBFloat16), b = torch::randn({c}, gen).to(torch::kBFloat16);
+        auto xt = x.transpose(0, 1).contiguous().transpose(0, 1);  // same values, other strides
+        const std::string name = "layer norm bf16 rows of " + std::to_string(c);
+        auto got = sw::layer_norm_bf16_fast(xt, w, b, 1e-5);
+        if (!got.defined()) {
+            report(false, name, "does not apply");
+            continue;
+        }
+        auto want = at::layer_norm(x.to(torch::kFloat64), {c}, w.to(torch::kFloat64), b.to(torch::kFloat64), 1e-5)
+                        .to(torch::kBFloat16)
+                        .to(torch::kFloat32);
+        close(name, got.to(torch::kFloat32), want, 1.0 / 128);
+        report(got.scalar_type() == torch::kBFloat16 && got.sizes() == x.sizes(), name + " keeps dtype and shape", "");
+    }
+    auto w = torch::ones({12}), b = torch::zeros({12});
+    report(!sw::layer_norm_bf16_fast(torch::randn({3, 12}).to(torch::kBFloat16), w, b, 1e-5).defined(),
+           "layer norm: rows of 12 not applied", "");
+    report(!sw::layer_norm_bf16_fast(torch::randn({3, 16}), torch::ones({16}), torch::zeros({16}), 1e-5).defined(),
+           "layer norm: float32 not applied", "");
+}
+
 // The vectorised softmax against libtorch's, on row lengths that are and are
 // not multiples of 8, with a causal -inf mask and a large dynamic range.
 void test_softmax() {
@@ -612,6 +640,16 @@ void test_softmax() {
         report(torch::equal(gotb, wide.to(torch::kBFloat16)),
                "bf16 softmax rows of " + std::to_string(n) + " round as Tensor::to rounds", "");
     }
+}
+
+// The engine's own kernels split their rows over libtorch's threads (the
+// build compiles at::parallel_for with OpenMP): with 2 threads set, 2 run.
+void test_kernel_threads() {
+    const int before = at::get_num_threads();
+    at::set_num_threads(2);
+    const int64_t got = sw::kernel_threads();
+    at::set_num_threads(before);
+    report(got == 2, "the engine's CPU kernels run on libtorch's 2 threads", std::to_string(got) + " ran");
 }
 
 // Runs f with a cancel flag that is already set, as if another thread had
@@ -691,6 +729,8 @@ int main() {
     torch::set_num_threads(1);
     run("attention slicing", test_attention_slicing);  // needs no fixtures
     run("softmax", test_softmax);
+    run("layer norm", test_layer_norm);
+    run("kernel threads", test_kernel_threads);
     run("group norm", test_group_norm);
     run("reuse cpu memory", test_reuse_cpu_memory);
     run("mapped load", test_mapped_load);
