@@ -652,6 +652,14 @@ namespace {
 torch::Tensor attention_by_head(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
                                 const c10::optional<torch::Tensor> &mask, bool upcast, int64_t max_bytes) {
     constexpr int64_t kBlockRows = 512;
+    // Up to this many keys (cross-attention's 77, self-attention from 16²
+    // latents down) all heads go through one batched product per block:
+    // per-head calls cost more than their work there (bfloat16 [2, 4096, 320]
+    // queries on 77 keys: 7.7 against 12.4 ms; [2, 64, 1280] on 64: 0.2
+    // against 0.7 ms), while for 1024 keys and more a head's block of scores
+    // staying in cache wins (14.5 against 25.8 ms).
+    constexpr int64_t kBatchedKeys = 256;
+    constexpr int64_t kBatchedScoreBytes = int64_t(32) << 20;
     const auto b = q.size(0), nq = q.size(1), nk = k.size(1), inner = q.size(2), dim = inner / heads;
     const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
     const bool up = upcast && q.scalar_type() != torch::kFloat32;
@@ -663,8 +671,27 @@ torch::Tensor attention_by_head(const torch::Tensor &q, const torch::Tensor &k, 
     auto kh = by_head(up ? k.to(torch::kFloat32) : k, nk), vh = by_head(v, nk);
     torch::Tensor m = mask ? mask->to(score_type) : torch::Tensor();
     const int64_t elem = static_cast<int64_t>(c10::elementSize(score_type));
-    const int64_t block = std::clamp<int64_t>(max_bytes / std::max<int64_t>(1, nk * elem), 1, kBlockRows);
     auto out = torch::empty({b * heads, nq, dim}, v.options());
+    if (nk <= kBatchedKeys) {
+        // Every head at once, in blocks of queries: with few keys each head's
+        // products are too small to pay for a call of their own.
+        const int64_t budget = std::min<int64_t>(max_bytes, kBatchedScoreBytes);
+        const int64_t block = std::clamp<int64_t>(budget / std::max<int64_t>(1, b * heads * nk * elem), 1, nq);
+        auto scores = torch::empty({b * heads, std::min(block, nq), nk}, q.options().dtype(score_type));
+        auto kt = kh.transpose(1, 2);
+        for (int64_t lo = 0; lo < nq; lo += block) {
+            check_cancel();
+            const int64_t rows = std::min(block, nq - lo);
+            auto s = scores.narrow(1, 0, rows);
+            at::bmm_out(s, qh.narrow(1, lo, rows), kt);
+            if (m.defined()) s.add_(m.narrow(0, lo, rows));
+            softmax_lastdim_(s);
+            auto o = out.narrow(1, lo, rows);
+            at::bmm_out(o, up ? s.to(v.scalar_type()) : s, vh);
+        }
+        return out.view({b, heads, nq, dim}).permute({0, 2, 1, 3}).reshape({b, nq, inner});
+    }
+    const int64_t block = std::clamp<int64_t>(max_bytes / std::max<int64_t>(1, nk * elem), 1, kBlockRows);
     auto scores = torch::empty({std::min(block, nq), nk}, q.options().dtype(score_type));
     for (int64_t h = 0; h < b * heads; h++) {
         check_cancel();

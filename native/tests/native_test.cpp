@@ -370,13 +370,23 @@ void test_attention_slicing() {
     close("attention f32 against float64", sw::attention(big_q, k, v, 8), reference(big_q, k, v, 8, {}), 1e-5);
     close("masked self-attention f32 against float64", sw::attention(big_q, big_k, big_v, 8, causal),
           reference(big_q, big_k, big_v, 8, causal), 1e-5);
+    // Up to 256 keys every head goes through one batched product (with a
+    // causal mask too); more take the head-by-head path above.
+    auto small = torch::randn({2, 200, 64}, g);
+    auto causal_small = torch::full({200, 200}, -std::numeric_limits<float>::infinity()).triu(1);
+    close("masked self-attention on 200 keys f32 against float64", sw::attention(small, small, small, 8, causal_small),
+          reference(small, small, small, 8, causal_small), 1e-5);
     for (bool upcast : {false, true}) {
         const auto bf = torch::kBFloat16;
+        const std::string how = upcast ? " (upcast)" : "";
         auto qb = big_q.to(bf), kb = big_k.to(bf), vb = big_v.to(bf);
         auto got = sw::attention(qb, kb, vb, 8, c10::nullopt, upcast);
-        report(got.scalar_type() == bf, std::string("attention bf16 keeps its dtype") + (upcast ? " (upcast)" : ""), "");
-        close(std::string("attention bf16 against float64") + (upcast ? " (upcast)" : ""), got.to(torch::kFloat32),
-              reference(qb, kb, vb, 8, {}), 0.02);
+        report(got.scalar_type() == bf, "attention bf16 keeps its dtype" + how, "");
+        close("attention bf16 against float64" + how, got.to(torch::kFloat32), reference(qb, kb, vb, 8, {}), 0.02);
+        auto few = sw::attention(qb, k.to(bf), v.to(bf), 8, c10::nullopt, upcast);
+        report(few.scalar_type() == bf, "attention bf16 on 77 keys keeps its dtype" + how, "");
+        close("attention bf16 on 77 keys against float64" + how, few.to(torch::kFloat32),
+              reference(qb, k.to(bf), v.to(bf), 8, {}), 0.02);
     }
 }
 
