@@ -66,7 +66,7 @@ bench: build
 .PHONY: bench-compare
 bench-compare:
 	@test -n "$(BASE)" || { echo "usage: make bench-compare BASE=<commit> [BENCH_ARGS=...]" >&2; exit 2; }
-	BENCH_ARGS="$(BENCH_ARGS)" GO="$(GO)" JOBS="$(JOBS)" ./scripts/bench-compare.sh $(BASE)
+	BENCH_ARGS="$(BENCH_ARGS)" ROUNDS="$(ROUNDS)" GO="$(GO)" JOBS="$(JOBS)" ./scripts/bench-compare.sh $(BASE)
 
 clean:
 	rm -rf $(BUILD)

@@ -6,7 +6,9 @@
 # under .bench/base-<sha>/ that is kept for the next run. Both binaries run
 # `stepwise bench --json` with the same $BENCH_ARGS, one dtype per process and
 # the baseline first, and the current binary's `bench compare` prints the
-# ratios. Both outputs stay under .bench/run-<time>/.
+# ratios. Both outputs stay under .bench/run-<time>/. With ROUNDS=N the pair
+# runs N times, the order swapped every round (baseline first, then current
+# first), and the ratios are of each side's medians.
 #
 # Environment:
 #   BENCH_ARGS    bench flags for both runs, split on spaces (no quoting). Use
@@ -15,6 +17,9 @@
 #                 --cfg-scale --preview --threads --device -v.
 #   CURRENT_LIB   an already built libstepwise.so for the current tree: then
 #                 only its Go binary is built (`make bin`), not `make build`.
+#   ROUNDS        how many times to run each pair (default 1): on a shared,
+#                 noisy machine 3 or more, interleaved, before trusting a
+#                 ratio near a mark.
 #   GO, JOBS      the go command and the native build's parallelism.
 set -euo pipefail
 
@@ -29,6 +34,13 @@ root=$(git rev-parse --show-toplevel)
 cd "$root"
 GO=${GO:-$(command -v go 2>/dev/null || echo /usr/local/go/bin/go)}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
+ROUNDS=${ROUNDS:-1}
+case $ROUNDS in
+'' | *[!0-9]* | 0)
+	say "ROUNDS must be a positive number, not '$ROUNDS'"
+	exit 2
+	;;
+esac
 
 sha=$(git rev-parse --verify --quiet "$base^{commit}") || { say "$base is not a commit"; exit 2; }
 short=$(git rev-parse --short=7 "$sha")
@@ -89,11 +101,24 @@ mkdir -p "$run"
 : >"$run/base.json"
 : >"$run/current.json"
 IFS=, read -r -a dtype_list <<<"$dtypes"
-for dt in "${dtype_list[@]}"; do
-	say "baseline $short, $dt: $base_bin bench ${args[*]} --dtypes $dt --json"
-	"$base_bin" bench "${args[@]}" --dtypes "$dt" --json --lib "$base_lib" >>"$run/base.json"
-	say "current, $dt: $cur_bin bench ${args[*]} --dtypes $dt --json"
-	"$cur_bin" bench "${args[@]}" --dtypes "$dt" --json --lib "$cur_lib" >>"$run/current.json"
+run_base() {
+	say "round $1/$ROUNDS, baseline $short, $2: $base_bin bench ${args[*]} --dtypes $2 --json"
+	"$base_bin" bench "${args[@]}" --dtypes "$2" --json --lib "$base_lib" >>"$run/base.json"
+}
+run_current() {
+	say "round $1/$ROUNDS, current, $2: $cur_bin bench ${args[*]} --dtypes $2 --json"
+	"$cur_bin" bench "${args[@]}" --dtypes "$2" --json --lib "$cur_lib" >>"$run/current.json"
+}
+for ((round = 1; round <= ROUNDS; round++)); do
+	for dt in "${dtype_list[@]}"; do
+		if ((round % 2 == 1)); then
+			run_base "$round" "$dt"
+			run_current "$round" "$dt"
+		else
+			run_current "$round" "$dt"
+			run_base "$round" "$dt"
+		fi
+	done
 done
 say "outputs in $run"
 echo "current ($(git rev-parse --short=7 HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ', modified')) against baseline $short:"

@@ -544,15 +544,20 @@ func peakRSS() int64 {
 var errNoCommonRows = errors.New("the baseline and the current bench measured no (backend, dtype, size) in common")
 
 // benchMismatchError: a (dtype, size) was measured on different work in the
-// two outputs, so its ratios would mean nothing.
+// two outputs, or in two rounds of one (Rounds), so its ratios would mean
+// nothing.
 type benchMismatchError struct {
 	DType      string
 	Size       int
 	Field      string
-	Base, Curr string
+	Base, Curr string // Rounds: the first round's and this one's
+	Rounds     bool
 }
 
 func (e *benchMismatchError) Error() string {
+	if e.Rounds {
+		return fmt.Sprintf("%s %d²: the rounds differ in %s (first %s, this one %s)", e.DType, e.Size, e.Field, e.Base, e.Curr)
+	}
 	return fmt.Sprintf("%s %d²: the runs differ in %s (baseline %s, current %s)", e.DType, e.Size, e.Field, e.Base, e.Curr)
 }
 
@@ -570,9 +575,6 @@ func (e *benchFileError) Error() string {
 	return fmt.Sprintf("%s: %v", e.Path, e.Err)
 }
 func (e *benchFileError) Unwrap() error { return e.Err }
-
-// errDuplicateRow: one output measured a (dtype, size) twice.
-var errDuplicateRow = errors.New("the same dtype and size appear twice")
 
 // compareRow is a bench JSON line of any version: 201b204's fields are
 // benchRow's, and later benches may add the optional ones here.
@@ -612,13 +614,15 @@ func newBenchCompareCommand() *cobra.Command {
 		})
 }
 
-// readBenchRows reads the JSON lines of one bench output, keyed by (dtype, size).
-func readBenchRows(path string) (map[compareKey]compareRow, error) {
+// readBenchRows reads the JSON lines of one bench output, grouped by
+// (dtype, size): several rows of one are rounds of the same measurement
+// (bench-compare's ROUNDS), and must have timed the same work.
+func readBenchRows(path string) (map[compareKey][]compareRow, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, &benchFileError{Path: path, Err: err}
 	}
-	rows := map[compareKey]compareRow{}
+	rows := map[compareKey][]compareRow{}
 	for i, line := range strings.Split(string(b), "\n") {
 		line = strings.TrimSpace(line)
 		if line == "" {
@@ -632,10 +636,16 @@ func readBenchRows(path string) (map[compareKey]compareRow, error) {
 			continue
 		}
 		k := compareKey{backendName(r.Backend), r.DType, r.Size}
-		if _, dup := rows[k]; dup {
-			return nil, &benchFileError{Path: path, Line: i + 1, Err: fmt.Errorf("%s %d²: %w", k.label(), r.Size, errDuplicateRow)}
+		if earlier := rows[k]; len(earlier) > 0 {
+			if err := sameWork(earlier[0], r); err != nil {
+				var m *benchMismatchError
+				if errors.As(err, &m) {
+					m.Rounds = true
+				}
+				return nil, &benchFileError{Path: path, Line: i + 1, Err: err}
+			}
 		}
-		rows[k] = r
+		rows[k] = append(rows[k], r)
 	}
 	if len(rows) == 0 {
 		return nil, &benchFileError{Path: path, Err: errors.New("no bench rows")}
@@ -644,25 +654,31 @@ func readBenchRows(path string) (map[compareKey]compareRow, error) {
 }
 
 // compareBench prints, per (dtype, size) that both measured, each figure of
-// the baseline and the current run and their ratio current/baseline.
-func compareBench(w io.Writer, base, cur map[compareKey]compareRow) error {
+// the baseline and the current run and their ratio current/baseline; where a
+// side has several rounds of a row, each figure is their median.
+func compareBench(w io.Writer, baseRounds, curRounds map[compareKey][]compareRow) error {
 	var keys []compareKey
 	var onlyOne []string
 	encode := false
-	for k, c := range cur {
-		b, ok := base[k]
+	rounds := 1
+	base, cur := map[compareKey]compareRow{}, map[compareKey]compareRow{}
+	for k, cs := range curRounds {
+		bs, ok := baseRounds[k]
 		if !ok {
 			onlyOne = append(onlyOne, fmt.Sprintf("%s %d² (current only)", k.label(), k.size))
 			continue
 		}
-		if err := sameWork(b, c); err != nil {
+		if err := sameWork(bs[0], cs[0]); err != nil {
 			return err
 		}
+		b, c := medianRow(bs), medianRow(cs)
+		base[k], cur[k] = b, c
 		keys = append(keys, k)
 		encode = encode || (b.EncodeSec != nil && c.EncodeSec != nil)
+		rounds = max(rounds, len(bs), len(cs))
 	}
-	for k := range base {
-		if _, ok := cur[k]; !ok {
+	for k := range baseRounds {
+		if _, ok := curRounds[k]; !ok {
 			onlyOne = append(onlyOne, fmt.Sprintf("%s %d² (baseline only)", k.label(), k.size))
 		}
 	}
@@ -703,11 +719,49 @@ func compareBench(w io.Writer, base, cur map[compareKey]compareRow) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintln(w, "each cell: baseline -> current (current/baseline; below 1 is faster or smaller)")
+	note := "each cell: baseline -> current (current/baseline; below 1 is faster or smaller)"
+	if rounds > 1 {
+		note += fmt.Sprintf("; medians of up to %d rounds", rounds)
+	}
+	fmt.Fprintln(w, note)
 	for _, s := range onlyOne {
 		fmt.Fprintf(w, "not compared: %s\n", s)
 	}
 	return nil
+}
+
+// medianRow is rows[0] with each timed figure and the peak RSS replaced by
+// the median over rows (the mean of the middle two for an even count); the
+// VAE encode only where every row has one.
+func medianRow(rows []compareRow) compareRow {
+	med := func(get func(compareRow) float64) float64 {
+		v := make([]float64, len(rows))
+		for i, r := range rows {
+			v[i] = get(r)
+		}
+		sort.Float64s(v)
+		n := len(v)
+		if n%2 == 1 {
+			return v[n/2]
+		}
+		return (v[n/2-1] + v[n/2]) / 2
+	}
+	m := rows[0]
+	m.StepSeconds = med(func(r compareRow) float64 { return r.StepSeconds })
+	m.DecodeSec = med(func(r compareRow) float64 { return r.DecodeSec })
+	m.LoadSeconds = med(func(r compareRow) float64 { return r.LoadSeconds })
+	m.TextSeconds = med(func(r compareRow) float64 { return r.TextSeconds })
+	m.PeakRSS = int64(med(func(r compareRow) float64 { return float64(r.PeakRSS) }))
+	m.EncodeSec = nil
+	all := true
+	for _, r := range rows {
+		all = all && r.EncodeSec != nil
+	}
+	if all {
+		e := med(func(r compareRow) float64 { return *r.EncodeSec })
+		m.EncodeSec = &e
+	}
+	return m
 }
 
 // sameWork checks that two rows timed the same work.

@@ -115,6 +115,13 @@ func TestBenchCompare(t *testing.T) {
 			want: []string{"VAE ENCODE", "bf16   256²", "0.5 s -> 1 s (2.00×)"},
 		},
 		{
+			name: "rounds: the median of each side's",
+			base: strings.Join([]string{oldF32, strings.Replace(oldF32, `"step_seconds":5`, `"step_seconds":7`, 1),
+				strings.Replace(oldF32, `"step_seconds":5`, `"step_seconds":6`, 1)}, "\n"),
+			cur: newF32 + "\n" + strings.Replace(newF32, `"step_seconds":3`, `"step_seconds":4`, 1),
+			want: []string{"f32    256²  6 s -> 3.5 s (0.58×)", "medians of up to 3 rounds"},
+		},
+		{
 			name: "a size only one measured",
 			base: oldF32 + "\n" + oldBF, cur: newF32,
 			want: []string{"f32", "(0.60×)", "not compared: bf16 256² (baseline only)"},
@@ -164,11 +171,15 @@ func TestBenchCompareErrors(t *testing.T) {
 		{"nothing in common", oldF32, newBF, func(t *testing.T, err error) {
 			assert.ErrorIs(t, err, errNoCommonRows)
 		}},
-		{"a row twice", oldF32 + "\n" + oldF32, newF32, func(t *testing.T, err error) {
-			assert.ErrorIs(t, err, errDuplicateRow)
+		{"rounds of other work", oldF32 + "\n" + strings.Replace(oldF32, `"threads":2`, `"threads":4`, 1), newF32, func(t *testing.T, err error) {
 			var f *benchFileError
 			require.ErrorAs(t, err, &f)
 			assert.Equal(t, 2, f.Line)
+			var m *benchMismatchError
+			require.ErrorAs(t, err, &m)
+			assert.True(t, m.Rounds)
+			assert.Equal(t, "threads", m.Field)
+			assert.Contains(t, err.Error(), "the rounds differ in threads (first 2, this one 4)")
 		}},
 		{"not JSON", "size 256: 5 s/step", newF32, func(t *testing.T, err error) {
 			var f *benchFileError
@@ -185,7 +196,7 @@ func TestBenchCompareErrors(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			base, err := readBenchRows(write("base.json", tt.base))
 			if err == nil {
-				var cur map[compareKey]compareRow
+				var cur map[compareKey][]compareRow
 				cur, err = readBenchRows(write("cur.json", tt.cur))
 				require.NoError(t, err)
 				err = compareBench(new(strings.Builder), base, cur)
