@@ -322,39 +322,14 @@ inline uint16_t to_bfloat16(float f) {
     return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
-__attribute__((target("avx2,fma"))) void softmax_row_avx2(float *p, int64_t n) {
-    int64_t i = 0;
-    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p + i));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    float m = *std::max_element(lanes, lanes + 8);
-    for (; i < n; i++) m = std::max(m, p[i]);
-    const __m256 vm = _mm256_set1_ps(m);
-    __m256 vsum = _mm256_setzero_ps();
-    for (i = 0; i + 8 <= n; i += 8) {
-        const __m256 v = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), vm));
-        _mm256_storeu_ps(p + i, v);
-        vsum = _mm256_add_ps(vsum, v);
-    }
-    _mm256_store_ps(lanes, vsum);
-    float sum = 0;
-    for (float l : lanes) sum += l;
-    for (; i < n; i++) {
-        p[i] = std::exp(std::max(p[i] - m, -87.3f));
-        sum += p[i];
-    }
-    const __m256 vinv = _mm256_set1_ps(1.0f / sum);
-    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), vinv));
-    for (; i < n; i++) p[i] /= sum;
-}
-
-// A bfloat16 row, computed in float32 through buf (n floats, in L1 for
-// attention's rows) and rounded to nearest even as c10::BFloat16 rounds. The
-// row itself is read twice and written once: its maximum straight from the
-// bfloat16 values, then exp and sum into buf, then normalized into the row (a
-// widened copy first made two more passes: 1.14 ms for a [512, 4096] block).
-__attribute__((target("avx2,fma"))) void softmax_row_bf16_avx2(uint16_t *p, int64_t n, float *buf) {
+// Softmax of the n values at p (float32 or bfloat16, computed in float32,
+// bfloat16 rounded to nearest even as c10::BFloat16 rounds) into p, the
+// exponentials kept in e (n floats; p itself for float32). p is read twice
+// and written once: its maximum, then exp and sum into e, then normalized
+// into p. For bfloat16, e is an L1-sized row (a widened copy of the row first
+// made two more passes: 1.14 ms for a [512, 4096] block).
+template <typename T>
+__attribute__((target("avx2,fma"))) void softmax_row_avx2(T *p, int64_t n, float *e) {
     int64_t i = 0;
     __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, load8(p + i));
@@ -366,31 +341,36 @@ __attribute__((target("avx2,fma"))) void softmax_row_bf16_avx2(uint16_t *p, int6
     __m256 vsum = _mm256_setzero_ps();
     for (i = 0; i + 8 <= n; i += 8) {
         const __m256 v = exp_nonpositive(_mm256_sub_ps(load8(p + i), vm));
-        _mm256_storeu_ps(buf + i, v);
+        _mm256_storeu_ps(e + i, v);
         vsum = _mm256_add_ps(vsum, v);
     }
     _mm256_store_ps(lanes, vsum);
     float sum = 0;
     for (float l : lanes) sum += l;
     for (; i < n; i++) {
-        buf[i] = std::exp(std::max(to_float(p[i]) - m, -87.3f));
-        sum += buf[i];
+        e[i] = std::exp(std::max(to_float(p[i]) - m, -87.3f));
+        sum += e[i];
     }
     const __m256 vinv = _mm256_set1_ps(1.0f / sum);
-    for (i = 0; i + 8 <= n; i += 8) store8(p + i, _mm256_mul_ps(_mm256_loadu_ps(buf + i), vinv));
-    for (; i < n; i++) p[i] = to_bfloat16(buf[i] / sum);
+    for (i = 0; i + 8 <= n; i += 8) store8(p + i, _mm256_mul_ps(_mm256_loadu_ps(e + i), vinv));
+    for (; i < n; i++) {
+        if constexpr (std::is_same_v<T, float>)
+            p[i] = e[i] / sum;
+        else
+            p[i] = to_bfloat16(e[i] / sum);
+    }
 }
 
 void softmax_rows_avx2(float *data, int64_t rows, int64_t n) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
-        for (int64_t row = lo; row < hi; row++) softmax_row_avx2(data + row * n, n);
+        for (int64_t row = lo; row < hi; row++) softmax_row_avx2(data + row * n, n, data + row * n);
     });
 }
 
 void softmax_rows_bf16_avx2(uint16_t *data, int64_t rows, int64_t n) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
         std::vector<float> buf(static_cast<size_t>(n));
-        for (int64_t row = lo; row < hi; row++) softmax_row_bf16_avx2(data + row * n, n, buf.data());
+        for (int64_t row = lo; row < hi; row++) softmax_row_avx2(data + row * n, n, buf.data());
     });
 }
 
