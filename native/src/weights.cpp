@@ -8,8 +8,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
+#include <set>
 #include <optional>
 #include <unordered_map>
 #include <unordered_set>
@@ -37,6 +39,12 @@ bool ends_with(const std::string &s, const std::string &suffix) {
 class ReusingCPUAllocator final : public c10::Allocator {
 public:
     c10::DataPtr allocate(size_t n) const override {
+        // Smaller blocks are glibc's to reuse: its heap hands back the most
+        // recently freed (still cached) memory, without faults.
+        if (n < min_block_.load(std::memory_order_relaxed)) {
+            void *small = c10::alloc_cpu(n);
+            return {small, small, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+        }
         void *p = nullptr;
         {
             std::lock_guard<std::mutex> lock(mu_);
@@ -65,13 +73,25 @@ public:
     // The first start makes this libtorch's CPU allocator; the last stop
     // frees the kept blocks and gives libtorch its own back. Loads may overlap
     // (several models opening at once).
-    void start() {
+    // Each user names how many bytes it lets the allocator keep and the
+    // smallest block worth keeping; the largest cap and the smallest minimum
+    // of the active users' hold.
+    void start(size_t max_kept, size_t min_block) {
         std::lock_guard<std::mutex> lock(mu_);
+        caps_.insert(max_kept);
+        mins_.insert(min_block);
+        min_block_.store(*mins_.begin(), std::memory_order_relaxed);
         if (active_++ == 0) c10::SetCPUAllocator(this);
     }
-    void stop() {
+    void stop(size_t max_kept, size_t min_block) {
         std::lock_guard<std::mutex> lock(mu_);
-        if (--active_ > 0) return;
+        caps_.erase(caps_.find(max_kept));
+        mins_.erase(mins_.find(min_block));
+        if (--active_ > 0) {
+            min_block_.store(*mins_.begin(), std::memory_order_relaxed);
+            trim();
+            return;
+        }
         c10::SetCPUAllocator(c10::GetDefaultCPUAllocator());
         for (auto &[size, p] : kept_) {
             sizes_.erase(p);
@@ -93,22 +113,28 @@ private:
         if (a.active_ > 0 && it != a.sizes_.end()) {
             a.kept_.emplace(it->second, p);
             a.kept_bytes_ += it->second;
-            // The smallest go first: the next kernel is as likely to be as
-            // large as the last one.
-            while (a.kept_bytes_ > ReuseCPUMemory::kMaxKeptBytes) {
-                auto smallest = a.kept_.begin();
-                a.kept_bytes_ -= smallest->first;
-                a.sizes_.erase(smallest->second);
-                c10::free_cpu(smallest->second);
-                a.kept_.erase(smallest);
-            }
+            a.trim();
             return;
         }
         if (it != a.sizes_.end()) a.sizes_.erase(it);
         c10::free_cpu(p);
     }
+    // Frees kept blocks beyond the cap, the smallest first: the next request
+    // is as likely to be as large as the last one. mu_ held.
+    void trim() {
+        const size_t cap = caps_.empty() ? 0 : *caps_.rbegin();
+        while (kept_bytes_ > cap) {
+            auto smallest = kept_.begin();
+            kept_bytes_ -= smallest->first;
+            sizes_.erase(smallest->second);
+            c10::free_cpu(smallest->second);
+            kept_.erase(smallest);
+        }
+    }
     mutable std::mutex mu_;
     int active_ = 0;
+    std::multiset<size_t> caps_, mins_;  // the active users' max_kept and min_block
+    std::atomic<size_t> min_block_{0};
     mutable std::multimap<size_t, void *> kept_;        // freed while active, by size
     mutable size_t kept_bytes_ = 0;                     // their total
     mutable std::unordered_map<void *, size_t> sizes_;  // every live or kept block's size
@@ -125,9 +151,11 @@ bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
 
 }  // namespace
 
-ReuseCPUMemory::ReuseCPUMemory() { ReusingCPUAllocator::get().start(); }
+ReuseCPUMemory::ReuseCPUMemory(size_t max_kept, size_t min_block) : max_kept_(max_kept), min_block_(min_block) {
+    ReusingCPUAllocator::get().start(max_kept_, min_block_);
+}
 
-ReuseCPUMemory::~ReuseCPUMemory() { ReusingCPUAllocator::get().stop(); }
+ReuseCPUMemory::~ReuseCPUMemory() { ReusingCPUAllocator::get().stop(max_kept_, min_block_); }
 
 size_t ReuseCPUMemory::kept_bytes() { return ReusingCPUAllocator::get().kept_bytes(); }
 

@@ -43,17 +43,26 @@ void randomize(torch::nn::Module &m, uint64_t seed);
 // named_tensors lists every parameter and buffer of m under prefix, for writing.
 std::vector<std::pair<std::string, torch::Tensor>> named_tensors(torch::nn::Module &m, const std::string &prefix);
 
-// While one lives, libtorch's CPU allocations keep the blocks they free and
-// hand them out again, for requests of at least half a block's size; the kept
-// ones (at most kMaxKeptBytes, the smallest freed first) are freed when the
-// last one ends, and libtorch's own allocator is back.
+// While one lives, libtorch's CPU allocations of at least kMinKeptBlock keep
+// the blocks they free and hand them out again, for requests of at least half
+// a block's size; the kept ones (at most the largest max_kept of those alive,
+// the smallest freed first) are freed when the last one ends, and libtorch's
+// own allocator is back.
 // load_weights holds one while it prepacks convolution kernels: each kernel's
 // temporary plain copy (to_mkldnn) then reuses the last one's memory instead
 // of page-faulting fresh memory, which is most of such a load's time (float32
 // SD 1.5 open 1.75–2.05 against 2.26–2.73 s on this project's machine).
+//
+// Every generate and segment call on a CPU model holds one too
+// (kCallKeptBytes, kCallMinBlock): glibc gives blocks of 32 MiB and more (a
+// float32 VAE activation at 256²: [1, 128, 256, 256]) straight back to the
+// kernel and maps fresh ones for the next, and on this project's machine
+// faulting them in cost more than the work on them (a GroupNorm of one: 17
+// against 4 ms). Smaller ones stay glibc's: its heap reuses them hot in cache
+// (keeping the UNet's 2.6 MB activations here made the 256² step 10% slower).
 class ReuseCPUMemory {
 public:
-    ReuseCPUMemory();
+    explicit ReuseCPUMemory(size_t max_kept = kMaxKeptBytes, size_t min_block = kMinKeptBlock);
     ~ReuseCPUMemory();
     ReuseCPUMemory(const ReuseCPUMemory &) = delete;
     ReuseCPUMemory &operator=(const ReuseCPUMemory &) = delete;
@@ -61,8 +70,17 @@ public:
     // Twice SD 1.5's largest float32 kernel: kernels of every size class,
     // kept, would be a model's peak plus ~0.3 GB.
     static constexpr size_t kMaxKeptBytes = size_t(128) << 20;
+    // Smaller blocks are not kept while loading: glibc's heap has them.
+    static constexpr size_t kMinKeptBlock = size_t(1) << 20;
+    // An engine call's: a few of a 512² VAE's largest activations, of at
+    // least glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX).
+    static constexpr size_t kCallKeptBytes = size_t(512) << 20;
+    static constexpr size_t kCallMinBlock = size_t(32) << 20;
     // The bytes kept for reuse now.
     static size_t kept_bytes();
+
+private:
+    size_t max_kept_, min_block_;
 };
 
 }  // namespace sw

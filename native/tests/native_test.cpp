@@ -479,6 +479,22 @@ void test_winograd(sw_sd_model *m) {
     close("vae decode at 128x128 against float64", got, wide->vae->decode(latents.to(torch::kFloat64)), 1e-5);
 }
 
+// A generate call runs with large CPU blocks reused (ReuseCPUMemory) and
+// leaves libtorch's own allocator behind it.
+void test_call_reuses_memory(sw_sd_model *m) {
+    sw::GenerateRequest r;
+    r.prompt = "a cat";
+    r.width = r.height = 64;
+    r.steps = 2;
+    bool swapped = true;
+    sw::generate(*m, r, [&](const sw::StepEvent &) {
+        swapped = swapped && c10::GetCPUAllocator() != c10::GetDefaultCPUAllocator();
+        return false;
+    });
+    report(swapped, "a generate call runs with the reusing allocator", "");
+    report(c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator(), "libtorch's allocator is back after the call", "");
+}
+
 // Whether /proc/self/maps lists a mapping of path.
 bool mapped(const std::string &path) {
     std::ifstream maps("/proc/self/maps");
@@ -514,31 +530,58 @@ void test_mapped_load() {
 }
 
 // ReuseCPUMemory: a freed block comes back for a request of at least half its
-// size, not for a larger or a much smaller one, and libtorch's allocator is
-// its own again afterwards.
+// size, not for a larger or a much smaller one; blocks under kMinKeptBlock are
+// never kept; at most the largest cap of those alive is kept; libtorch's
+// allocator is its own again afterwards.
 void test_reuse_cpu_memory() {
+    using sw::ReuseCPUMemory;
     auto bytes = [](int64_t n) { return torch::empty({n}, torch::kUInt8); };
+    const int64_t mib = 1 << 20;
     void *first = nullptr;
     {
-        sw::ReuseCPUMemory reuse;
-        auto a = bytes(1 << 20);
+        ReuseCPUMemory reuse;
+        auto a = bytes(4 * mib);
         first = a.data_ptr();
         a.reset();
-        auto larger = bytes(2 << 20);
+        auto larger = bytes(8 * mib);
         report(larger.data_ptr() != first, "reuse: a larger request gets a fresh block", "");
-        auto much_smaller = bytes(300 << 10);
+        auto much_smaller = bytes(3 * mib / 2);
         report(much_smaller.data_ptr() != first, "reuse: a request under half the block gets a fresh one", "");
-        auto smaller = bytes(600 << 10);
+        auto smaller = bytes(3 * mib);
         report(smaller.data_ptr() == first, "reuse: a request of at least half the block reuses it", "");
+        const size_t before = ReuseCPUMemory::kept_bytes();
+        bytes(ReuseCPUMemory::kMinKeptBlock / 2).reset();
+        report(ReuseCPUMemory::kept_bytes() == before, "reuse: a block under kMinKeptBlock is not kept", "");
         // Blocks of many sizes freed while loading are not all kept.
-        const int64_t block = sw::ReuseCPUMemory::kMaxKeptBytes / 3 + 1;
-        std::vector<torch::Tensor> blocks;
-        for (int i = 0; i < 4; i++) blocks.push_back(bytes(block * (i + 2) / 2));
-        blocks.clear();
-        report(sw::ReuseCPUMemory::kept_bytes() <= sw::ReuseCPUMemory::kMaxKeptBytes && sw::ReuseCPUMemory::kept_bytes() > 0,
-               "reuse: at most kMaxKeptBytes are kept", std::to_string(sw::ReuseCPUMemory::kept_bytes()) + " bytes");
+        const int64_t block = ReuseCPUMemory::kMaxKeptBytes / 3 + 1;
+        auto free_four = [&] {
+            std::vector<torch::Tensor> blocks;
+            for (int i = 0; i < 4; i++) blocks.push_back(bytes(block * (i + 2) / 2));
+        };
+        free_four();
+        report(ReuseCPUMemory::kept_bytes() <= ReuseCPUMemory::kMaxKeptBytes && ReuseCPUMemory::kept_bytes() > 0,
+               "reuse: at most kMaxKeptBytes are kept", std::to_string(ReuseCPUMemory::kept_bytes()) + " bytes");
+        {
+            ReuseCPUMemory call(ReuseCPUMemory::kCallKeptBytes, ReuseCPUMemory::kCallMinBlock);
+            free_four();
+            report(ReuseCPUMemory::kept_bytes() > ReuseCPUMemory::kMaxKeptBytes &&
+                       ReuseCPUMemory::kept_bytes() <= ReuseCPUMemory::kCallKeptBytes,
+                   "reuse: a user with a larger cap keeps more",
+                   std::to_string(ReuseCPUMemory::kept_bytes()) + " bytes");
+        }
+        report(ReuseCPUMemory::kept_bytes() <= ReuseCPUMemory::kMaxKeptBytes,
+               "reuse: its cap again once that user is gone", std::to_string(ReuseCPUMemory::kept_bytes()) + " bytes");
     }
     report(c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator(), "reuse: libtorch's allocator is back afterwards", "");
+    report(ReuseCPUMemory::kept_bytes() == 0, "reuse: nothing kept afterwards", "");
+    {
+        ReuseCPUMemory call(ReuseCPUMemory::kCallKeptBytes, ReuseCPUMemory::kCallMinBlock);
+        bytes(2 * mib).reset();
+        report(ReuseCPUMemory::kept_bytes() == 0, "reuse: a call keeps no block under kCallMinBlock", "");
+        bytes(ReuseCPUMemory::kCallMinBlock).reset();
+        report(ReuseCPUMemory::kept_bytes() == ReuseCPUMemory::kCallMinBlock, "reuse: a call keeps one of kCallMinBlock",
+               std::to_string(ReuseCPUMemory::kept_bytes()) + " bytes");
+    }
 }
 
 // The own GroupNorm (+ SiLU) kernel against at::group_norm in float64 (then
@@ -778,6 +821,7 @@ int main() {
         run("cancel points", [&] { test_cancel_points(m); });
         run("prepacked f32", [&] { test_prepacked(m, "f32"); });
         run("winograd", [&] { test_winograd(m); });
+        run("call reuses memory", [&] { test_call_reuses_memory(m); });
         const std::string prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
         for (auto [name, kind] : std::vector<std::pair<std::string, sw::SamplerKind>>{
                  {"ddim", sw::SamplerKind::DDIM}, {"euler", sw::SamplerKind::Euler},
