@@ -174,7 +174,6 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
             m->bytes += stats.bytes;
         }
     }
-    const auto &clip_cfg = m->text_encoder->config;
     const auto &unet_cfg = m->unet->config;
     if (!vae_arg.empty()) replace_vae(*m, vae_arg, st);
     m->text_encoder->eval();
