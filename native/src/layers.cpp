@@ -505,7 +505,6 @@ void group_norm_avx2(const T *x, T *y, int64_t n, int64_t c, int64_t hw, int64_t
         });
     }
 }
-#endif
 
 // One bfloat16 row of n values (a multiple of 8) through buf: widened, the
 // mean, the variance about it, then the affine, rounded into y.
@@ -538,6 +537,7 @@ __attribute__((target("avx2,fma"))) void layer_norm_row_bf16(const uint16_t *x, 
         store8(y + i, _mm256_fmadd_ps(d, _mm256_loadu_ps(gamma + i), _mm256_loadu_ps(beta + i)));
     }
 }
+#endif
 
 }  // namespace
 
@@ -648,11 +648,23 @@ torch::Tensor attention_by_head(const torch::Tensor &q, const torch::Tensor &k, 
         return t.reshape({b, n, heads, dim}).permute({0, 2, 1, 3}).reshape({b * heads, n, dim});
     };
     auto qh = by_head(up ? q.to(torch::kFloat32) * scale : q * scale, nq);
-    auto kh = by_head(up ? k.to(torch::kFloat32) : k, nk), vh = by_head(v, nk);
+    auto kh = by_head(up ? k.to(torch::kFloat32) : k, nk);
     torch::Tensor m = mask ? mask->to(score_type) : torch::Tensor();
     const int64_t elem = static_cast<int64_t>(c10::elementSize(score_type));
-    auto out = torch::empty({b * heads, nq, dim}, v.options());
-    if (nk <= kBatchedKeys) {
+    const bool batched = nk <= kBatchedKeys;
+    // Head by head, bfloat16's second product runs transposed, out^T = v^T ·
+    // scores^T, so each head's values and output are [dim, n]: oneDNN's
+    // bfloat16 product on a 40-wide result ran at ~270 GFLOP/s, on the
+    // 512-wide transposed one at ~370 (SD 1.5 at 512²: [512, 4096] · [4096, 40]).
+    const bool transposed = !batched && v.scalar_type() == torch::kBFloat16;
+    auto vh = transposed ? v.reshape({b, nk, heads, dim}).permute({0, 2, 3, 1}).reshape({b * heads, dim, nk})
+                         : by_head(v, nk);
+    auto out = transposed ? torch::empty({b * heads, dim, nq}, v.options()) : torch::empty({b * heads, nq, dim}, v.options());
+    auto merged = [&] {
+        return transposed ? out.view({b, heads, dim, nq}).permute({0, 3, 1, 2}).reshape({b, nq, inner})
+                          : out.view({b, heads, nq, dim}).permute({0, 2, 1, 3}).reshape({b, nq, inner});
+    };
+    if (batched) {
         // Every head at once, in blocks of queries: with few keys each head's
         // products are too small to pay for a call of their own.
         const int64_t budget = std::min<int64_t>(max_bytes, kBatchedScoreBytes);
@@ -669,20 +681,13 @@ torch::Tensor attention_by_head(const torch::Tensor &q, const torch::Tensor &k, 
             auto o = out.narrow(1, lo, rows);
             at::bmm_out(o, up ? s.to(v.scalar_type()) : s, vh);
         }
-        return out.view({b, heads, nq, dim}).permute({0, 2, 1, 3}).reshape({b, nq, inner});
+        return merged();
     }
     const int64_t block = std::clamp<int64_t>(max_bytes / std::max<int64_t>(1, nk * elem), 1, kBlockRows);
     auto scores = torch::empty({std::min(block, nq), nk}, q.options().dtype(score_type));
-    // bfloat16's second product runs transposed, out^T = v^T · scores^T, into
-    // a [dim, queries] output per head: oneDNN's bfloat16 product on a
-    // 40-wide result ran at ~270 GFLOP/s, on the 512-wide transposed one at
-    // ~370 (SD 1.5 at 512²: [512, 4096] · [4096, 40]).
-    const bool transposed = v.scalar_type() == torch::kBFloat16;
-    auto vt = transposed ? v.reshape({b, nk, heads, dim}).permute({0, 2, 3, 1}).reshape({b * heads, dim, nk}) : vh;
-    auto out_t = transposed ? torch::empty({b * heads, dim, nq}, v.options()) : out;
     for (int64_t h = 0; h < b * heads; h++) {
         check_cancel();
-        auto qs = qh.select(0, h), kt = kh.select(0, h).t(), vs = vt.select(0, h), os = out_t.select(0, h);
+        auto qs = qh.select(0, h), kt = kh.select(0, h).t(), vs = vh.select(0, h), os = out.select(0, h);
         for (int64_t lo = 0; lo < nq; lo += block) {
             const int64_t rows = std::min(block, nq - lo);
             auto s = scores.narrow(0, 0, rows);
@@ -699,8 +704,7 @@ torch::Tensor attention_by_head(const torch::Tensor &q, const torch::Tensor &k, 
             }
         }
     }
-    if (transposed) return out_t.view({b, heads, dim, nq}).permute({0, 3, 1, 2}).reshape({b, nq, inner});
-    return out.view({b, heads, nq, dim}).permute({0, 2, 1, 3}).reshape({b, nq, inner});
+    return merged();
 }
 
 }  // namespace
