@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <optional>
 
 #include "tokenizer.h"
 #include "weights.h"
@@ -119,8 +118,7 @@ std::pair<torch::Tensor, torch::Tensor> to_pixels(const torch::Tensor &decoded) 
 GenerateOutput generate(sw_sd_model &m, const GenerateRequest &r, const StepHook &hook) {
     validate(m, r);
     CallGuard guard;
-    std::optional<ReuseCPUMemory> reuse;  // weights.h: large activations reused, not faulted in afresh
-    if (m.device.is_cpu()) reuse.emplace(ReuseCPUMemory::kCallKeptBytes, ReuseCPUMemory::kCallMinBlock);
+    CallMemory memory(m.device);  // weights.h: large activations reused, not faulted in afresh
     GenerateOutput out;
     const auto dtype = scalar_type(m.dtype);
     const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(m.device);

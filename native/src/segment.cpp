@@ -2,14 +2,11 @@
 
 #include "weights.h"
 
-#include <optional>
-
 namespace sw {
 
 SegmentOutput segment(sw_seg_model &m, const SegmentRequest &r) {
     CallGuard guard;
-    std::optional<ReuseCPUMemory> reuse;  // weights.h: large activations reused, not faulted in afresh
-    if (m.device.is_cpu()) reuse.emplace(ReuseCPUMemory::kCallKeptBytes, ReuseCPUMemory::kCallMinBlock);
+    CallMemory memory(m.device);  // weights.h: large activations reused, not faulted in afresh
     const int64_t c = m.net->arch.classes;
     if (r.input.dim() != 4 || r.input.size(0) != 1 || r.input.size(1) != m.net->arch.in_channels)
         fail(SW_ERR_INVALID_ARGUMENT, "segmentation input must be one image with " +

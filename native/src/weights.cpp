@@ -11,8 +11,8 @@
 #include <atomic>
 #include <map>
 #include <mutex>
-#include <set>
 #include <optional>
+#include <set>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -48,7 +48,7 @@ public:
         void *p = nullptr;
         {
             std::lock_guard<std::mutex> lock(mu_);
-            if (active_) {
+            if (!caps_.empty()) {
                 auto it = kept_.lower_bound(n);
                 if (it != kept_.end() && it->first / 2 <= n) {
                     p = it->second;
@@ -71,34 +71,25 @@ public:
         return a;
     }
     // The first start makes this libtorch's CPU allocator; the last stop
-    // frees the kept blocks and gives libtorch its own back. Loads may overlap
-    // (several models opening at once).
-    // Each user names how many bytes it lets the allocator keep and the
-    // smallest block worth keeping; the largest cap and the smallest minimum
-    // of the active users' hold.
+    // frees the kept blocks and gives libtorch its own back. Users may
+    // overlap (several models opening at once, a call during a load): each
+    // names how many bytes it lets the allocator keep and the smallest block
+    // worth keeping, and the largest cap and the smallest minimum of the
+    // active users' hold.
     void start(size_t max_kept, size_t min_block) {
         std::lock_guard<std::mutex> lock(mu_);
+        if (caps_.empty()) c10::SetCPUAllocator(this);
         caps_.insert(max_kept);
         mins_.insert(min_block);
         min_block_.store(*mins_.begin(), std::memory_order_relaxed);
-        if (active_++ == 0) c10::SetCPUAllocator(this);
     }
     void stop(size_t max_kept, size_t min_block) {
         std::lock_guard<std::mutex> lock(mu_);
         caps_.erase(caps_.find(max_kept));
         mins_.erase(mins_.find(min_block));
-        if (--active_ > 0) {
-            min_block_.store(*mins_.begin(), std::memory_order_relaxed);
-            trim();
-            return;
-        }
-        c10::SetCPUAllocator(c10::GetDefaultCPUAllocator());
-        for (auto &[size, p] : kept_) {
-            sizes_.erase(p);
-            c10::free_cpu(p);
-        }
-        kept_.clear();
-        kept_bytes_ = 0;
+        min_block_.store(mins_.empty() ? 0 : *mins_.begin(), std::memory_order_relaxed);
+        if (caps_.empty()) c10::SetCPUAllocator(c10::GetDefaultCPUAllocator());
+        trim();  // with no user left, every kept block
     }
     size_t kept_bytes() const {
         std::lock_guard<std::mutex> lock(mu_);
@@ -110,7 +101,7 @@ private:
         auto &a = get();
         std::lock_guard<std::mutex> lock(a.mu_);
         auto it = a.sizes_.find(p);
-        if (a.active_ > 0 && it != a.sizes_.end()) {
+        if (!a.caps_.empty() && it != a.sizes_.end()) {
             a.kept_.emplace(it->second, p);
             a.kept_bytes_ += it->second;
             a.trim();
@@ -132,7 +123,6 @@ private:
         }
     }
     mutable std::mutex mu_;
-    int active_ = 0;
     std::multiset<size_t> caps_, mins_;  // the active users' max_kept and min_block
     std::atomic<size_t> min_block_{0};
     mutable std::multimap<size_t, void *> kept_;        // freed while active, by size

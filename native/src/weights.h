@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -81,6 +82,18 @@ public:
 
 private:
     size_t max_kept_, min_block_;
+};
+
+// What every generate and segment call holds: ReuseCPUMemory with the call's
+// cap and minimum block on a CPU model, nothing on another device.
+class CallMemory {
+public:
+    explicit CallMemory(const torch::Device &device) {
+        if (device.is_cpu()) reuse_.emplace(ReuseCPUMemory::kCallKeptBytes, ReuseCPUMemory::kCallMinBlock);
+    }
+
+private:
+    std::optional<ReuseCPUMemory> reuse_;
 };
 
 }  // namespace sw
