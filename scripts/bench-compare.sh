@@ -36,7 +36,7 @@ GO=${GO:-$(command -v go 2>/dev/null || echo /usr/local/go/bin/go)}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 ROUNDS=${ROUNDS:-1}
 case $ROUNDS in
-'' | *[!0-9]* | 0)
+'' | *[!0-9]* | 0*)
 	say "ROUNDS must be a positive number, not '$ROUNDS'"
 	exit 2
 	;;
@@ -101,22 +101,21 @@ mkdir -p "$run"
 : >"$run/base.json"
 : >"$run/current.json"
 IFS=, read -r -a dtype_list <<<"$dtypes"
-run_base() {
-	say "round $1/$ROUNDS, baseline $short, $2: $base_bin bench ${args[*]} --dtypes $2 --json"
-	"$base_bin" bench "${args[@]}" --dtypes "$2" --json --lib "$base_lib" >>"$run/base.json"
-}
-run_current() {
-	say "round $1/$ROUNDS, current, $2: $cur_bin bench ${args[*]} --dtypes $2 --json"
-	"$cur_bin" bench "${args[@]}" --dtypes "$2" --json --lib "$cur_lib" >>"$run/current.json"
+# bench_one ROUND DTYPE WHO BIN LIB OUT: one side's bench of one dtype.
+bench_one() {
+	say "round $1/$ROUNDS, $3, $2: $4 bench ${args[*]} --dtypes $2 --json"
+	"$4" bench "${args[@]}" --dtypes "$2" --json --lib "$5" >>"$6"
 }
 for ((round = 1; round <= ROUNDS; round++)); do
 	for dt in "${dtype_list[@]}"; do
+		base_side=("baseline $short" "$base_bin" "$base_lib" "$run/base.json")
+		cur_side=(current "$cur_bin" "$cur_lib" "$run/current.json")
 		if ((round % 2 == 1)); then
-			run_base "$round" "$dt"
-			run_current "$round" "$dt"
+			bench_one "$round" "$dt" "${base_side[@]}"
+			bench_one "$round" "$dt" "${cur_side[@]}"
 		else
-			run_current "$round" "$dt"
-			run_base "$round" "$dt"
+			bench_one "$round" "$dt" "${cur_side[@]}"
+			bench_one "$round" "$dt" "${base_side[@]}"
 		fi
 	done
 done
