@@ -95,107 +95,102 @@ struct SafeTensorsFile::Mapping {
 SafeTensorsFile::SafeTensorsFile(const std::string &path) : path_(path) {
     int64_t file_size = 0;
     const int fd = open_regular(path, &file_size);
-    size_ = static_cast<size_t>(file_size);
-    if (size_ < 8) {
+    const auto size = static_cast<size_t>(file_size);
+    if (size < 8) {
         ::close(fd);
-        fail(SW_ERR_FORMAT, path + ": truncated safetensors file (" + std::to_string(size_) + " bytes, no header)");
+        fail(SW_ERR_FORMAT, path + ": truncated safetensors file (" + std::to_string(size) + " bytes, no header)");
     }
-    map_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    void *map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
     const int map_errno = errno;
     ::close(fd);
-    if (map_ == MAP_FAILED) {
-        map_ = nullptr;
-        fail(SW_ERR_IO, path + ": mmap: " + std::strerror(map_errno));
-    }
+    if (map == MAP_FAILED) fail(SW_ERR_IO, path + ": mmap: " + std::strerror(map_errno));
+    mapping_ = std::make_shared<Mapping>(map, size);  // unmapped with this object if the header is refused
+    const auto *bytes = static_cast<const uint8_t *>(map);
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; i--) header_len = (header_len << 8) | bytes[i];
+    if (header_len > kMaxHeaderSize)
+        fail(SW_ERR_FORMAT, path + ": not a safetensors file (header length " + std::to_string(header_len) + ")");
+    if (8 + header_len > size)
+        fail(SW_ERR_FORMAT, path + ": truncated safetensors file (header needs " + std::to_string(header_len) +
+                                " bytes, file has " + std::to_string(size - 8) + ")");
+    nlohmann::json header;
     try {
-        const auto *bytes = static_cast<const uint8_t *>(map_);
-        uint64_t header_len = 0;
-        for (int i = 7; i >= 0; i--) header_len = (header_len << 8) | bytes[i];
-        if (header_len > kMaxHeaderSize)
-            fail(SW_ERR_FORMAT, path + ": not a safetensors file (header length " + std::to_string(header_len) + ")");
-        if (8 + header_len > size_)
-            fail(SW_ERR_FORMAT, path + ": truncated safetensors file (header needs " + std::to_string(header_len) +
-                                    " bytes, file has " + std::to_string(size_ - 8) + ")");
-        nlohmann::json header;
-        try {
-            header = nlohmann::json::parse(bytes + 8, bytes + 8 + header_len);
-        } catch (const nlohmann::json::exception &e) {
-            fail(SW_ERR_FORMAT, path + ": bad safetensors header: " + e.what());
-        }
-        if (!header.is_object()) fail(SW_ERR_FORMAT, path + ": bad safetensors header: not a JSON object");
-        data_ = bytes + 8 + header_len;
-        const size_t data_size = size_ - 8 - header_len;
-
-        std::vector<std::pair<size_t, std::string>> order;
-        for (auto it = header.begin(); it != header.end(); ++it) {
-            const std::string &name = it.key();
-            if (name == "__metadata__") {
-                if (!it->is_object()) fail(SW_ERR_FORMAT, path + ": __metadata__ is not an object");
-                for (auto m = it->begin(); m != it->end(); ++m) {
-                    if (!m->is_string()) fail(SW_ERR_FORMAT, path + ": __metadata__ value " + m.key() + " is not a string");
-                    metadata_[m.key()] = m->get<std::string>();
-                }
-                continue;
-            }
-            const std::string where = path + ": tensor " + name;
-            const auto &v = *it;
-            if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets"))
-                fail(SW_ERR_FORMAT, where + ": entry needs dtype, shape and data_offsets");
-            TensorEntry e;
-            size_t elem = 0;
-            if (!v["dtype"].is_string()) fail(SW_ERR_FORMAT, where + ": dtype is not a string");
-            e.dtype = v["dtype"].get<std::string>();
-            if (!dtype_from_name(e.dtype, &e.scalar, &elem))
-                fail(SW_ERR_UNSUPPORTED, where + ": unsupported dtype " + e.dtype);
-            if (!v["shape"].is_array()) fail(SW_ERR_FORMAT, where + ": shape is not an array");
-            uint64_t numel = 1;
-            for (const auto &d : v["shape"]) {
-                if (!d.is_number_unsigned()) fail(SW_ERR_FORMAT, where + ": shape has a non-integer or negative size");
-                const uint64_t n = d.get<uint64_t>();
-                if (n != 0 && numel > (uint64_t(1) << 62) / n) fail(SW_ERR_FORMAT, where + ": shape overflows");
-                numel *= n;
-                e.shape.push_back(static_cast<int64_t>(n));
-            }
-            const auto &off = v["data_offsets"];
-            if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
-                fail(SW_ERR_FORMAT, where + ": data_offsets must be two non-negative integers");
-            e.begin = off[0].get<uint64_t>();
-            e.end = off[1].get<uint64_t>();
-            if (e.end < e.begin) fail(SW_ERR_FORMAT, where + ": data_offsets end before they begin");
-            if (e.end - e.begin != numel * elem)
-                fail(SW_ERR_FORMAT, where + ": data_offsets span " + std::to_string(e.end - e.begin) + " bytes but " +
-                                        e.dtype + " " + shape_str(e.shape) + " needs " + std::to_string(numel * elem));
-            if (e.end > data_size)
-                fail(SW_ERR_FORMAT, where + ": truncated safetensors file (tensor ends at byte " +
-                                        std::to_string(e.end) + " of a " + std::to_string(data_size) +
-                                        "-byte data section)");
-            order.emplace_back(e.begin, name);
-            entries_.emplace(name, std::move(e));
-        }
-        // The offsets must tile the data section: no overlaps, no holes.
-        std::sort(order.begin(), order.end(), [&](const auto &a, const auto &b) {
-            if (a.first != b.first) return a.first < b.first;
-            return entries_.at(a.second).end < entries_.at(b.second).end;
-        });
-        size_t cursor = 0;
-        for (const auto &[begin, name] : order) {
-            if (begin != cursor)
-                fail(SW_ERR_FORMAT, path + ": tensor " + name + ": data_offsets " + (begin < cursor ? "overlap" : "leave a gap") +
-                                        " at byte " + std::to_string(std::min(begin, cursor)));
-            cursor = entries_.at(name).end;
-        }
-        if (cursor != data_size)
-            fail(SW_ERR_FORMAT, path + ": data section has " + std::to_string(data_size - cursor) +
-                                    " bytes that no tensor describes");
-    } catch (...) {
-        ::munmap(map_, size_);
-        map_ = nullptr;
-        throw;
+        header = nlohmann::json::parse(bytes + 8, bytes + 8 + header_len);
+    } catch (const nlohmann::json::exception &e) {
+        fail(SW_ERR_FORMAT, path + ": bad safetensors header: " + e.what());
     }
-    mapping_ = std::make_shared<Mapping>(map_, size_);
+    if (!header.is_object()) fail(SW_ERR_FORMAT, path + ": bad safetensors header: not a JSON object");
+    data_ = bytes + 8 + header_len;
+    const size_t data_size = size - 8 - header_len;
+
+    std::vector<std::pair<size_t, std::string>> order;
+    for (auto it = header.begin(); it != header.end(); ++it) {
+        const std::string &name = it.key();
+        if (name == "__metadata__") {
+            if (!it->is_object()) fail(SW_ERR_FORMAT, path + ": __metadata__ is not an object");
+            for (auto m = it->begin(); m != it->end(); ++m) {
+                if (!m->is_string()) fail(SW_ERR_FORMAT, path + ": __metadata__ value " + m.key() + " is not a string");
+                metadata_[m.key()] = m->get<std::string>();
+            }
+            continue;
+        }
+        const std::string where = path + ": tensor " + name;
+        const auto &v = *it;
+        if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets"))
+            fail(SW_ERR_FORMAT, where + ": entry needs dtype, shape and data_offsets");
+        TensorEntry e;
+        size_t elem = 0;
+        if (!v["dtype"].is_string()) fail(SW_ERR_FORMAT, where + ": dtype is not a string");
+        e.dtype = v["dtype"].get<std::string>();
+        if (!dtype_from_name(e.dtype, &e.scalar, &elem))
+            fail(SW_ERR_UNSUPPORTED, where + ": unsupported dtype " + e.dtype);
+        if (!v["shape"].is_array()) fail(SW_ERR_FORMAT, where + ": shape is not an array");
+        uint64_t numel = 1;
+        for (const auto &d : v["shape"]) {
+            if (!d.is_number_unsigned()) fail(SW_ERR_FORMAT, where + ": shape has a non-integer or negative size");
+            const uint64_t n = d.get<uint64_t>();
+            if (n != 0 && numel > (uint64_t(1) << 62) / n) fail(SW_ERR_FORMAT, where + ": shape overflows");
+            numel *= n;
+            e.shape.push_back(static_cast<int64_t>(n));
+        }
+        const auto &off = v["data_offsets"];
+        if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+            fail(SW_ERR_FORMAT, where + ": data_offsets must be two non-negative integers");
+        e.begin = off[0].get<uint64_t>();
+        e.end = off[1].get<uint64_t>();
+        if (e.end < e.begin) fail(SW_ERR_FORMAT, where + ": data_offsets end before they begin");
+        if (e.end - e.begin != numel * elem)
+            fail(SW_ERR_FORMAT, where + ": data_offsets span " + std::to_string(e.end - e.begin) + " bytes but " +
+                                    e.dtype + " " + shape_str(e.shape) + " needs " + std::to_string(numel * elem));
+        if (e.end > data_size)
+            fail(SW_ERR_FORMAT, where + ": truncated safetensors file (tensor ends at byte " +
+                                    std::to_string(e.end) + " of a " + std::to_string(data_size) +
+                                    "-byte data section)");
+        order.emplace_back(e.begin, name);
+        entries_.emplace(name, std::move(e));
+    }
+    // The offsets must tile the data section: no overlaps, no holes.
+    std::sort(order.begin(), order.end(), [&](const auto &a, const auto &b) {
+        if (a.first != b.first) return a.first < b.first;
+        return entries_.at(a.second).end < entries_.at(b.second).end;
+    });
+    size_t cursor = 0;
+    for (const auto &[begin, name] : order) {
+        if (begin != cursor)
+            fail(SW_ERR_FORMAT, path + ": tensor " + name + ": data_offsets " + (begin < cursor ? "overlap" : "leave a gap") +
+                                    " at byte " + std::to_string(std::min(begin, cursor)));
+        cursor = entries_.at(name).end;
+    }
+    if (cursor != data_size)
+        fail(SW_ERR_FORMAT, path + ": data section has " + std::to_string(data_size - cursor) +
+                                " bytes that no tensor describes");
 }
 
 SafeTensorsFile::~SafeTensorsFile() = default;
+
+size_t SafeTensorsFile::offset(const TensorEntry &e) const {
+    return static_cast<size_t>(data_ - static_cast<const uint8_t *>(mapping_->addr)) + e.begin;
+}
 
 const TensorEntry &SafeTensorsFile::entry(const std::string &name) const {
     auto it = entries_.find(name);
@@ -208,8 +203,8 @@ torch::Tensor SafeTensorsFile::load_with(const std::string &name,
     const TensorEntry &e = entry(name);
     auto view = torch::from_blob(const_cast<uint8_t *>(data_ + e.begin), e.shape, torch::TensorOptions().dtype(e.scalar));
     auto out = copy_out(view);
-    const size_t base = static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_));
-    drop_pages(map_, size_, base + e.begin, base + e.end);
+    const size_t begin = offset(e);
+    drop_pages(mapping_->addr, mapping_->size, begin, begin + (e.end - e.begin));
     return out;
 }
 
@@ -227,12 +222,12 @@ torch::Tensor SafeTensorsFile::load(const std::string &name, torch::ScalarType d
         // faulting the weights in. The pages go back with the tensor (a page
         // it shares with a neighbour still in use is read back in from the
         // page cache: the mapping is never written).
-        const size_t base = static_cast<size_t>(data_ - static_cast<const uint8_t *>(map_));
-        const auto [lo, hi] = page_range(size_, base + e.begin, base + e.end);
-        if (hi > lo) ::madvise(static_cast<char *>(map_) + lo, hi - lo, MADV_POPULATE_READ);
+        const size_t begin = offset(e), end = begin + (e.end - e.begin);
+        const auto [lo, hi] = page_range(mapping_->size, begin, end);
+        if (hi > lo) ::madvise(static_cast<char *>(mapping_->addr) + lo, hi - lo, MADV_POPULATE_READ);
         return torch::from_blob(
             data, e.shape,
-            [mapping = mapping_, begin = base + e.begin, end = base + e.end](void *) {
+            [mapping = mapping_, begin, end](void *) {
                 drop_pages(mapping->addr, mapping->size, begin, end);
             },
             torch::TensorOptions().dtype(e.scalar));

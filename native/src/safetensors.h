@@ -57,9 +57,10 @@ public:
 
 private:
     std::string path_;
+    // e's first byte from the start of the mapping.
+    size_t offset(const TensorEntry &e) const;
+
     std::shared_ptr<Mapping> mapping_;  // shared with the tensors load maps
-    void *map_ = nullptr;
-    size_t size_ = 0;
     const uint8_t *data_ = nullptr;  // start of the data section
     std::map<std::string, TensorEntry> entries_;
     std::map<std::string, std::string> metadata_;
