@@ -173,7 +173,46 @@ void LinearImpl::quantize_int8() {
     if (bias.defined()) bias.set_data(empty({1}).expand(bias.sizes()));
 }
 
+void LinearImpl::block(const torch::Tensor &w, torch::ScalarType dtype) {
+    auto rows = w.reshape(weight.sizes()).chunk(parts, 0);
+    blocked.clear();
+    for (const auto &r : rows) blocked.push_back(block_linear(r, dtype));
+    weight.set_data(empty({1}).to(dtype).expand(weight.sizes()));
+}
+
+namespace {
+
+torch::Tensor apply_post(torch::Tensor y, LinearPost post, const torch::Tensor &other) {
+    switch (post) {
+    case LinearPost::None: return y;
+    case LinearPost::Gelu: return at::gelu(y);
+    case LinearPost::Mul: return y.mul_(other);
+    case LinearPost::Add: return y.add_(other);
+    }
+    return y;
+}
+
+}  // namespace
+
+torch::Tensor LinearImpl::forward_part(int64_t part, const torch::Tensor &x, LinearPost post, const torch::Tensor &other) {
+    const int64_t n = weight.size(0) / parts;
+    auto b = bias.defined() ? bias.narrow(0, part * n, n) : bias;
+    if (!blocked.empty()) return linear_blocked(*blocked.at(static_cast<size_t>(part)), x, b, post, other);
+    return apply_post(at::linear(x, weight.narrow(0, part * n, n), b), post, other);
+}
+
+torch::Tensor LinearImpl::forward_post(const torch::Tensor &x, LinearPost post, const torch::Tensor &other) {
+    if (blocked.size() == 1) return linear_blocked(*blocked.front(), x, bias, post, other);
+    return apply_post(forward(x), post, other);
+}
+
 torch::Tensor LinearImpl::forward(const torch::Tensor &x) {
+    if (blocked.size() == 1) return linear_blocked(*blocked.front(), x, bias);
+    if (!blocked.empty()) {
+        std::vector<torch::Tensor> parts_out;
+        for (int64_t p = 0; p < parts; p++) parts_out.push_back(forward_part(p, x));
+        return at::cat(parts_out, -1);
+    }
     if (packed.isNone()) return at::linear(x, weight, bias);
     static const auto dynamic = quantized_op("quantized::linear_dynamic");
     torch::jit::Stack stack{x.to(torch::kFloat32).contiguous(), packed, false};

@@ -6,7 +6,11 @@
 
 #include <torch/torch.h>
 
+#include "onednn.h"
+
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace sw {
 
@@ -42,6 +46,20 @@ TORCH_MODULE(ConvTranspose2d);
 struct LinearImpl : torch::nn::Module {
     LinearImpl(int64_t in, int64_t out, bool bias = true);
     torch::Tensor forward(const torch::Tensor &x);
+    // forward(x), then post on the result (LinearPost): fused into the
+    // product where the weight is blocked, in ATen passes otherwise.
+    torch::Tensor forward_post(const torch::Tensor &x, LinearPost post, const torch::Tensor &other = {});
+    // The product with rows [part × out/parts, (part + 1) × out/parts) of the
+    // weight and bias alone, then post (GEGLU's value and gate halves).
+    torch::Tensor forward_part(int64_t part, const torch::Tensor &x, LinearPost post = LinearPost::None,
+                               const torch::Tensor &other = {});
+    // Keeps w (this layer's weight, any float dtype) only blocked
+    // (BlockedLinear), in `parts` blocks of rows; weight becomes a placeholder
+    // of its shape.
+    void block(const torch::Tensor &w, torch::ScalarType dtype);
+    // The row blocks the weight is blocked in, set before loading.
+    int64_t parts = 1;
+    std::vector<std::shared_ptr<const BlockedLinear>> blocked;  // empty while not blocked
     // Replaces the float weight by int8 with one scale per output channel,
     // prepacked for libtorch's quantized engine; forward then quantizes its
     // input per call (dynamic quantization) and returns its input's dtype.

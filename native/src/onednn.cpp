@@ -310,4 +310,216 @@ torch::Tensor conv2d_winograd(const torch::Tensor &x, const torch::Tensor &weigh
 
 int64_t winograd_calls() { return calls.load(std::memory_order_relaxed); }
 
+// ---- bfloat16 linear layers on blocked weights ----
+
+#if SW_WITH_DNNL
+
+struct BlockedLinear {
+    int64_t in = 0, out = 0;
+    dnnl::memory::desc desc;  // the blocked layout
+    torch::Tensor bytes;      // the weight in it
+};
+
+namespace {
+
+constexpr auto bf16 = dnnl::memory::data_type::bf16;
+
+// The rows the layout is asked for with: oneDNN's blocked bfloat16 layout for
+// a [in, out] weight is the same for every row count (checked here for 1 to
+// 32768 rows of SD 1.5's shapes); a call whose matmul wants another is
+// refused, not slowed (plan).
+constexpr int64_t kLayoutRows = 2048;
+
+struct MatmulKey {
+    int64_t m, k, n;
+    LinearPost post;
+    bool bias;
+    int threads;
+    bool operator<(const MatmulKey &o) const {
+        return std::tie(m, k, n, post, bias, threads) < std::tie(o.m, o.k, o.n, o.post, o.bias, o.threads);
+    }
+};
+
+struct Matmul {
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul prim;
+};
+
+dnnl::matmul::primitive_desc matmul_pd(const MatmulKey &k, const dnnl::memory::desc &weights) {
+    const dnnl::memory::desc x({k.m, k.k}, bf16, tag::ab), y({k.m, k.n}, bf16, tag::ab);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // the call's buffer: calls run from several threads
+    dnnl::post_ops ops;
+    switch (k.post) {
+    case LinearPost::None: break;
+    case LinearPost::Gelu: ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_gelu_erf, 0.0f, 0.0f); break;
+    case LinearPost::Mul: ops.append_binary(dnnl::algorithm::binary_mul, y); break;
+    case LinearPost::Add: ops.append_binary(dnnl::algorithm::binary_add, y); break;
+    }
+    attr.set_post_ops(ops);
+    auto d = k.bias ? dnnl::matmul::desc(x, weights, dnnl::memory::desc({1, k.n}, bf16, tag::ab), y)
+                    : dnnl::matmul::desc(x, weights, y);
+    return dnnl::matmul::primitive_desc(d, attr, cpu());
+}
+
+// A native kernel, not oneDNN's reference loops (which it falls back to on a
+// CPU without bfloat16 instructions, at a fraction of libtorch's speed).
+bool native_kernel(const dnnl::matmul::primitive_desc &pd) {
+    return std::string(pd.impl_info_str()).rfind("ref", 0) != 0;
+}
+
+std::shared_ptr<const Matmul> matmul_for(const MatmulKey &k, const dnnl::memory::desc &weights) {
+    // Bounded: a server that sees many image sizes must not grow without end.
+    constexpr size_t kMaxMatmuls = 512;
+    static std::mutex mu;
+    static std::map<MatmulKey, std::shared_ptr<const Matmul>> made;
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        if (auto it = made.find(k); it != made.end()) return it->second;
+    }
+    auto pd = matmul_pd(k, weights);  // outside the lock: compiling takes milliseconds
+    if (!native_kernel(pd))
+        throw std::runtime_error(std::string("blocked linear: oneDNN runs [") + std::to_string(k.m) + ", " +
+                                 std::to_string(k.k) + "] x [" + std::to_string(k.k) + ", " + std::to_string(k.n) +
+                                 "] on the blocked weight only as " + pd.impl_info_str());
+    auto mm = std::make_shared<const Matmul>(Matmul{pd, dnnl::matmul(pd)});
+    std::lock_guard<std::mutex> lock(mu);
+    if (made.size() >= kMaxMatmuls) made.clear();
+    return made.emplace(k, mm).first->second;
+}
+
+std::shared_ptr<const BlockedLinear> pack(const torch::Tensor &w_) {
+    const int64_t out = w_.size(0), in = w_.size(1);
+    const auto any = dnnl::memory::desc({in, out}, bf16, tag::any);
+    auto pd = matmul_pd({kLayoutRows, in, out, LinearPost::None, false, at::get_num_threads()}, any);
+    auto lin = std::make_shared<BlockedLinear>();
+    lin->in = in;
+    lin->out = out;
+    lin->desc = pd.weights_desc();
+    lin->bytes = at::empty({static_cast<int64_t>(lin->desc.get_size())}, torch::TensorOptions().dtype(torch::kUInt8));
+    // w as oneDNN sees [in, out] transposed, with the tensor's own strides:
+    // one reorder converts and blocks it, whatever its dtype and layout.
+    auto w = w_.scalar_type() == torch::kFloat32 || w_.scalar_type() == torch::kBFloat16 ? w_ : w_.to(torch::kFloat32);
+    const auto src_dt = w.scalar_type() == torch::kFloat32 ? f32 : bf16;
+    const dnnl::memory::desc src({in, out}, src_dt, dims{w.stride(1), w.stride(0)});
+    dnnl::memory from(src, cpu(), w.data_ptr()), to(lin->desc, cpu(), lin->bytes.data_ptr());
+    dnnl::stream stream(cpu());
+    dnnl::reorder(from, to).execute(stream, from, to);
+    stream.wait();
+    return lin;
+}
+
+torch::Tensor run_linear(const BlockedLinear &w, const torch::Tensor &x_, const torch::Tensor &bias_, LinearPost post,
+                         const torch::Tensor &other_) {
+    at::internal::lazy_init_num_threads();  // see run
+    auto x = x_.reshape({-1, w.in}).contiguous();
+    const MatmulKey key{x.size(0), w.in, w.out, post, bias_.defined(), at::get_num_threads()};
+    auto out_sizes = x_.sizes().vec();
+    out_sizes.back() = w.out;
+    auto y = at::empty({key.m, key.n}, x.options());
+    if (key.m == 0) return y.reshape(out_sizes);
+    const auto mm = matmul_for(key, w.desc);
+    dnnl::stream stream(cpu());
+    auto scratch = at::empty({static_cast<int64_t>(mm->pd.scratchpad_desc().get_size())}, x.options().dtype(torch::kUInt8));
+    std::unordered_map<int, dnnl::memory> args{
+        {DNNL_ARG_SRC, dnnl::memory(mm->pd.src_desc(), cpu(), x.data_ptr())},
+        {DNNL_ARG_WEIGHTS, dnnl::memory(w.desc, cpu(), w.bytes.data_ptr())},
+        {DNNL_ARG_DST, dnnl::memory(mm->pd.dst_desc(), cpu(), y.data_ptr())},
+        {DNNL_ARG_SCRATCHPAD, dnnl::memory(mm->pd.scratchpad_desc(), cpu(), scratch.data_ptr())}};
+    torch::Tensor bias, other;
+    if (key.bias) {
+        bias = bias_.contiguous();
+        args.emplace(DNNL_ARG_BIAS, dnnl::memory(dnnl::memory::desc({1, key.n}, bf16, tag::ab), cpu(), bias.data_ptr()));
+    }
+    if (post == LinearPost::Mul || post == LinearPost::Add) {
+        other = other_.reshape({key.m, key.n}).contiguous();
+        args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                     dnnl::memory(mm->pd.dst_desc(), cpu(), other.data_ptr()));
+    }
+    mm->prim.execute(stream, args);
+    stream.wait();
+    return y.reshape(out_sizes);
+}
+
+#endif  // SW_WITH_DNNL
+
+// Whether blocked bfloat16 linears run here and agree with at::linear (each
+// fused operation too), checked once.
+bool blocked_linears_work() {
+    static const bool works = [] {
+        std::string why;
+        bool ok = false;
+#if SW_WITH_DNNL
+        try {
+            torch::NoGradGuard no_grad;
+            auto gen = at::detail::createCPUGenerator(3);
+            auto w = torch::randn({48, 40}, gen).div(8);
+            auto b = torch::randn({48}, gen).to(torch::kBFloat16);
+            auto x = torch::randn({2, 5, 40}, gen).to(torch::kBFloat16);
+            auto other = torch::randn({2, 5, 48}, gen).to(torch::kBFloat16);
+            auto lin = pack(w.t().contiguous().t());  // a transposed view: the reorder reads strides
+            auto plain = at::linear(x.to(torch::kFloat32), w.to(torch::kBFloat16).to(torch::kFloat32), b.to(torch::kFloat32));
+            const std::pair<LinearPost, torch::Tensor> cases[] = {
+                {LinearPost::None, plain},
+                {LinearPost::Gelu, at::gelu(plain)},
+                {LinearPost::Mul, plain * other.to(torch::kFloat32)},
+                {LinearPost::Add, plain + other.to(torch::kFloat32)}};
+            double err = 0;
+            for (const auto &[post, want] : cases) {
+                auto got = run_linear(*lin, x, b, post, other).to(torch::kFloat32);
+                err = std::max(err, ((got - want).abs() / (want.abs() + 1)).max().item<double>());
+            }
+            ok = err <= 1.0 / 64;  // bfloat16 rounding of the result and of other
+            if (!ok) why = "differs from at::linear by " + std::to_string(err);
+        } catch (const std::exception &e) {
+            why = e.what();
+            why = why.substr(0, why.find('\n'));
+        }
+#else
+        why = "this build has no oneDNN 2 headers (Debian: libdnnl-dev)";
+#endif
+        if (!ok) log(SW_LOG_INFO, "bfloat16 linear layers are not blocked (" + why + ")");
+        return ok;
+    }();
+    return works;
+}
+
+}  // namespace
+
+bool block_linears(torch::ScalarType dtype, const torch::Device &device) {
+    return device.is_cpu() && dtype == torch::kBFloat16 && blocked_linears_work();
+}
+
+std::shared_ptr<const BlockedLinear> block_linear(const torch::Tensor &w, torch::ScalarType dtype) {
+    if (w.dim() != 2 || !block_linears(dtype, w.device()))
+        throw std::logic_error("block_linear: blocked linears do not apply here");
+#if SW_WITH_DNNL
+    return pack(w);
+#else
+    return nullptr;
+#endif
+}
+
+torch::Tensor linear_blocked(const BlockedLinear &w, const torch::Tensor &x, const torch::Tensor &bias, LinearPost post,
+                             const torch::Tensor &other) {
+#if SW_WITH_DNNL
+    if (x.scalar_type() != torch::kBFloat16 || !x.device().is_cpu() || x.dim() < 1 || x.size(-1) != w.in)
+        throw std::invalid_argument("linear_blocked: x must be bfloat16 [..., " + std::to_string(w.in) + "] on the CPU");
+    if ((post == LinearPost::Mul || post == LinearPost::Add) &&
+        (!other.defined() || other.scalar_type() != torch::kBFloat16 || other.numel() != x.numel() / w.in * w.out))
+        throw std::invalid_argument("linear_blocked: other must be bfloat16 of the result's shape");
+    return run_linear(w, x, bias, post, other);
+#else
+    throw std::logic_error("linear_blocked: this build has no oneDNN");
+#endif
+}
+
+int64_t blocked_bytes(const BlockedLinear &w) {
+#if SW_WITH_DNNL
+    return w.bytes.numel();
+#else
+    return 0;
+#endif
+}
+
 }  // namespace sw

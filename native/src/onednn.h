@@ -1,5 +1,5 @@
 // What the engine runs through oneDNN's own C++ API rather than through
-// libtorch: Winograd convolutions on the CPU.
+// libtorch: Winograd convolutions and bfloat16 linear layers on the CPU.
 // Built only against oneDNN 2 (CMakeLists.txt says which); without it every
 // function here reports that it does not apply.
 //
@@ -39,5 +39,38 @@ torch::Tensor conv2d_winograd(const torch::Tensor &x, const torch::Tensor &weigh
 // Calls of conv2d_winograd in this process so far (tests see which
 // convolutions took it).
 int64_t winograd_calls();
+
+// Linear layers. libtorch 1.13 runs a bfloat16 linear as a oneDNN matmul on
+// the plain [out, in] weight, which oneDNN copies into its blocked layout at
+// every call, then adds the bias and any activation in passes of their own:
+// SD 1.5's feed-forward product [2048, 320] × [320, 1280] took 5.4 ms where
+// the matmul on a weight blocked once takes 3.7 (2 threads, AVX-512 BF16).
+// A BlockedLinear is such a weight, reordered once (at load, straight from the
+// file's dtype), held in that layout only; its matmul adds the bias and one
+// fused operation on the float32 result before rounding.
+struct BlockedLinear;
+
+// What a blocked matmul does to its result y = x·wᵀ + bias before rounding it:
+// nothing, gelu(y) (erf), y × other or y + other (other: y's shape and dtype).
+enum class LinearPost { None, Gelu, Mul, Add };
+
+// Whether linear weights of dtype on device are blocked as they load:
+// bfloat16 on the CPU, in a build with oneDNN 2 whose matmul for it runs a
+// native kernel here (not its reference code: AVX-512 BF16 or AMX) and agrees
+// with at::linear on a probe (checked once, the reason logged when it does
+// not).
+bool block_linears(torch::ScalarType dtype, const torch::Device &device);
+
+// w ([out, in], float32 or bfloat16, any strides) as dtype in oneDNN's
+// blocked layout. Only where block_linears(dtype, cpu).
+std::shared_ptr<const BlockedLinear> block_linear(const torch::Tensor &w, torch::ScalarType dtype);
+
+// x ([..., in], the weight's dtype) times the weight, plus bias ([out] or
+// undefined), then post: the result is [..., out] in x's dtype.
+torch::Tensor linear_blocked(const BlockedLinear &w, const torch::Tensor &x, const torch::Tensor &bias,
+                             LinearPost post = LinearPost::None, const torch::Tensor &other = {});
+
+// The bytes the blocked weight holds.
+int64_t blocked_bytes(const BlockedLinear &w);
 
 }  // namespace sw

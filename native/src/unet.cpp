@@ -56,9 +56,11 @@ AttentionImpl::AttentionImpl(int64_t query_dim, int64_t context_dim, int64_t hea
     out->push_back(to_out);
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &context) {
+torch::Tensor AttentionImpl::forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &context,
+                                     const torch::Tensor &residual) {
     const auto &ctx = context ? *context : x;
-    return to_out(attention(to_q(x), to_k(ctx), to_v(ctx), heads, c10::nullopt, upcast));
+    auto a = attention(to_q(x), to_k(ctx), to_v(ctx), heads, c10::nullopt, upcast);
+    return residual.defined() ? to_out->forward_post(a, LinearPost::Add, residual) : to_out(a);
 }
 
 TransformerBlockImpl::TransformerBlockImpl(int64_t dim, int64_t heads, int64_t head_dim, int64_t context_dim,
@@ -73,6 +75,7 @@ TransformerBlockImpl::TransformerBlockImpl(int64_t dim, int64_t heads, int64_t h
     auto net = ff->register_module("net", torch::nn::ModuleList());
     auto geglu = std::make_shared<torch::nn::Module>();
     ff_in = Linear(dim, dim * 4 * 2);
+    ff_in->parts = 2;  // GEGLU's value and gate
     geglu->register_module("proj", ff_in);
     net->push_back(geglu);
     net->push_back(torch::nn::Dropout(0.0));
@@ -81,24 +84,25 @@ TransformerBlockImpl::TransformerBlockImpl(int64_t dim, int64_t heads, int64_t h
 }
 
 torch::Tensor TransformerBlockImpl::forward(const torch::Tensor &x, const torch::Tensor &context) {
-    auto h = x + attn1(norm1(x));
+    // The residual adds are the output projections' (fused where the weight
+    // is blocked): x + a and a + x are the same to the bit.
+    auto h = attn1->forward(norm1(x), c10::nullopt, x);
     check_cancel();
-    h = h + attn2(norm2(h), context);
+    h = attn2->forward(norm2(h), context, h);
     check_cancel();
-    // GEGLU as two products, one per half of ff_in's rows (contiguous views
-    // of its weight), so that gelu reads a contiguous tensor: on a chunk of one
-    // [.., 2n] product it ran 6-10× slower (float32 [2, 1024, 1280]: 7.5
-    // against 1.2 ms). An int8 ff_in has one prepacked product and no float
-    // rows to split: its gate half is made contiguous instead.
+    // GEGLU as two products, one per half of ff_in's rows, so that gelu reads
+    // a contiguous tensor: on a chunk of one [.., 2n] product it ran 6-10×
+    // slower (float32 [2, 1024, 1280]: 7.5 against 1.2 ms). Blocked, gelu is
+    // the gate product's and the multiplication the value product's. An int8
+    // ff_in has one prepacked product and no float rows to split: its gate
+    // half is made contiguous instead.
     const auto hn = norm3(h);
     if (!ff_in->packed.isNone()) {
         auto parts = ff_in(hn).chunk(2, -1);
-        return h + ff_out(parts[0] * at::gelu(parts[1].contiguous()));
+        return ff_out->forward_post(parts[0] * at::gelu(parts[1].contiguous()), LinearPost::Add, h);
     }
-    const auto n = ff_in->weight.size(0) / 2;
-    auto value = at::linear(hn, ff_in->weight.narrow(0, 0, n), ff_in->bias.narrow(0, 0, n));
-    auto gate = at::linear(hn, ff_in->weight.narrow(0, n, n), ff_in->bias.narrow(0, n, n));
-    return h + ff_out(value.mul_(at::gelu(gate)));
+    auto gate = ff_in->forward_part(1, hn, LinearPost::Gelu);
+    return ff_out->forward_post(ff_in->forward_part(0, hn, LinearPost::Mul, gate), LinearPost::Add, h);
 }
 
 Transformer2DImpl::Transformer2DImpl(int64_t channels, int64_t heads, int64_t layers, int64_t context_dim,

@@ -36,7 +36,9 @@ TORCH_MODULE(Upsample2D);
 // Attention (diffusers): to_q, to_k, to_v, to_out.0.
 struct AttentionImpl : torch::nn::Module {
     AttentionImpl(int64_t query_dim, int64_t context_dim, int64_t heads, int64_t head_dim, bool qkv_bias, bool upcast);
-    torch::Tensor forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &context = c10::nullopt);
+    // to_out(attention) + residual, where residual is defined.
+    torch::Tensor forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &context = c10::nullopt,
+                          const torch::Tensor &residual = {});
     Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out{nullptr};
     int64_t heads;
     bool upcast;

@@ -173,6 +173,15 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
             else
                 packable[conv->weight.unsafeGetTensorImpl()] = conv;
         }
+    // Linear weights likewise go straight into their blocked layout, in one
+    // reorder from the file's dtype.
+    std::unordered_map<const c10::TensorImpl *, LinearImpl *> blockable;
+    if (block_linears(dtype, device))
+        for (const auto &child : m.modules(/*include_self=*/true)) {
+            auto *lin = dynamic_cast<LinearImpl *>(child.get());
+            if (lin != nullptr && lin->blocked.empty() && lin->packed.isNone())
+                blockable[lin->weight.unsafeGetTensorImpl()] = lin;
+        }
     std::optional<ReuseCPUMemory> reuse;
     if (!packable.empty()) reuse.emplace();
     auto fill = [&](const std::string &name, torch::Tensor &target, bool is_param) {
@@ -200,6 +209,11 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
             // target becomes a placeholder of its shape in load_dtype.
             f.load_with(key, [&](const torch::Tensor &view) {
                 conv->second->prepack(view, load_dtype);
+                return torch::Tensor();
+            });
+        } else if (auto lin = blockable.find(target.unsafeGetTensorImpl()); lin != blockable.end() && src.parts == 1) {
+            f.load_with(key, [&](const torch::Tensor &view) {
+                lin->second->block(view, load_dtype);
                 return torch::Tensor();
             });
         } else if (channels_last.count(target.unsafeGetTensorImpl()) != 0 && src.parts == 1) {

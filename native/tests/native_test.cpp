@@ -169,6 +169,17 @@ void test_unet(sw_sd_model *m, const std::string &golden, const std::string &lab
           g.load("out_nonsquare_t250"), 1e-4);
 }
 
+// Whether this CPU has bfloat16 dot products (AVX-512 BF16 or AMX), as
+// /proc/cpuinfo says: where oneDNN's blocked bfloat16 matmul has a native kernel.
+bool cpu_has_bf16_dot() {
+    std::ifstream in("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(in, line))
+        if (line.rfind("flags", 0) == 0)
+            return line.find(" avx512_bf16") != std::string::npos || line.find(" amx_bf16") != std::string::npos;
+    return false;
+}
+
 void test_prepacked(sw_sd_model *m, const std::string &label);
 
 // A reduced precision's UNet passes against the float32 goldens, within tol
@@ -406,6 +417,22 @@ void test_prepacked(sw_sd_model *m, const std::string &label) {
            std::to_string(packed) + " of " + std::to_string(convs));
     report(placeholder_bytes <= 4 * convs, label + " unet convolutions hold no dense kernel",
            std::to_string(placeholder_bytes) + " bytes in " + std::to_string(convs) + " placeholders");
+    // Linear layers: blocked in bfloat16 where the CPU has its dot products,
+    // each then without a dense weight.
+    int64_t linears = 0, blocked = 0, dense_bytes = 0;
+    for (const auto &child : m->unet->modules())
+        if (auto *lin = dynamic_cast<sw::LinearImpl *>(child.get())) {
+            linears++;
+            if (lin->blocked.empty()) continue;
+            blocked++;
+            dense_bytes += static_cast<int64_t>(lin->weight.storage().nbytes());
+        }
+    const bool want_blocked = sw::scalar_type(m->dtype) == torch::kBFloat16 && cpu_has_bf16_dot();
+    report(linears > 0 && blocked == (want_blocked ? linears : 0),
+           label + (want_blocked ? " unet linear layers blocked" : " unet linear layers not blocked"),
+           std::to_string(blocked) + " of " + std::to_string(linears));
+    report(dense_bytes <= 2 * blocked, label + " blocked linear layers hold no dense weight",
+           std::to_string(dense_bytes) + " bytes");
     int64_t vae_convs = 0, channels_last = 0;
     for (const auto &child : m->vae->modules()) {
         auto *conv = dynamic_cast<sw::Conv2dImpl *>(child.get());
@@ -659,6 +686,57 @@ void test_layer_norm() {
            "layer norm: float32 not applied", "");
 }
 
+// Blocked bfloat16 linears (onednn.h) against float64 on the same bfloat16
+// inputs: every fused operation, a weight and an input with other strides, a
+// layer blocked in two parts (GEGLU's); they apply exactly where the CPU has
+// bfloat16 dot products.
+void test_blocked_linear() {
+    const bool applies = sw::block_linears(torch::kBFloat16, torch::kCPU);
+    report(applies == cpu_has_bf16_dot(), "blocked linears apply where the CPU has bfloat16 dot products",
+           applies ? "applied" : "not applied");
+    report(!sw::block_linears(torch::kFloat32, torch::kCPU), "blocked linears: float32 not blocked", "");
+    if (!applies) return;
+    auto gen = at::detail::createCPUGenerator(11);
+    const auto bf = torch::kBFloat16;
+    auto f64 = [](const torch::Tensor &t) { return t.to(torch::kFloat64); };
+    for (auto [m, k, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{7, 40, 48}, {300, 320, 1280}}) {
+        auto w = torch::randn({k, n}, gen).div(std::sqrt(static_cast<double>(k))).t();  // [n, k], transposed strides
+        auto x = torch::randn({k, 2, m}, gen).to(bf).permute({1, 2, 0});                // [2, m, k], other strides
+        auto b = torch::randn({n}, gen).to(bf), other = torch::randn({2, m, n}, gen).to(bf);
+        auto blocked = sw::block_linear(w, bf);
+        auto plain = at::linear(f64(x), f64(w.to(bf)), f64(b));
+        const std::string shape = "[" + std::to_string(m) + ", " + std::to_string(k) + "] x " + std::to_string(n);
+        struct Case {
+            sw::LinearPost post;
+            std::string name;
+            torch::Tensor want;
+        };
+        for (const auto &c : std::vector<Case>{{sw::LinearPost::None, "", plain},
+                                               {sw::LinearPost::Gelu, " gelu", at::gelu(plain)},
+                                               {sw::LinearPost::Mul, " × other", plain * f64(other)},
+                                               {sw::LinearPost::Add, " + other", plain + f64(other)}}) {
+            auto got = sw::linear_blocked(*blocked, x, b, c.post, other);
+            close("blocked linear " + shape + c.name, f64(got), c.want, 1.0 / 128);
+            report(got.scalar_type() == bf && got.sizes() == plain.sizes(), "blocked linear " + shape + c.name + " shape", "");
+        }
+        close("blocked linear " + shape + " without bias", f64(sw::linear_blocked(*blocked, x, {})),
+              at::linear(f64(x), f64(w.to(bf))), 1.0 / 128);
+    }
+    // A layer in two parts, as GEGLU's ff_in: each part its own rows and bias.
+    sw::Linear lin(64, 96);
+    lin->parts = 2;
+    auto w = torch::randn({96, 64}, gen).div(8), b = torch::randn({96}, gen).to(bf);
+    lin->bias.set_data(b);
+    lin->block(w, bf);
+    auto x = torch::randn({3, 64}, gen).to(bf);
+    auto want = at::linear(f64(x), f64(w.to(bf)), f64(b));
+    report(lin->blocked.size() == 2 && lin->weight.storage().nbytes() <= 2, "blocked linear in parts holds no dense weight",
+           std::to_string(lin->blocked.size()) + " parts");
+    close("blocked linear part 0", f64(lin->forward_part(0, x)), want.narrow(1, 0, 48), 1.0 / 128);
+    close("blocked linear part 1", f64(lin->forward_part(1, x)), want.narrow(1, 48, 48), 1.0 / 128);
+    close("blocked linear whole", f64(lin(x)), want, 1.0 / 128);
+}
+
 // The vectorised softmax against libtorch's, on row lengths that are and are
 // not multiples of 8, with a causal -inf mask and a large dynamic range.
 void test_softmax() {
@@ -783,6 +861,7 @@ int main() {
     run("attention slicing", test_attention_slicing);  // needs no fixtures
     run("softmax", test_softmax);
     run("layer norm", test_layer_norm);
+    run("blocked linear", test_blocked_linear);
     run("kernel threads", test_kernel_threads);
     run("group norm", test_group_norm);
     run("reuse cpu memory", test_reuse_cpu_memory);
