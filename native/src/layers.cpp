@@ -41,10 +41,11 @@ Conv2dImpl::Conv2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_,
 }
 
 torch::Tensor Conv2dImpl::forward(const torch::Tensor &x) {
+    const auto b = phases && bias.defined() ? bias.repeat({4}) : bias;  // each phase's channels
     if (packed.defined())
-        return at::mkldnn_convolution(x.contiguous(), packed, bias, {padding, padding}, {stride, stride}, {1, 1}, 1);
-    if (winograd_applies(x, weight, bias, stride, padding)) return conv2d_winograd(x, weight, bias);
-    return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+        return at::mkldnn_convolution(x.contiguous(), packed, b, {padding, padding}, {stride, stride}, {1, 1}, 1);
+    if (winograd_applies(x, weight, b, stride, padding)) return conv2d_winograd(x, weight, b);
+    return at::conv2d(x, weight, b, {stride, stride}, {padding, padding});
 }
 
 // at::conv2d hands oneDNN the kernel in PyTorch's [out, in, kh, kw] layout,
@@ -53,13 +54,118 @@ torch::Tensor Conv2dImpl::forward(const torch::Tensor &x) {
 // costs more than the convolution (float32 [2, 1280, 4, 4]: 37 ms per call,
 // 7 ms prepacked; bfloat16 9.2 against 4.1 ms). Done once here, the weight is
 // held once, in the packed layout only.
-void Conv2dImpl::prepack(const torch::Tensor &w, torch::ScalarType dtype) {
+void Conv2dImpl::prepack(const torch::Tensor &w_, torch::ScalarType dtype) {
+    const auto w = to_phases(w_, dtype);
     // to_mkldnn converts float32 to bfloat16 itself (rounding to nearest even,
     // as Tensor::to does): one copy fewer than converting first.
     const bool converts = w.scalar_type() == dtype || w.scalar_type() == torch::kFloat32;
     auto dense = (converts ? w : w.to(dtype)).reshape(weight.sizes()).contiguous();
     packed = at::mkldnn_reorder_conv2d_weight(dense.to_mkldnn(dtype), {padding, padding}, {stride, stride}, {1, 1}, 1);
     weight.set_data(torch::empty({1}, weight.options().dtype(dtype)).expand(weight.sizes()));
+}
+
+void Conv2dImpl::hold_channels_last(const torch::Tensor &w_, torch::ScalarType dtype) {
+    const auto w = to_phases(w_, dtype);
+    weight.set_data(w.reshape(weight.sizes()).to(dtype, /*non_blocking=*/false, /*copy=*/true,
+                                                 torch::MemoryFormat::ChannelsLast));
+}
+
+// w as this convolution holds it in dtype: its phase kernels where its input
+// is upsampled and dtype is bfloat16 (weight then takes their shape), else w
+// itself. Float32 keeps the 3×3 kernel: in the VAE Winograd already takes
+// those convolutions (phase kernels measured no faster there), and their 16/9
+// of the weights cost float32's peak 0.1 GiB.
+torch::Tensor Conv2dImpl::to_phases(const torch::Tensor &w, torch::ScalarType dtype) {
+    if (!upsampled_input || dtype != torch::kBFloat16) return w;
+    if (weight.size(2) != 3 || weight.size(3) != 3 || stride != 1 || padding != 1)
+        throw std::logic_error("Conv2d: phase kernels need a 3×3 convolution with stride 1 and padding 1");
+    auto p = phase_kernels(w.reshape(weight.sizes()), dtype);
+    weight.set_data(empty({1}).to(dtype).expand(p.sizes()));
+    phases = true;
+    return p;
+}
+
+torch::Tensor Conv2dImpl::kernel3x3() {
+    if (!phases) return weight;
+    return kernel_from_phases(packed.defined() ? packed.to_dense() : weight, weight.scalar_type());
+}
+
+namespace {
+
+// SD 1.5's largest upsampling kernel is 1280 × 1280 × 9: done in blocks of
+// output channels, the float32 arithmetic's temporaries stay small.
+constexpr int64_t kPhaseBlock = 64;
+
+}  // namespace
+
+namespace {
+
+// Each [3, 3] kernel of src (count of them) to its four [2, 2] phase kernels
+// in dst ([4, count, 2, 2]), in one pass.
+template <typename T>
+void fold_phases(const float *src, T *dst, int64_t count) {
+    at::parallel_for(0, count, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; i++) {
+            const float *k = src + i * 9;
+            for (int a = 0; a < 2; a++) {
+                // The two rows phase a reads: (w0, w1 + w2) or (w0 + w1, w2).
+                float r[2][3];
+                for (int x = 0; x < 3; x++) {
+                    r[0][x] = a == 0 ? k[x] : k[x] + k[3 + x];
+                    r[1][x] = a == 0 ? k[3 + x] + k[6 + x] : k[6 + x];
+                }
+                for (int b = 0; b < 2; b++) {
+                    T *p = dst + ((2 * a + b) * count + i) * 4;
+                    for (int y = 0; y < 2; y++) {
+                        p[2 * y] = static_cast<T>(b == 0 ? r[y][0] : r[y][0] + r[y][1]);
+                        p[2 * y + 1] = static_cast<T>(b == 0 ? r[y][1] + r[y][2] : r[y][2]);
+                    }
+                }
+            }
+        }
+    });
+}
+
+}  // namespace
+
+torch::Tensor phase_kernels(const torch::Tensor &w_, torch::ScalarType dtype) {
+    TORCH_CHECK(w_.dim() == 4 && w_.size(2) == 3 && w_.size(3) == 3, "phase_kernels: want [out, in, 3, 3]");
+    // One pass straight into the result: ATen ops over the whole tensor took
+    // ~33 ms for SD 1.5's largest (1280 × 1280) at load, most of it in
+    // float32 temporaries' fresh pages.
+    const auto w = w_.to(torch::kFloat32).contiguous();
+    const int64_t o = w.size(0), c = w.size(1);
+    const auto as = dtype == torch::kBFloat16 ? dtype : torch::kFloat32;
+    auto out = at::empty({4 * o, c, 2, 2}, w.options().dtype(as));
+    if (as == torch::kBFloat16)
+        fold_phases(w.data_ptr<float>(), out.data_ptr<c10::BFloat16>(), o * c);
+    else
+        fold_phases(w.data_ptr<float>(), out.data_ptr<float>(), o * c);
+    return out.to(dtype);
+}
+
+torch::Tensor kernel_from_phases(const torch::Tensor &phases, torch::ScalarType dtype) {
+    TORCH_CHECK(phases.dim() == 4 && phases.size(0) % 4 == 0 && phases.size(2) == 2 && phases.size(3) == 2,
+                "kernel_from_phases: want [4 × out, in, 2, 2]");
+    const int64_t o = phases.size(0) / 4;
+    auto out = at::empty({o, phases.size(1), 3, 3}, phases.options().dtype(dtype));
+    const auto p4 = phases.view({4, o, phases.size(1), 2, 2});
+    for (int64_t o0 = 0; o0 < o; o0 += kPhaseBlock) {
+        const int64_t n = std::min(kPhaseBlock, o - o0);
+        auto p = p4.narrow(1, o0, n).to(torch::kFloat32);
+        // Phase (a, b) is p[2a + b]; each corner of the kernel is one phase's
+        // own corner, the rest follows from the sums.
+        auto at_ = [&](int64_t ph, int64_t r, int64_t c) { return p[ph].select(3, c).select(2, r); };
+        auto w00 = at_(0, 0, 0), w02 = at_(1, 0, 1), w20 = at_(2, 1, 0), w22 = at_(3, 1, 1);
+        auto w01 = at_(1, 0, 0) - w00, w10 = at_(2, 0, 0) - w00;
+        auto w12 = at_(3, 0, 1) - w02, w21 = at_(3, 1, 0) - w20;
+        auto w11 = at_(3, 0, 0) - w00 - w01 - w10;
+        out.narrow(0, o0, n)
+            .copy_(at::stack({at::stack({w00, w01, w02}, -1), at::stack({w10, w11, w12}, -1),
+                              at::stack({w20, w21, w22}, -1)},
+                             -2));
+    }
+    return out;
 }
 
 namespace {

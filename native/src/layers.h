@@ -32,8 +32,37 @@ struct Conv2dImpl : torch::nn::Module {
     // writes them as they are; float32 [1, 128, 256, 256]: 104 ms against 130
     // prepacked, bfloat16 44 against 52).
     enum class CPUKernel { Prepacked, ChannelsLast } cpu_kernel = CPUKernel::Prepacked;
+    // Keeps w as a dense channels-last kernel in dtype (CPUKernel::ChannelsLast).
+    void hold_channels_last(const torch::Tensor &w, torch::ScalarType dtype);
+
+    // Set before loading by a layer that feeds this convolution (3×3, stride 1,
+    // padding 1) only nearest 2× upsamplings (Upsample2D): in bfloat16, where
+    // the kernel is prepacked or held channels-last, it is then held as its
+    // four phase kernels (phase_kernels) and `phases` is set: forward on the tensor
+    // before upsampling gives the four phases of the output side by side
+    // (Upsample2DImpl interleaves them), in 16 multiply-adds per output pixel
+    // and channel pair instead of 36.
+    bool upsampled_input = false;
+    bool phases = false;
+    // The 3×3 kernel back from the phase kernels (kernel_from_phases), in
+    // the weight's dtype, for an upsampling to another size than 2×.
+    torch::Tensor kernel3x3();
+
+private:
+    torch::Tensor to_phases(const torch::Tensor &w, torch::ScalarType dtype);
 };
 TORCH_MODULE(Conv2d);
+
+// A 3×3 convolution (padding 1) of x upsampled 2× (nearest) is, at output
+// pixel (2i + a, 2j + b), a 2×2 convolution of x around (i, j): the kernel's
+// rows (and columns) that read the same input row add up, (w0, w1 + w2) for
+// a = 0 and (w0 + w1, w2) for a = 1. phase_kernels stacks the four 2×2
+// kernels of w ([out, in, 3, 3]) as [4 × out, in, 2, 2] in dtype, phase
+// 2a + b first by a then b, summed in float32; a 2×2 convolution of x with
+// padding 1 then has phase (a, b) at channel block 2a + b, pixel (i + a,
+// j + b). kernel_from_phases inverts it (in float32, the result in dtype).
+torch::Tensor phase_kernels(const torch::Tensor &w, torch::ScalarType dtype);
+torch::Tensor kernel_from_phases(const torch::Tensor &phases, torch::ScalarType dtype);
 
 struct ConvTranspose2dImpl : torch::nn::Module {
     ConvTranspose2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride);

@@ -32,9 +32,38 @@ torch::Tensor Downsample2DImpl::forward(const torch::Tensor &x) {
     return conv(x);
 }
 
-Upsample2DImpl::Upsample2DImpl(int64_t channels) { conv = register_module("conv", Conv2d(channels, channels, 3, 1, 1)); }
+Upsample2DImpl::Upsample2DImpl(int64_t channels) {
+    conv = register_module("conv", Conv2d(channels, channels, 3, 1, 1));
+    conv->upsampled_input = true;
+}
+
+namespace {
+
+// The output of a convolution with phase kernels (Conv2dImpl::phases) on an
+// [n, c, h, w] tensor, [n, 4 × o, h + 1, w + 1], as the [n, o, 2h, 2w] image
+// the 3×3 convolution of its 2× upsampling gives: phase (a, b) from channel
+// block 2a + b at (i + a, j + b) to pixel (2i + a, 2j + b).
+torch::Tensor interleave_phases(const torch::Tensor &y, int64_t h, int64_t w) {
+    const int64_t o = y.size(1) / 4;
+    auto out = at::empty({y.size(0), o, 2 * h, 2 * w}, y.options().memory_format(y.suggest_memory_format()));
+    for (int64_t a = 0; a < 2; a++)
+        for (int64_t b = 0; b < 2; b++)
+            out.slice(2, a, 2 * h, 2).slice(3, b, 2 * w, 2).copy_(y.narrow(1, (2 * a + b) * o, o).narrow(2, a, h).narrow(3, b, w));
+    return out;
+}
+
+}  // namespace
 
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor &x, c10::optional<std::vector<int64_t>> size) {
+    const int64_t h2 = x.size(2) * 2, w2 = x.size(3) * 2;
+    if (conv->phases) {
+        if (!size || (size->size() == 2 && (*size)[0] == h2 && (*size)[1] == w2))
+            return interleave_phases(conv(x), x.size(2), x.size(3));
+        // Another size (an odd latent's skip): the 3×3 kernel, recomputed for
+        // the call, on the upsampling itself.
+        return at::conv2d(at::upsample_nearest2d(x, *size), conv->kernel3x3(), conv->bias, {1, 1},
+                          {1, 1});
+    }
     torch::Tensor h;
     if (size) {
         h = at::upsample_nearest2d(x, *size);

@@ -50,7 +50,7 @@ public:
             std::lock_guard<std::mutex> lock(mu_);
             if (!caps_.empty()) {
                 auto it = kept_.lower_bound(n);
-                if (it != kept_.end() && it->first / 2 <= n) {
+                if (it != kept_.end() && it->first - n <= n / 8) {
                     p = it->second;
                     kept_bytes_ -= it->first;
                     kept_.erase(it);
@@ -163,13 +163,13 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     // holds a kernel in two layouts. Those that want channels-last kernels are
     // copied out of the mapping in that layout.
     std::unordered_map<const c10::TensorImpl *, Conv2dImpl *> packable;
-    std::unordered_set<const c10::TensorImpl *> channels_last;
+    std::unordered_map<const c10::TensorImpl *, Conv2dImpl *> channels_last;
     if (prepack_convolutions(dtype, device))
         for (const auto &child : m.modules(/*include_self=*/true)) {
             auto *conv = dynamic_cast<Conv2dImpl *>(child.get());
             if (conv == nullptr || conv->packed.defined()) continue;
             if (conv->cpu_kernel == Conv2dImpl::CPUKernel::ChannelsLast)
-                channels_last.insert(conv->weight.unsafeGetTensorImpl());
+                channels_last[conv->weight.unsafeGetTensorImpl()] = conv;
             else
                 packable[conv->weight.unsafeGetTensorImpl()] = conv;
         }
@@ -216,11 +216,12 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
                 lin->second->block(view, load_dtype);
                 return torch::Tensor();
             });
-        } else if (channels_last.count(target.unsafeGetTensorImpl()) != 0 && src.parts == 1) {
-            target.set_data(f.load_with(key, [&](const torch::Tensor &view) {
-                return view.reshape(target.sizes()).to(load_dtype, /*non_blocking=*/false, /*copy=*/true,
-                                                       torch::MemoryFormat::ChannelsLast);
-            }));
+        } else if (auto conv = channels_last.find(target.unsafeGetTensorImpl());
+                   conv != channels_last.end() && src.parts == 1) {
+            f.load_with(key, [&](const torch::Tensor &view) {
+                conv->second->hold_channels_last(view, load_dtype);
+                return torch::Tensor();
+            });
         } else {
             torch::Tensor t;
             if (src.parts > 1) {
