@@ -50,7 +50,7 @@ public:
             std::lock_guard<std::mutex> lock(mu_);
             if (!caps_.empty()) {
                 auto it = kept_.lower_bound(n);
-                if (it != kept_.end() && it->first - n <= n / 8) {
+                if (it != kept_.end() && it->first - n <= n * slack_.load(std::memory_order_relaxed) / 8) {
                     p = it->second;
                     kept_bytes_ -= it->first;
                     kept_.erase(it);
@@ -76,18 +76,22 @@ public:
     // names how many bytes it lets the allocator keep and the smallest block
     // worth keeping, and the largest cap and the smallest minimum of the
     // active users' hold.
-    void start(size_t max_kept, size_t min_block) {
+    void start(size_t max_kept, size_t min_block, size_t slack) {
         std::lock_guard<std::mutex> lock(mu_);
         if (caps_.empty()) c10::SetCPUAllocator(this);
         caps_.insert(max_kept);
         mins_.insert(min_block);
+        slacks_.insert(slack);
         min_block_.store(*mins_.begin(), std::memory_order_relaxed);
+        slack_.store(*slacks_.begin(), std::memory_order_relaxed);
     }
-    void stop(size_t max_kept, size_t min_block) {
+    void stop(size_t max_kept, size_t min_block, size_t slack) {
         std::lock_guard<std::mutex> lock(mu_);
         caps_.erase(caps_.find(max_kept));
         mins_.erase(mins_.find(min_block));
+        slacks_.erase(slacks_.find(slack));
         min_block_.store(mins_.empty() ? 0 : *mins_.begin(), std::memory_order_relaxed);
+        slack_.store(slacks_.empty() ? 0 : *slacks_.begin(), std::memory_order_relaxed);
         if (caps_.empty()) c10::SetCPUAllocator(c10::GetDefaultCPUAllocator());
         trim();  // with no user left, every kept block
     }
@@ -123,8 +127,8 @@ private:
         }
     }
     mutable std::mutex mu_;
-    std::multiset<size_t> caps_, mins_;  // the active users' max_kept and min_block
-    std::atomic<size_t> min_block_{0};
+    std::multiset<size_t> caps_, mins_, slacks_;  // the active users' max_kept, min_block and slack
+    std::atomic<size_t> min_block_{0}, slack_{0};
     mutable std::multimap<size_t, void *> kept_;        // freed while active, by size
     mutable size_t kept_bytes_ = 0;                     // their total
     mutable std::unordered_map<void *, size_t> sizes_;  // every live or kept block's size
@@ -141,11 +145,12 @@ bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
 
 }  // namespace
 
-ReuseCPUMemory::ReuseCPUMemory(size_t max_kept, size_t min_block) : max_kept_(max_kept), min_block_(min_block) {
-    ReusingCPUAllocator::get().start(max_kept_, min_block_);
+ReuseCPUMemory::ReuseCPUMemory(size_t max_kept, size_t min_block, size_t slack)
+    : max_kept_(max_kept), min_block_(min_block), slack_(slack) {
+    ReusingCPUAllocator::get().start(max_kept_, min_block_, slack_);
 }
 
-ReuseCPUMemory::~ReuseCPUMemory() { ReusingCPUAllocator::get().stop(max_kept_, min_block_); }
+ReuseCPUMemory::~ReuseCPUMemory() { ReusingCPUAllocator::get().stop(max_kept_, min_block_, slack_); }
 
 size_t ReuseCPUMemory::kept_bytes() { return ReusingCPUAllocator::get().kept_bytes(); }
 
@@ -183,7 +188,9 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
                 blockable[lin->weight.unsafeGetTensorImpl()] = lin;
         }
     std::optional<ReuseCPUMemory> reuse;
-    if (!packable.empty()) reuse.emplace();
+    if (!packable.empty())
+        reuse.emplace(ReuseCPUMemory::kMaxKeptBytes, ReuseCPUMemory::kMinKeptBlock,
+                      dtype == torch::kFloat32 ? ReuseCPUMemory::kLooseSlack : ReuseCPUMemory::kTightSlack);
     auto fill = [&](const std::string &name, torch::Tensor &target, bool is_param) {
         const Source src = resolve(name);
         const std::string &key = src.key;

@@ -46,8 +46,8 @@ std::vector<std::pair<std::string, torch::Tensor>> named_tensors(torch::nn::Modu
 
 // While one lives, libtorch's CPU allocations of at least kMinKeptBlock keep
 // the blocks they free and hand them out again, for requests a block exceeds
-// by at most an eighth of the request (a weight held for the model's life in a
-// freed temporary twice its size wasted ~0.1 GB over SD 1.5); the kept ones (at most the largest max_kept of those alive,
+// by at most slack eighths of the request (the smallest slack of those alive);
+// the kept ones (at most the largest max_kept of those alive,
 // the smallest freed first) are freed when the last one ends, and libtorch's
 // own allocator is back.
 // load_weights holds one while it prepacks convolution kernels: each kernel's
@@ -64,7 +64,8 @@ std::vector<std::pair<std::string, torch::Tensor>> named_tensors(torch::nn::Modu
 // (keeping the UNet's 2.6 MB activations here made the 256² step 10% slower).
 class ReuseCPUMemory {
 public:
-    explicit ReuseCPUMemory(size_t max_kept = kMaxKeptBytes, size_t min_block = kMinKeptBlock);
+    explicit ReuseCPUMemory(size_t max_kept = kMaxKeptBytes, size_t min_block = kMinKeptBlock,
+                            size_t slack = kLooseSlack);
     ~ReuseCPUMemory();
     ReuseCPUMemory(const ReuseCPUMemory &) = delete;
     ReuseCPUMemory &operator=(const ReuseCPUMemory &) = delete;
@@ -78,11 +79,19 @@ public:
     // least glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX).
     static constexpr size_t kCallKeptBytes = size_t(512) << 20;
     static constexpr size_t kCallMinBlock = size_t(32) << 20;
+    // How far a kept block may exceed a request, in eighths of it. Loose: up
+    // to twice the request; what a float32 load wants (its kernels' plain
+    // copies reuse each other across sizes: open 1.35 against 1.53 s with
+    // Tight). Tight: an eighth; what a bfloat16 load wants (there weights held
+    // for the model's life took freed temporaries up to twice their size:
+    // 2.36 against 2.21 GB resident after open, and slower).
+    static constexpr size_t kLooseSlack = 8;
+    static constexpr size_t kTightSlack = 1;
     // The bytes kept for reuse now.
     static size_t kept_bytes();
 
 private:
-    size_t max_kept_, min_block_;
+    size_t max_kept_, min_block_, slack_;
 };
 
 // What every generate and segment call holds: ReuseCPUMemory with the call's

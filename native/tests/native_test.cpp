@@ -586,11 +586,21 @@ void test_reuse_cpu_memory() {
         a.reset();
         auto larger = bytes(8 * mib);
         report(larger.data_ptr() != first, "reuse: a larger request gets a fresh block", "");
-        auto much_smaller = bytes(3 * mib);
-        report(much_smaller.data_ptr() != first, "reuse: a request an eighth or more under the block gets a fresh one",
-               "");
-        auto smaller = bytes(4 * mib - mib / 4);
-        report(smaller.data_ptr() == first, "reuse: a request within an eighth of the block reuses it", "");
+        auto much_smaller = bytes(3 * mib / 2);
+        report(much_smaller.data_ptr() != first, "reuse: a request under half the block gets a fresh one", "");
+        auto smaller = bytes(3 * mib);
+        report(smaller.data_ptr() == first, "reuse: a request of at least half the block reuses it", "");
+        {
+            // A tight user alongside: blocks go only to requests they exceed
+            // by at most an eighth, until it ends.
+            smaller.reset();
+            ReuseCPUMemory tight(ReuseCPUMemory::kMaxKeptBytes, ReuseCPUMemory::kMinKeptBlock,
+                                 ReuseCPUMemory::kTightSlack);
+            auto three = bytes(3 * mib);
+            report(three.data_ptr() != first, "reuse (tight): a request an eighth under the block gets a fresh one", "");
+            auto near = bytes(4 * mib - mib / 4);
+            report(near.data_ptr() == first, "reuse (tight): a request within an eighth of the block reuses it", "");
+        }
         const size_t before = ReuseCPUMemory::kept_bytes();
         bytes(ReuseCPUMemory::kMinKeptBlock / 2).reset();
         report(ReuseCPUMemory::kept_bytes() == before, "reuse: a block under kMinKeptBlock is not kept", "");
