@@ -35,13 +35,13 @@ struct Conv2dImpl : torch::nn::Module {
     // Keeps w as a dense channels-last kernel in dtype (CPUKernel::ChannelsLast).
     void hold_channels_last(const torch::Tensor &w, torch::ScalarType dtype);
 
-    // Set before loading by a layer that feeds this convolution (3×3, stride 1,
-    // padding 1) only nearest 2× upsamplings (Upsample2D): in bfloat16, where
-    // the kernel is prepacked or held channels-last, it is then held as its
-    // four phase kernels (phase_kernels) and `phases` is set: forward on the tensor
-    // before upsampling gives the four phases of the output side by side
-    // (Upsample2DImpl interleaves them), in 16 multiply-adds per output pixel
-    // and channel pair instead of 36.
+    // Set before loading by a layer that feeds this convolution (3×3, stride
+    // 1, padding 1) only nearest 2× upsamplings (Upsample2D): in bfloat16,
+    // where the kernel is prepacked or held channels-last, it is then held as
+    // its four phase kernels (phase_kernels) and `phases` is set: forward on
+    // the tensor before upsampling gives the four phases of the output side
+    // by side (Upsample2DImpl interleaves them), in 16 multiply-adds per
+    // output pixel and channel pair instead of 36.
     bool upsampled_input = false;
     bool phases = false;
     // The 3×3 kernel back from the phase kernels (kernel_from_phases), in
@@ -177,8 +177,16 @@ torch::Tensor layer_norm_bf16_fast(const torch::Tensor &x, const torch::Tensor &
 // with AVX2 and FMA, in one vectorised pass per row for the exponentials
 // (libtorch 1.13's float32 softmax ran ~0.4 G elements/s on 2 threads, and at
 // 512² the UNet's first-level attention holds 16 × 4096² scores); elsewhere
-// x = at::softmax(x, -1). Returns x.
+// x = at::softmax(x, -1). With AVX-512 BF16 the rows run 16 lanes at a time.
+// Returns x.
 torch::Tensor softmax_lastdim_(torch::Tensor &x);
+
+// The lanes softmax_lastdim_'s kernel runs at here: 16 (AVX-512 BF16), 8
+// (AVX2 and FMA) or 0 (libtorch's). Tests narrow it with
+// limit_softmax_lanes(8) to check the AVX2 kernel on a wider CPU; 0 lifts the
+// limit.
+int softmax_lanes();
+void limit_softmax_lanes(int lanes);
 
 // How many threads the engine's own CPU kernels (softmax_lastdim_, GroupNorm)
 // split their rows over at the current thread setting: at::parallel_for in

@@ -181,6 +181,15 @@ bool cpu_has_bf16_dot() {
     return false;
 }
 
+// Whether this CPU has AVX-512 BF16, as /proc/cpuinfo says.
+bool cpu_has_avx512_bf16() {
+    std::ifstream in("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(in, line))
+        if (line.rfind("flags", 0) == 0) return line.find(" avx512_bf16") != std::string::npos;
+    return false;
+}
+
 void test_prepacked(sw_sd_model *m, const std::string &label);
 
 // A reduced precision's UNet passes against the float32 goldens, within tol
@@ -805,19 +814,19 @@ void test_upsample_phases() {
 
 // The vectorised softmax against libtorch's, on row lengths that are and are
 // not multiples of 8, with a causal -inf mask and a large dynamic range.
-void test_softmax() {
+void test_softmax_kernel(const std::string &kind) {
     auto g = at::detail::createCPUGenerator(3);
     for (int64_t n : {1, 7, 8, 77, 1024, 4099}) {
         auto x = torch::randn({3, 5, n}, g) * 12;
         auto want = at::softmax(x, -1);
         auto got = x.clone();
         sw::softmax_lastdim_(got);
-        close("softmax rows of " + std::to_string(n), got, want, 2e-6);
+        close(kind + "softmax rows of " + std::to_string(n), got, want, 2e-6);
     }
     auto x = torch::randn({64, 64}, g) + torch::full({64, 64}, -std::numeric_limits<float>::infinity()).triu(1);
     auto got = x.clone();
     sw::softmax_lastdim_(got);
-    close("softmax with a causal -inf mask", got, at::softmax(x, -1), 2e-6);
+    close(kind + "softmax with a causal -inf mask", got, at::softmax(x, -1), 2e-6);
     // bfloat16: libtorch also computes in float32 and rounds once, so the two
     // differ by at most one bfloat16 step where the float32 values straddle a
     // rounding boundary (2^-8 relative).
@@ -828,14 +837,29 @@ void test_softmax() {
         sw::softmax_lastdim_(gotb);
         const auto w = want, d = (gotb.to(torch::kFloat32) - w).abs();
         const bool ok = (d <= w.abs() * (1.0 / 128) + 1e-30).all().item<bool>();
-        report(ok, "bf16 softmax rows of " + std::to_string(n) + " within one bfloat16 step",
+        report(ok, kind + "bf16 softmax rows of " + std::to_string(n) + " within one bfloat16 step",
                "max|d| " + std::to_string(d.max().item<double>()));
         // And rounded to nearest even, as Tensor::to rounds, from the same
         // float32 computation (rows of 7 and 77 end in a scalar tail).
         auto wide = xb.to(torch::kFloat32);
         sw::softmax_lastdim_(wide);
         report(torch::equal(gotb, wide.to(torch::kBFloat16)),
-               "bf16 softmax rows of " + std::to_string(n) + " round as Tensor::to rounds", "");
+               kind + "bf16 softmax rows of " + std::to_string(n) + " round as Tensor::to rounds", "");
+    }
+}
+
+
+// Both vector kernels where the CPU runs the wider one.
+void test_softmax() {
+    const int lanes = sw::softmax_lanes();
+    report(lanes == (cpu_has_avx512_bf16() ? 16 : 8), "softmax runs 16 lanes where the CPU has AVX-512 BF16",
+           std::to_string(lanes) + " lanes");
+    test_softmax_kernel(std::to_string(lanes) + " lanes: ");
+    if (lanes > 8) {
+        sw::limit_softmax_lanes(8);
+        report(sw::softmax_lanes() == 8, "softmax narrowed to 8 lanes", "");
+        test_softmax_kernel("8 lanes: ");
+        sw::limit_softmax_lanes(0);
     }
 }
 
