@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -244,41 +245,48 @@ torch::Tensor run(const torch::Tensor &x_, const torch::Tensor &weight_, const t
 
 #endif  // SW_WITH_DNNL
 
+// Runs check, which says why what it probes disagrees ("" where it agrees),
+// once per caller; logs `failing` and the reason (or what it threw) when it
+// does not pass.
+bool probe(const std::string &failing, const std::function<std::string()> &check) {
+    std::string why;
+    try {
+        torch::NoGradGuard no_grad;
+        why = check();
+    } catch (const std::exception &e) {
+        why = e.what();
+        why = why.substr(0, why.find('\n'));
+    }
+    if (!why.empty()) log(SW_LOG_INFO, failing + " (" + why + ")");
+    return why.empty();
+}
+
+constexpr const char *kNoDNNL = "this build has no oneDNN 2 headers (Debian: libdnnl-dev)";
+
 // Whether Winograd runs here and agrees with at::conv2d, checked once.
 bool winograd_works() {
-    static const bool works = [] {
-        std::string why;
-        bool ok = false;
+    static const bool works = probe("convolutions do not run as Winograd", []() -> std::string {
 #if SW_WITH_DNNL
-        try {
-            torch::NoGradGuard no_grad;
-            auto gen = at::detail::createCPUGenerator(2);
-            // Both of oneDNN's Winograd kernels: F(2×2, 3×3) takes small
-            // images, F(4×4, 3×3) large ones.
-            double err = 0;
-            for (int64_t size : {20, 128}) {
-                auto w = torch::randn({32, 32, 3, 3}, gen).div(16);
-                auto b = torch::randn({32}, gen);
-                auto x = torch::randn({1, 32, size, size + 4}, gen);
-                auto want = at::conv2d(x, w, b, {1, 1}, {1, 1});
-                for (bool cl : {false, true}) {
-                    auto in = cl ? x.contiguous(torch::MemoryFormat::ChannelsLast) : x;
-                    auto got = run(in, cl ? w.contiguous(torch::MemoryFormat::ChannelsLast) : w, b);
-                    err = std::max(err, (got - want).abs().max().item<double>());
-                }
+        auto gen = at::detail::createCPUGenerator(2);
+        // Both of oneDNN's Winograd kernels: F(2×2, 3×3) takes small
+        // images, F(4×4, 3×3) large ones.
+        double err = 0;
+        for (int64_t size : {20, 128}) {
+            auto w = torch::randn({32, 32, 3, 3}, gen).div(16);
+            auto b = torch::randn({32}, gen);
+            auto x = torch::randn({1, 32, size, size + 4}, gen);
+            auto want = at::conv2d(x, w, b, {1, 1}, {1, 1});
+            for (bool cl : {false, true}) {
+                auto in = cl ? x.contiguous(torch::MemoryFormat::ChannelsLast) : x;
+                auto got = run(in, cl ? w.contiguous(torch::MemoryFormat::ChannelsLast) : w, b);
+                err = std::max(err, (got - want).abs().max().item<double>());
             }
-            ok = err <= 1e-4;
-            if (!ok) why = "differs from at::conv2d by " + std::to_string(err);
-        } catch (const std::exception &e) {
-            why = e.what();
-            why = why.substr(0, why.find('\n'));
         }
+        return err <= 1e-4 ? "" : "differs from at::conv2d by " + std::to_string(err);
 #else
-        why = "this build has no oneDNN 2 headers (Debian: libdnnl-dev)";
+        return kNoDNNL;
 #endif
-        if (!ok) log(SW_LOG_INFO, "convolutions do not run as Winograd (" + why + ")");
-        return ok;
-    }();
+    });
     return works;
 }
 
@@ -308,19 +316,23 @@ torch::Tensor conv2d_winograd(const torch::Tensor &x, const torch::Tensor &weigh
 #endif
 }
 
+bool onednn_built() { return SW_WITH_DNNL != 0; }
+
 int64_t winograd_calls() { return calls.load(std::memory_order_relaxed); }
 
 // ---- bfloat16 linear layers on blocked weights ----
 
 #if SW_WITH_DNNL
-
 struct BlockedLinear {
     int64_t in = 0, out = 0;
     dnnl::memory::desc desc;  // the blocked layout
     torch::Tensor bytes;      // the weight in it
 };
+#endif
 
 namespace {
+
+#if SW_WITH_DNNL
 
 constexpr auto bf16 = dnnl::memory::data_type::bf16;
 
@@ -446,41 +458,30 @@ torch::Tensor run_linear(const BlockedLinear &w, const torch::Tensor &x_, const 
 // Whether blocked bfloat16 linears run here and agree with at::linear (each
 // fused operation too), checked once.
 bool blocked_linears_work() {
-    static const bool works = [] {
-        std::string why;
-        bool ok = false;
+    static const bool works = probe("bfloat16 linear layers are not blocked", []() -> std::string {
 #if SW_WITH_DNNL
-        try {
-            torch::NoGradGuard no_grad;
-            auto gen = at::detail::createCPUGenerator(3);
-            auto w = torch::randn({48, 40}, gen).div(8);
-            auto b = torch::randn({48}, gen).to(torch::kBFloat16);
-            auto x = torch::randn({2, 5, 40}, gen).to(torch::kBFloat16);
-            auto other = torch::randn({2, 5, 48}, gen).to(torch::kBFloat16);
-            auto lin = pack(w.t().contiguous().t());  // a transposed view: the reorder reads strides
-            auto plain = at::linear(x.to(torch::kFloat32), w.to(torch::kBFloat16).to(torch::kFloat32), b.to(torch::kFloat32));
-            const std::pair<LinearPost, torch::Tensor> cases[] = {
-                {LinearPost::None, plain},
-                {LinearPost::Gelu, at::gelu(plain)},
-                {LinearPost::Mul, plain * other.to(torch::kFloat32)},
-                {LinearPost::Add, plain + other.to(torch::kFloat32)}};
-            double err = 0;
-            for (const auto &[post, want] : cases) {
-                auto got = run_linear(*lin, x, b, post, other).to(torch::kFloat32);
-                err = std::max(err, ((got - want).abs() / (want.abs() + 1)).max().item<double>());
-            }
-            ok = err <= 1.0 / 64;  // bfloat16 rounding of the result and of other
-            if (!ok) why = "differs from at::linear by " + std::to_string(err);
-        } catch (const std::exception &e) {
-            why = e.what();
-            why = why.substr(0, why.find('\n'));
+        auto gen = at::detail::createCPUGenerator(3);
+        auto w = torch::randn({48, 40}, gen).div(8);
+        auto b = torch::randn({48}, gen).to(torch::kBFloat16);
+        auto x = torch::randn({2, 5, 40}, gen).to(torch::kBFloat16);
+        auto other = torch::randn({2, 5, 48}, gen).to(torch::kBFloat16);
+        auto lin = pack(w.t().contiguous().t());  // a transposed view: the reorder reads strides
+        auto plain = at::linear(x.to(torch::kFloat32), w.to(torch::kBFloat16).to(torch::kFloat32), b.to(torch::kFloat32));
+        const std::pair<LinearPost, torch::Tensor> cases[] = {{LinearPost::None, plain},
+                                                              {LinearPost::Gelu, at::gelu(plain)},
+                                                              {LinearPost::Mul, plain * other.to(torch::kFloat32)},
+                                                              {LinearPost::Add, plain + other.to(torch::kFloat32)}};
+        double err = 0;
+        for (const auto &[post, want] : cases) {
+            auto got = run_linear(*lin, x, b, post, other).to(torch::kFloat32);
+            err = std::max(err, ((got - want).abs() / (want.abs() + 1)).max().item<double>());
         }
+        // bfloat16 rounding of the result and of other
+        return err <= 1.0 / 64 ? "" : "differs from at::linear by " + std::to_string(err);
 #else
-        why = "this build has no oneDNN 2 headers (Debian: libdnnl-dev)";
+        return kNoDNNL;
 #endif
-        if (!ok) log(SW_LOG_INFO, "bfloat16 linear layers are not blocked (" + why + ")");
-        return ok;
-    }();
+    });
     return works;
 }
 

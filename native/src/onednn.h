@@ -36,6 +36,10 @@ bool winograd_applies(const torch::Tensor &x, const torch::Tensor &weight, const
 // Winograd. The result has x's memory format.
 torch::Tensor conv2d_winograd(const torch::Tensor &x, const torch::Tensor &weight, const torch::Tensor &bias);
 
+// Whether this build has oneDNN 2's API (SW_WITH_DNNL): without it neither
+// Winograd nor blocked linears ever apply.
+bool onednn_built();
+
 // Calls of conv2d_winograd in this process so far (tests see which
 // convolutions took it).
 int64_t winograd_calls();
