@@ -409,15 +409,15 @@ bool has_avx2_fma() {
     return has;
 }
 
-// exp for x <= 0 (softmax's x - max), 8 at a time: Cephes' expf polynomial
-// (relative error ~1e-7), with x clamped at -87.3 so that 2^n stays normal
-// (exp(-87.3) = 1.2e-38 where the exact value would underflow to 0).
 // Cephes' expf: the clamp, log2(e), ln 2 in two parts for the reduction,
 // and the polynomial's coefficients, highest first.
 constexpr float kExpMin = -87.3f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
+// exp for x <= 0 (softmax's x - max), 8 at a time: Cephes' expf polynomial
+// (relative error ~1e-7), with x clamped at -87.3 so that 2^n stays normal
+// (exp(-87.3) = 1.2e-38 where the exact value would underflow to 0).
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(kExpMin));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),

@@ -338,8 +338,8 @@ constexpr auto bf16 = dnnl::memory::data_type::bf16;
 
 // The rows the layout is asked for with: oneDNN's blocked bfloat16 layout for
 // a [in, out] weight is the same for every row count (checked here for 1 to
-// 32768 rows of SD 1.5's shapes); a call whose matmul wants another is
-// refused, not slowed (plan).
+// 32768 rows of SD 1.5's shapes); a call whose matmul runs this layout only
+// in oneDNN's reference code is refused, not slowed (matmul_for).
 constexpr int64_t kLayoutRows = 2048;
 
 struct MatmulKey {
@@ -441,7 +441,7 @@ torch::Tensor run_linear(const BlockedLinear &w, const torch::Tensor &x_, const 
     torch::Tensor bias, other;
     if (key.bias) {
         bias = bias_.contiguous();
-        args.emplace(DNNL_ARG_BIAS, dnnl::memory(dnnl::memory::desc({1, key.n}, bf16, tag::ab), cpu(), bias.data_ptr()));
+        args.emplace(DNNL_ARG_BIAS, dnnl::memory(mm->pd.bias_desc(), cpu(), bias.data_ptr()));
     }
     if (post == LinearPost::Mul || post == LinearPost::Add) {
         other = other_.reshape({key.m, key.n}).contiguous();

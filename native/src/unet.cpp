@@ -55,22 +55,13 @@ torch::Tensor interleave_phases(const torch::Tensor &y, int64_t h, int64_t w) {
 }  // namespace
 
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor &x, c10::optional<std::vector<int64_t>> size) {
-    const int64_t h2 = x.size(2) * 2, w2 = x.size(3) * 2;
-    if (conv->phases) {
-        if (!size || (size->size() == 2 && (*size)[0] == h2 && (*size)[1] == w2))
-            return interleave_phases(conv(x), x.size(2), x.size(3));
-        // Another size (an odd latent's skip): the 3×3 kernel, recomputed for
-        // the call, on the upsampling itself.
-        return at::conv2d(at::upsample_nearest2d(x, *size), conv->kernel3x3(), conv->bias, {1, 1},
-                          {1, 1});
-    }
-    torch::Tensor h;
-    if (size) {
-        h = at::upsample_nearest2d(x, *size);
-    } else {
-        h = at::upsample_nearest2d(x, {x.size(2) * 2, x.size(3) * 2});
-    }
-    return conv(h);
+    // The skip connection's size where the caller gives one (odd latents), else 2×.
+    const std::vector<int64_t> doubled{x.size(2) * 2, x.size(3) * 2}, target = size ? *size : doubled;
+    if (!conv->phases) return conv(at::upsample_nearest2d(x, target));
+    if (target == doubled) return interleave_phases(conv(x), x.size(2), x.size(3));
+    // Another size (an odd latent's skip): the 3×3 kernel, recomputed for the
+    // call, on the upsampling itself.
+    return at::conv2d(at::upsample_nearest2d(x, target), conv->kernel3x3(), conv->bias, {1, 1}, {1, 1});
 }
 
 AttentionImpl::AttentionImpl(int64_t query_dim, int64_t context_dim, int64_t heads_, int64_t head_dim, bool qkv_bias,

@@ -170,25 +170,23 @@ void test_unet(sw_sd_model *m, const std::string &golden, const std::string &lab
           g.load("out_nonsquare_t250"), 1e-4);
 }
 
-// Whether this CPU has bfloat16 dot products (AVX-512 BF16 or AMX), as
-// /proc/cpuinfo says: where oneDNN's blocked bfloat16 matmul has a native kernel.
-bool cpu_has_bf16_dot() {
+// Whether /proc/cpuinfo lists any of these CPU flags.
+bool cpu_has_any(std::initializer_list<const char *> flags) {
     std::ifstream in("/proc/cpuinfo");
     std::string line;
     while (std::getline(in, line))
-        if (line.rfind("flags", 0) == 0)
-            return line.find(" avx512_bf16") != std::string::npos || line.find(" amx_bf16") != std::string::npos;
+        if (line.rfind("flags", 0) == 0) {
+            line += ' ';
+            for (const char *f : flags)
+                if (line.find(' ' + std::string(f) + ' ') != std::string::npos) return true;
+            return false;
+        }
     return false;
 }
 
-// Whether this CPU has AVX-512 BF16, as /proc/cpuinfo says.
-bool cpu_has_avx512_bf16() {
-    std::ifstream in("/proc/cpuinfo");
-    std::string line;
-    while (std::getline(in, line))
-        if (line.rfind("flags", 0) == 0) return line.find(" avx512_bf16") != std::string::npos;
-    return false;
-}
+// Bfloat16 dot products (AVX-512 BF16 or AMX): where oneDNN's blocked
+// bfloat16 matmul has a native kernel.
+bool cpu_has_bf16_dot() { return cpu_has_any({"avx512_bf16", "amx_bf16"}); }
 
 void test_prepacked(sw_sd_model *m, const std::string &label);
 
@@ -859,7 +857,7 @@ void test_softmax_kernel(const std::string &kind) {
 // Both vector kernels where the CPU runs the wider one.
 void test_softmax() {
     const int lanes = sw::softmax_lanes();
-    report(lanes == (cpu_has_avx512_bf16() ? 16 : 8), "softmax runs 16 lanes where the CPU has AVX-512 BF16",
+    report(lanes == (cpu_has_any({"avx512_bf16"}) ? 16 : 8), "softmax runs 16 lanes where the CPU has AVX-512 BF16",
            std::to_string(lanes) + " lanes");
     test_softmax_kernel(std::to_string(lanes) + " lanes: ");
     if (lanes > 8) {
