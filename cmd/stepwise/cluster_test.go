@@ -175,7 +175,7 @@ func (g *gateway) workers(t *testing.T, n int) []jobbus.Announcement {
 type watch struct {
 	t    *testing.T
 	conn *websocket.Conn
-	id   string
+	id   string // the job whose events and previews count; set before the first read
 	// events and previews seen so far.
 	events   []map[string]any
 	previews int
@@ -189,6 +189,18 @@ func (g *gateway) watch(t *testing.T, id string) *watch {
 	return &watch{t: t, conn: c, id: id}
 }
 
+// watchAll is a websocket on every job's events, opened before the job it
+// follows is submitted (set its id then): it sees that job from its first
+// event, where a watch opened after submitting joins it at its current state
+// (docs/protocol.md), after the first steps of a fast job.
+func (g *gateway) watchAll(t *testing.T) *watch {
+	t.Helper()
+	c, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(g.url, "http")+"/v1/events", nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	return &watch{t: t, conn: c}
+}
+
 // next reads until an event; previews are counted on the way.
 func (w *watch) next() map[string]any {
 	w.t.Helper()
@@ -199,11 +211,22 @@ func (w *watch) next() map[string]any {
 		if typ == websocket.BinaryMessage {
 			require.GreaterOrEqual(w.t, len(data), 8)
 			require.Equal(w.t, uint32(4), binary.BigEndian.Uint32(data), "a preview frame")
-			w.previews++
+			n := int(binary.BigEndian.Uint32(data[4:]))
+			require.GreaterOrEqual(w.t, len(data), 8+n)
+			var meta struct {
+				JobID string `json:"job_id"`
+			}
+			require.NoError(w.t, json.Unmarshal(data[8:8+n], &meta))
+			if meta.JobID == w.id {
+				w.previews++
+			}
 			continue
 		}
 		var ev map[string]any
 		require.NoError(w.t, json.Unmarshal(data, &ev))
+		if ev["job_id"] != w.id {
+			continue
+		}
 		w.events = append(w.events, ev)
 		return ev
 	}
@@ -251,8 +274,8 @@ func TestGatewayWithWorkerProcesses(t *testing.T) {
 
 	t.Run("every step's event and preview", func(t *testing.T) {
 		const n = 12
-		id := g.submit(t, n)
-		w := g.watch(t, id)
+		w := g.watchAll(t)
+		w.id = g.submit(t, n)
 		assert.Equal(t, "completed", w.until("completed")["type"])
 		assert.Equal(t, n, w.count("progress"))
 		assert.Equal(t, n, w.previews)
