@@ -157,9 +157,8 @@ func TestSDCPPJobs(t *testing.T) {
 		s := collect(t, e.dial(t, "/v1/jobs/"+id+"/events"), id)
 		require.Equal(t, "completed", last(s)["type"], last(s))
 		assert.Equal(t, 3, count(s.events, "progress"))
-		require.Len(t, s.previews, 3)
-		for i, p := range s.previews {
-			assert.Equal(t, i+1, p.Step)
+		assertEveryPreview(t, e, s.previews, 3)
+		for _, p := range s.previews {
 			assert.Equal(t, 3, p.Steps)
 		}
 		var models map[string]any

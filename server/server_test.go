@@ -212,6 +212,28 @@ func collect(t testing.TB, c *websocket.Conn, jobID string) seen {
 	}
 }
 
+// assertEveryPreview checks one client's previews of an n-step job against
+// what newest-wins promises (docs/protocol.md): in step order, each once, the
+// last step's among them, and every step's unless /metrics counts a skip (a
+// busy machine may let two previews reach the hub before its writer takes
+// the first).
+func assertEveryPreview(t *testing.T, e *env, previews []server.PreviewMeta, n int) {
+	t.Helper()
+	require.NotEmpty(t, previews)
+	steps := make([]int, len(previews))
+	for i, p := range previews {
+		steps[i] = p.Step
+	}
+	for i := 1; i < len(steps); i++ {
+		assert.Less(t, steps[i-1], steps[i], "previews in step order, each once: %v", steps)
+	}
+	assert.Equal(t, n, steps[len(steps)-1], "the last step's preview: %v", steps)
+	if len(steps) != n {
+		skipped := scrape(t, e)["stepwise_previews_skipped_total"].GetMetric()[0].GetCounter().GetValue()
+		assert.Positive(t, skipped, "%d of %d previews and none skipped: %v", len(steps), n, steps)
+	}
+}
+
 func count(events []map[string]any, typ string) int {
 	n := 0
 	for _, e := range events {
@@ -249,7 +271,7 @@ func TestJobStreamsEveryStepToEveryClient(t *testing.T) {
 	wg.Wait()
 	for _, s := range []seen{sa, sb} {
 		assert.Equal(t, 12, count(s.events, "progress"), "one progress event per step")
-		assert.Equal(t, 12, len(s.previews), "one preview per step")
+		assertEveryPreview(t, e, s.previews, 12)
 		assert.Equal(t, "queued", s.events[0]["type"])
 		assert.Equal(t, 1, count(s.events, "started"))
 		last := s.events[len(s.events)-1]
@@ -263,8 +285,7 @@ func TestJobStreamsEveryStepToEveryClient(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, 64, img.Bounds().Dx())
 	}
-	for i, p := range sa.previews {
-		assert.Equal(t, i+1, p.Step)
+	for _, p := range sa.previews {
 		assert.Equal(t, 12, p.Steps)
 		assert.Equal(t, "jpeg", p.Format)
 		assert.Equal(t, id, p.JobID)
