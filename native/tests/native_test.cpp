@@ -219,6 +219,26 @@ void test_bfloat16() {
     auto [mean, logvar] = m->vae->encode(v.load("enc_input").to(st));
     close("bf16 vae enc_mean", mean.to(torch::kFloat32), v.load("enc_mean"), 0.03);
     test_prepacked(m.get(), "bf16");
+
+    // Opened on two threads, each converting whole tensors (weights.cpp), the
+    // model is the one opened on one: the same outputs, bit for bit.
+    const int before = at::get_num_threads();
+    at::set_num_threads(2);
+    std::unique_ptr<sw_sd_model> two(open_model(sd("tiny-sd15"), SW_DTYPE_BF16));
+    at::set_num_threads(before);
+    sw::SafeTensorsFile u(sd("tiny-sd15/golden/unet.safetensors"));
+    auto x = u.load("sample").to(st), ctx = u.load("encoder_hidden_states").to(st), t = torch::full({2}, 999.0f);
+    auto same = [](const std::string &what, const torch::Tensor &a, const torch::Tensor &b) {
+        report(a.equal(b), "bf16 opened on two threads: " + what + " as on one",
+               "max|d| " + std::to_string((a.to(torch::kFloat32) - b.to(torch::kFloat32)).abs().max().item<double>()));
+    };
+    same("unet", two->unet->forward(x, t, ctx), m->unet->forward(x, t, ctx));
+    const auto z = v.load("dec_input").to(st), img = v.load("enc_input").to(st);
+    same("vae decode", two->vae->decode(z), m->vae->decode(z));
+    same("vae encode", std::get<0>(two->vae->encode(img)), mean);
+    sw::SafeTensorsFile te(sd("tiny-sd15/golden/text_encoder.safetensors"));
+    const auto ids = te.load("input_ids");
+    same("text encoder", two->text_encoder->forward(ids), m->text_encoder->forward(ids));
 }
 
 // int8 (the UNet's linear layers) against the float32 goldens: every UNet
