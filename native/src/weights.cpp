@@ -276,13 +276,16 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     // Float32 loads keep one: their kernels take freed blocks loosely
     // (kLooseSlack), and with two threads' frees interleaved that left up to
     // 0.13 GB more resident after an open, run to run, near float32's peak
-    // mark (docs/benchmarks.md).
+    // mark (docs/benchmarks.md). So do loads onto a GPU: there the copy is
+    // the device's, and not every backend's queue takes work from several
+    // threads at once (MPS).
     std::stable_sort(jobs.begin(), jobs.end(), [](const Job &a, const Job &b) {
         return a.entry->end - a.entry->begin > b.entry->end - b.entry->begin;
     });
     std::atomic<size_t> next{0};
     std::atomic<bool> failed{false};
-    const int64_t threads = dtype == torch::kFloat32 ? 1 : std::min<int64_t>(at::get_num_threads(), kLoadThreads);
+    const int64_t threads =
+        device.is_cpu() && dtype != torch::kFloat32 ? std::min<int64_t>(at::get_num_threads(), kLoadThreads) : 1;
     const at::ThreadLocalState caller;  // grad and inference mode are per thread
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
         const at::ThreadLocalStateGuard as_caller(caller);
