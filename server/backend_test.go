@@ -153,8 +153,9 @@ func TestSDCPPJobs(t *testing.T) {
 	assert.Contains(t, fmt.Sprint(out["info"]), "stable-diffusion.cpp", "the model was opened by sd.cpp")
 
 	t.Run("N steps stream N progress events and N previews", func(t *testing.T) {
+		all := e.dial(t, "/v1/events") // before the job: it sees the job's first step
 		id := submit(t, e, job(3))
-		s := collect(t, e.dial(t, "/v1/jobs/"+id+"/events"), id)
+		s := collectOf(t, all, id)
 		require.Equal(t, "completed", last(s)["type"], last(s))
 		assert.Equal(t, 3, count(s.events, "progress"))
 		assertEveryPreview(t, e, s.previews, 3)

@@ -185,6 +185,22 @@ type seen struct {
 // collect reads a job's stream until it ends (completed, failed, cancelled).
 func collect(t testing.TB, c *websocket.Conn, jobID string) seen {
 	t.Helper()
+	return read(t, c, jobID, true)
+}
+
+// collectOf reads the all-jobs stream (/v1/events), keeping jobID's frames,
+// until that job ends. Opened before the job is submitted, it sees the job
+// from its first step, where a job's own stream opened after submitting joins
+// it at its current state (docs/protocol.md).
+func collectOf(t testing.TB, c *websocket.Conn, jobID string) seen {
+	t.Helper()
+	return read(t, c, jobID, false)
+}
+
+// read reads frames until jobID ends; only says whether every frame must be
+// jobID's (a job's own stream) or others are skipped (the all-jobs stream).
+func read(t testing.TB, c *websocket.Conn, jobID string, only bool) seen {
+	t.Helper()
 	var s seen
 	c.SetReadDeadline(time.Now().Add(60 * time.Second))
 	for {
@@ -198,11 +214,16 @@ func collect(t testing.TB, c *websocket.Conn, jobID string) seen {
 			require.NoError(t, json.Unmarshal(data[8:8+n], &meta))
 			_, _, err := image.Decode(bytes.NewReader(data[8+n:]))
 			require.NoError(t, err, "the frame carries a decodable image")
-			s.previews = append(s.previews, meta)
+			if only || meta.JobID == jobID {
+				s.previews = append(s.previews, meta)
+			}
 			continue
 		}
 		var ev map[string]any
 		require.NoError(t, json.Unmarshal(data, &ev))
+		if !only && ev["job_id"] != jobID {
+			continue
+		}
 		require.Equal(t, jobID, ev["job_id"])
 		s.events = append(s.events, ev)
 		switch ev["type"] {
