@@ -271,7 +271,7 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     // Each thread converts whole tensors, the largest first, one after
     // another: a conversion is one thread's, with no barrier at its end and no
     // thread waiting on another's page faults (bfloat16 SD 1.5 opened in
-    // 1.26–1.33 against 1.41–1.52 s, each tensor split across both threads).
+    // 1.25–1.34 against 1.40–1.54 s, each tensor split across both threads).
     // At most kLoadThreads tensors are in flight, each with its temporaries.
     // Float32 loads keep one: their kernels take freed blocks loosely
     // (kLooseSlack), and with two threads' frees interleaved that left up to
@@ -287,15 +287,13 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     const int64_t threads =
         device.is_cpu() && dtype != torch::kFloat32 ? std::min<int64_t>(at::get_num_threads(), kLoadThreads) : 1;
     const at::ThreadLocalState caller;  // grad and inference mode are per thread
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {  // each thread drains the queue
         const at::ThreadLocalStateGuard as_caller(caller);
-        for (int64_t t = begin; t < end; t++) {
-            try {
-                for (size_t i; !failed.load() && (i = next++) < jobs.size();) load(jobs[i]);
-            } catch (...) {
-                failed = true;
-                throw;
-            }
+        try {
+            for (size_t i; !failed.load() && (i = next++) < jobs.size();) load(jobs[i]);
+        } catch (...) {
+            failed = true;  // the others stop at their next tensor; parallel_for rethrows this
+            throw;
         }
     });
     for (const auto &job : jobs) {
