@@ -25,6 +25,7 @@ import (
 
 	"github.com/stepwise-sd/stepwise/internal/testenv"
 	"github.com/stepwise-sd/stepwise/jobbus"
+	"github.com/stepwise-sd/stepwise/server"
 )
 
 // These tests run the real thing: `stepwise serve` and `stepwise worker` as
@@ -234,10 +235,7 @@ func (w *watch) next() map[string]any {
 			require.Equal(w.t, uint32(4), binary.BigEndian.Uint32(data), "a preview frame")
 			n := int(binary.BigEndian.Uint32(data[4:]))
 			require.GreaterOrEqual(w.t, len(data), 8+n)
-			var meta struct {
-				JobID string `json:"job_id"`
-				Step  int    `json:"step"`
-			}
+			var meta server.PreviewMeta
 			require.NoError(w.t, json.Unmarshal(data[8:8+n], &meta))
 			if meta.JobID == w.id {
 				w.previews = append(w.previews, meta.Step)

@@ -873,7 +873,6 @@ void test_softmax_kernel(const std::string &kind) {
     }
 }
 
-
 // Both vector kernels where the CPU runs the wider one.
 void test_softmax() {
     const int lanes = sw::softmax_lanes();
