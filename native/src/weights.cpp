@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -45,9 +46,19 @@ bool ends_with(const std::string &s, const std::string &suffix) {
 
 // ReuseCPUMemory's allocator (weights.h): blocks allocated while it is active
 // are freed as usual whenever they are, after it too.
+//
+// c10::Allocator's interface changed in libtorch 2.3: allocate lost its const
+// and copy_data became pure virtual. Both allocate signatures are defined,
+// neither marked override: the one the headers declare overrides it, the other
+// is an ordinary member; copy_data likewise overrides only where it exists.
 class ReusingCPUAllocator final : public c10::Allocator {
 public:
-    c10::DataPtr allocate(size_t n) const override {
+    c10::DataPtr allocate(size_t n) const { return allocate_block(n); }
+    c10::DataPtr allocate(size_t n) { return allocate_block(n); }
+    void copy_data(void *dest, const void *src, std::size_t count) const {
+        if (count > 0) std::memcpy(dest, src, count);
+    }
+    c10::DataPtr allocate_block(size_t n) const {
         // Smaller blocks are glibc's to reuse: its heap hands back the most
         // recently freed (still cached) memory, without faults.
         if (n < min_block_.load(std::memory_order_relaxed)) {
