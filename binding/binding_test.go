@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/ebitengine/purego"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -32,6 +33,16 @@ func TestLoadReportsVersionsAndDevices(t *testing.T) {
 	assert.Equal(t, binding.CPU, devices[0].Kind)
 	assert.Greater(t, devices[0].TotalMemory, int64(0))
 	assert.Equal(t, "cpu", lib.Device().ID)
+}
+
+// A CUDA libtorch's own late-loaded libraries need libtorch in the global
+// scope (library.go): the engine's symbols, and so its dependencies', are
+// visible to a lookup that names no library.
+func TestLoadMakesTheEngineGlobal(t *testing.T) {
+	testenv.Library(t)
+	sym, err := purego.Dlsym(purego.RTLD_DEFAULT, "sw_abi_version")
+	require.NoError(t, err, "the engine was loaded RTLD_LOCAL")
+	assert.NotZero(t, sym)
 }
 
 func TestSelectDevice(t *testing.T) {

@@ -243,8 +243,21 @@ func open(path string) (*Library, error) {
 	if len(missing) > 0 {
 		return nil, fmt.Errorf("missing symbols: %s", strings.Join(missing, ", "))
 	}
+	// Only the library that passed the checks joins the global scope, as
+	// PyTorch puts libtorch and its dependencies (torch/__init__.py loads them
+	// RTLD_GLOBAL). Left local, a CUDA libtorch's first generation jumped to
+	// address 0 (libtorch 2.11+cu130 on an H100; docs/engine.md "Checked on
+	// CUDA"). A candidate refused above stays local, so its symbols never
+	// stand in for those of the one chosen after it.
+	if _, err := purego.Dlopen(path, purego.RTLD_NOW|purego.RTLD_GLOBAL|rtldNoload); err != nil {
+		return nil, fmt.Errorf("making the library's symbols global: %w", err)
+	}
 	return lib, nil
 }
+
+// rtldNoload is glibc's RTLD_NOLOAD, which purego does not name: dlopen then
+// only changes the flags of a library already loaded.
+const rtldNoload = 0x4
 
 // Threads is the number of CPU threads the engine computes with: Options.Threads,
 // else $STEPWISE_THREADS, else every CPU.
