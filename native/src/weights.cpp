@@ -47,7 +47,7 @@ bool ends_with(const std::string &s, const std::string &suffix) {
 // ReuseCPUMemory's allocator (weights.h): blocks allocated while it is active
 // are freed as usual whenever they are, after it too.
 //
-// c10::Allocator's interface changed in libtorch 2.3: allocate lost its const
+// c10::Allocator's interface changed in libtorch 2.x (seen in 2.11): allocate lost its const
 // and copy_data became pure virtual. Both allocate signatures are defined,
 // neither marked override: the one the headers declare overrides it, the other
 // is an ordinary member; copy_data likewise overrides only where it exists.
