@@ -47,6 +47,7 @@ Conv2dImpl::Conv2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_,
 
 torch::Tensor Conv2dImpl::forward(const torch::Tensor &x) {
     const auto b = phases && bias.defined() ? bias.repeat({4}) : bias;  // each phase's channels
+    if (blocked) return conv_blocked(*blocked, x, b);
     if (packed.defined())
         return at::mkldnn_convolution(x.contiguous(), packed, b, {padding, padding}, {stride, stride}, {1, 1}, 1);
     if (winograd_applies(x, weight, b, stride, padding)) return conv2d_winograd(x, weight, b);
@@ -58,9 +59,18 @@ torch::Tensor Conv2dImpl::forward(const torch::Tensor &x) {
 // SD 1.5's 1280-channel convolutions at 4² and 8² (256² images) that copy
 // costs more than the convolution (float32 [2, 1280, 4, 4]: 37 ms per call,
 // 7 ms prepacked; bfloat16 9.2 against 4.1 ms). Done once here, the weight is
-// held once, in the packed layout only.
+// held once, in the packed layout only. The engine's own convolution on a
+// BlockedConv runs as fast as libtorch's on its prepacked tensor (SD 1.5's
+// UNet shapes at 256² and 512²: 364.6 against 368.3 ms in bfloat16, 695.5
+// against 701.6 ms in float32, summed) and takes the kernel in one pass
+// instead of two.
 void Conv2dImpl::prepack(const torch::Tensor &w_, torch::ScalarType dtype) {
     const auto w = to_phases(w_, dtype);
+    if (block_convolutions(dtype, w.device())) {
+        blocked = block_conv(w.reshape(weight.sizes()), dtype, stride, padding);
+        weight.set_data(torch::empty({1}, weight.options().dtype(dtype)).expand(weight.sizes()));
+        return;
+    }
     // to_mkldnn converts float32 to bfloat16 itself (rounding to nearest even,
     // as Tensor::to does): one copy fewer than converting first.
     const bool converts = w.scalar_type() == dtype || w.scalar_type() == torch::kFloat32;
@@ -93,7 +103,8 @@ torch::Tensor Conv2dImpl::to_phases(const torch::Tensor &w, torch::ScalarType dt
 
 torch::Tensor Conv2dImpl::kernel3x3() {
     if (!phases) return weight;
-    return kernel_from_phases(packed.defined() ? packed.to_dense() : weight, weight.scalar_type());
+    const auto dense = blocked ? unblock_conv(*blocked) : packed.defined() ? packed.to_dense() : weight;
+    return kernel_from_phases(dense, weight.scalar_type());
 }
 
 namespace {
@@ -216,7 +227,10 @@ torch::Tensor channels_last_on_cpu(const torch::Tensor &x) {
 }
 
 bool prepack_convolutions(torch::ScalarType dtype, const torch::Device &device) {
-    return device.is_cpu() && (dtype == torch::kFloat32 || dtype == torch::kBFloat16) && prepacking_works(dtype);
+    // The engine's own blocked kernels where they run; libtorch's prepacked
+    // ones otherwise (a build without oneDNN 2), probed only then.
+    return device.is_cpu() && (dtype == torch::kFloat32 || dtype == torch::kBFloat16) &&
+           (block_convolutions(dtype, device) || prepacking_works(dtype));
 }
 
 ConvTranspose2dImpl::ConvTranspose2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_) : stride(stride_) {

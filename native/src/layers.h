@@ -19,10 +19,17 @@ struct Conv2dImpl : torch::nn::Module {
     torch::Tensor forward(const torch::Tensor &x);
     // Keeps w (this convolution's weight, in any layout) only in oneDNN's
     // layout for this convolution, as dtype; weight becomes a placeholder of
-    // its shape and forward runs oneDNN on the packed kernel directly.
+    // its shape and forward runs oneDNN on that kernel directly. As a
+    // BlockedConv (one reorder from w) where block_convolutions holds, else as
+    // libtorch's oneDNN tensor (a plain oneDNN copy of w, then its reorder).
     void prepack(const torch::Tensor &w, torch::ScalarType dtype);
     torch::Tensor weight, bias;
-    torch::Tensor packed;  // the weight in oneDNN's layout; undefined while not prepacked
+    // The weight in oneDNN's layout where prepacked: the engine's own blocked
+    // kernel where block_convolutions holds, else libtorch's oneDNN tensor;
+    // null and undefined while not prepacked.
+    std::shared_ptr<const BlockedConv> blocked;
+    torch::Tensor packed;
+    bool prepacked() const { return blocked || packed.defined(); }
     int64_t stride, padding;
     // How load_weights holds the kernel where convolutions are prepacked (see
     // prepack_convolutions): in oneDNN's layout, which pays where the kernel
@@ -145,9 +152,11 @@ TORCH_MODULE(BatchNorm2d);
 int64_t quantize_linears_int8(torch::nn::Module &m);
 
 // Whether convolutions with dtype weights on device are prepacked as they
-// load (load_weights): float32 or bfloat16 on the CPU, where this libtorch's
-// oneDNN convolution on a prepacked kernel runs and agrees with at::conv2d on
-// a probe (checked once per dtype, the reason logged when it does not).
+// load (load_weights): float32 or bfloat16 on the CPU, as the engine's own
+// blocked kernels where block_convolutions holds (onednn.h), else where this
+// libtorch's oneDNN convolution on a prepacked kernel runs and agrees with
+// at::conv2d on a probe (checked once per dtype, the reason logged when it
+// does not).
 bool prepack_convolutions(torch::ScalarType dtype, const torch::Device &device);
 
 // x in channels-last when it is a 4-d tensor whose convolutions have

@@ -77,4 +77,34 @@ torch::Tensor linear_blocked(const BlockedLinear &w, const torch::Tensor &x, con
 // The bytes the blocked weight holds.
 int64_t blocked_bytes(const BlockedLinear &w);
 
+// Convolutions. at::mkldnn_convolution takes a kernel prepacked in oneDNN's
+// layout only as libtorch's own oneDNN tensor, which it builds from a plain
+// oneDNN copy of the kernel: two passes over every kernel at load, through a
+// temporary as large as the kernel (SD 1.5's UNet: 2.4 GB of float32 read
+// twice). A BlockedConv is the kernel reordered into the layout the engine's
+// own oneDNN convolution asks for, in one pass from the file's dtype, and held
+// in it only; its convolution adds the bias.
+struct BlockedConv;
+
+// Whether convolution kernels of dtype on device are blocked as they load:
+// float32 or bfloat16 on the CPU, in a build with oneDNN 2 whose direct
+// convolution runs a native kernel here on the blocked layout and agrees with
+// at::conv2d on a probe (checked once per dtype, the reason logged when it
+// does not).
+bool block_convolutions(torch::ScalarType dtype, const torch::Device &device);
+
+// w ([out, in, kh, kw], float32 or bfloat16, any strides) as dtype in the
+// layout of a convolution with this stride and padding (both sides, both
+// axes). Only where block_convolutions(dtype, cpu).
+std::shared_ptr<const BlockedConv> block_conv(const torch::Tensor &w, torch::ScalarType dtype, int64_t stride,
+                                              int64_t padding);
+
+// The convolution of x ([n, in, h, w], the kernel's dtype, any memory format)
+// with the kernel, plus bias ([out] or undefined, float32 or the kernel's
+// dtype): [n, out, h', w'] in x's dtype, contiguous.
+torch::Tensor conv_blocked(const BlockedConv &w, const torch::Tensor &x, const torch::Tensor &bias);
+
+// The kernel back as a dense [out, in, kh, kw] tensor in its dtype.
+torch::Tensor unblock_conv(const BlockedConv &w);
+
 }  // namespace sw

@@ -192,7 +192,7 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     if (prepack_convolutions(dtype, device))
         for (const auto &child : m.modules(/*include_self=*/true)) {
             auto *conv = dynamic_cast<Conv2dImpl *>(child.get());
-            if (conv == nullptr || conv->packed.defined()) continue;
+            if (conv == nullptr || conv->prepacked()) continue;
             if (conv->cpu_kernel == Conv2dImpl::CPUKernel::ChannelsLast)
                 channels_last[conv->weight.unsafeGetTensorImpl()] = conv;
             else

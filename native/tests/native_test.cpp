@@ -438,7 +438,10 @@ void test_prepacked(sw_sd_model *m, const std::string &label) {
         auto *conv = dynamic_cast<sw::Conv2dImpl *>(child.get());
         if (conv == nullptr) continue;
         convs++;
-        if (conv->packed.defined() && conv->packed.is_mkldnn()) packed++;
+        // The engine's own blocked kernel where the build has oneDNN 2, else
+        // libtorch's oneDNN tensor.
+        const bool own = sw::onednn_built();
+        if (own ? conv->blocked && !conv->packed.defined() : conv->packed.defined() && conv->packed.is_mkldnn()) packed++;
         placeholder_bytes += static_cast<int64_t>(conv->weight.storage().nbytes());
     }
     report(convs > 0 && packed == convs, label + " unet convolutions prepacked",
@@ -481,7 +484,7 @@ void test_prepacked(sw_sd_model *m, const std::string &label) {
         if (conv == nullptr) continue;
         vae_convs++;
         const auto &w = conv->weight;
-        if (!conv->packed.defined() && w.storage().nbytes() == w.numel() * w.element_size() &&
+        if (!conv->prepacked() && w.storage().nbytes() == w.numel() * w.element_size() &&
             w.is_contiguous(torch::MemoryFormat::ChannelsLast) && (w.size(2) == 1 || !w.is_contiguous()))
             channels_last++;
     }
@@ -796,6 +799,57 @@ void test_blocked_linear() {
     close("blocked linear whole", f64(lin(x)), want, 1.0 / 128);
 }
 
+// Blocked convolutions (onednn.h) against float64 on the same rounded
+// kernel and input, in both dtypes: every kind the models have (3×3 with
+// stride 1 and 2, 1×1, the phase kernels' 2×2 with padding 1, the UNet's
+// first with 4 channels), with and without bias, input in NCHW and
+// channels-last, a kernel with other strides; the kernel back from its
+// layout; and where they apply.
+void test_blocked_conv() {
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+        const bool applies = sw::block_convolutions(dtype, torch::kCPU);
+        const std::string dt = dtype == torch::kFloat32 ? "float32" : "bfloat16";
+        report(applies == sw::onednn_built(), "blocked " + dt + " convolutions apply where the build has oneDNN 2",
+               applies ? "applied" : "not applied");
+        if (!applies) continue;
+        auto gen = at::detail::createCPUGenerator(13);
+        auto f64 = [](const torch::Tensor &t) { return t.to(torch::kFloat64); };
+        struct Case {
+            int64_t in, out, k, stride, padding, h, w;
+            bool bias, channels_last, strided_kernel;
+        };
+        for (const Case &c : {Case{32, 48, 3, 1, 1, 9, 7, true, false, false}, Case{32, 32, 3, 2, 1, 9, 8, true, false, false},
+                              Case{48, 32, 1, 1, 0, 5, 6, true, true, false}, Case{16, 32, 2, 1, 1, 6, 5, true, false, true},
+                              Case{4, 32, 3, 1, 1, 8, 8, true, false, false}, Case{32, 16, 3, 1, 1, 3, 4, false, true, false}}) {
+            auto w = torch::randn({c.out, c.in, c.k, c.k}, gen).div(std::sqrt(static_cast<double>(c.in * c.k * c.k)));
+            if (c.strided_kernel) w = w.contiguous(torch::MemoryFormat::ChannelsLast);
+            auto b = c.bias ? torch::randn({c.out}, gen).to(dtype) : torch::Tensor();
+            auto x = torch::randn({2, c.in, c.h, c.w}, gen).to(dtype);
+            if (c.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+            auto blocked = sw::block_conv(w, dtype, c.stride, c.padding);
+            auto want = at::conv2d(f64(x), f64(w.to(dtype)), c.bias ? f64(b) : torch::Tensor(), {c.stride, c.stride},
+                                   {c.padding, c.padding});
+            auto got = sw::conv_blocked(*blocked, x, b);
+            const std::string name = "blocked " + dt + " conv " + std::to_string(c.in) + "→" + std::to_string(c.out) + " " +
+                                     std::to_string(c.k) + "×" + std::to_string(c.k) + " stride " +
+                                     std::to_string(c.stride) + (c.bias ? "" : " without bias") +
+                                     (c.channels_last ? " channels-last input" : "") +
+                                     (c.strided_kernel ? " channels-last kernel" : "");
+            close(name, f64(got), want, dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128);
+            report(got.scalar_type() == dtype && got.is_contiguous(), name + " result dtype and layout", "");
+            close(name + " kernel back", f64(sw::unblock_conv(*blocked)), f64(w.to(dtype)), 0);
+        }
+        auto blocked = sw::block_conv(torch::randn({16, 8, 3, 3}, gen), dtype, 1, 1);
+        bool refused = false;
+        try {
+            sw::conv_blocked(*blocked, torch::randn({1, 9, 5, 5}, gen).to(dtype), {});
+        } catch (const std::invalid_argument &) {
+            refused = true;
+        }
+        report(refused, "blocked " + dt + " conv refuses an input with other channels", "");
+    }
+}
+
 // Upsample2D with its kernel held as phase kernels (layers.h) against the 3×3
 // convolution of the nearest upsampling itself, in float64 on the same
 // bfloat16 weights: prepacked (the UNet's) and channels-last (the VAE's), at
@@ -976,6 +1030,7 @@ int main() {
     run("softmax", test_softmax);
     run("layer norm", test_layer_norm);
     run("blocked linear", test_blocked_linear);
+    run("blocked conv", test_blocked_conv);
     run("upsample phases", test_upsample_phases);
     run("kernel threads", test_kernel_threads);
     run("group norm", test_group_norm);
