@@ -80,9 +80,10 @@ void Conv2dImpl::prepack(const torch::Tensor &w_, torch::ScalarType dtype) {
 }
 
 void Conv2dImpl::hold_channels_last(const torch::Tensor &w_, torch::ScalarType dtype) {
-    const auto w = to_phases(w_, dtype);
-    weight.set_data(w.reshape(weight.sizes()).to(dtype, /*non_blocking=*/false, /*copy=*/true,
-                                                 torch::MemoryFormat::ChannelsLast));
+    const auto w = to_phases(w_, dtype).reshape(weight.sizes());
+    auto held = at::empty(w.sizes(), w.options().dtype(dtype).memory_format(torch::MemoryFormat::ChannelsLast));
+    if (!copy_strided(w, held)) held.copy_(w);
+    weight.set_data(held);
 }
 
 // w as this convolution holds it in dtype: its phase kernels where its input

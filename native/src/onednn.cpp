@@ -790,4 +790,23 @@ torch::Tensor unblock_conv(const BlockedConv &w) {
 #endif
 }
 
+bool copy_strided(const torch::Tensor &src, torch::Tensor &dst) {
+#if SW_WITH_DNNL
+    auto takes = [](const torch::Tensor &t) {
+        return t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16) &&
+               t.dim() >= 1 && t.dim() <= DNNL_MAX_NDIMS && t.numel() > 0 && t.is_non_overlapping_and_dense();
+    };
+    if (!takes(src) || !takes(dst) || src.sizes() != dst.sizes()) return false;
+    const dnnl::memory::desc from_desc(src.sizes().vec(), dnnl_type(src.scalar_type()), src.strides().vec()),
+        to_desc(dst.sizes().vec(), dnnl_type(dst.scalar_type()), dst.strides().vec());
+    dnnl::memory from(from_desc, cpu(), src.data_ptr()), to(to_desc, cpu(), dst.data_ptr());
+    dnnl::stream stream(cpu());
+    dnnl::reorder(from, to).execute(stream, from, to);
+    stream.wait();
+    return true;
+#else
+    return false;
+#endif
+}
+
 }  // namespace sw

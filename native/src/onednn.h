@@ -107,4 +107,11 @@ torch::Tensor conv_blocked(const BlockedConv &w, const torch::Tensor &x, const t
 // The kernel back as a dense [out, in, kh, kw] tensor in its dtype.
 torch::Tensor unblock_conv(const BlockedConv &w);
 
+// Copies src into dst (the same sizes; float32 or bfloat16 each, on the CPU,
+// dense in any memory format) in one oneDNN reorder: converting a float32
+// kernel into a bfloat16 channels-last one took a third of Tensor::copy_'s
+// time ([512, 512, 3, 3]: 0.74 against 2.2 ms, one thread). False, copying
+// nothing, where it does not take them or the build has no oneDNN 2.
+bool copy_strided(const torch::Tensor &src, torch::Tensor &dst);
+
 }  // namespace sw

@@ -850,6 +850,35 @@ void test_blocked_conv() {
     }
 }
 
+// copy_strided (onednn.h) against Tensor::to, between dtypes and memory
+// formats; it copies nothing where it does not apply.
+void test_copy_strided() {
+    auto gen = at::detail::createCPUGenerator(14);
+    auto w = torch::randn({24, 16, 3, 3}, gen);
+    const auto cl = torch::MemoryFormat::ChannelsLast;
+    struct Case {
+        torch::Tensor src;
+        torch::ScalarType dtype;
+        torch::MemoryFormat format;
+        std::string name;
+    };
+    for (const auto &c : {Case{w, torch::kBFloat16, cl, "float32 to bfloat16 channels-last"},
+                          Case{w.contiguous(cl), torch::kFloat32, torch::MemoryFormat::Contiguous, "channels-last to NCHW"},
+                          Case{w.to(torch::kBFloat16), torch::kFloat32, cl, "bfloat16 to float32 channels-last"}}) {
+        auto dst = at::empty(c.src.sizes(), c.src.options().dtype(c.dtype).memory_format(c.format));
+        const bool copied = sw::copy_strided(c.src, dst);
+        report(copied == sw::onednn_built(), "copy_strided " + c.name + " applies where the build has oneDNN 2", "");
+        if (copied)
+            report(torch::equal(dst, c.src.to(c.dtype, false, true, c.format)) && dst.is_contiguous(c.format),
+                   "copy_strided " + c.name + " equals Tensor::to", "");
+    }
+    auto other = at::empty({24, 16, 3, 4});
+    report(!sw::copy_strided(w, other), "copy_strided refuses other sizes", "");
+    auto expanded = torch::randn({1, 16, 3, 3}, gen).expand({24, 16, 3, 3});
+    auto dst = at::empty({24, 16, 3, 3});
+    report(!sw::copy_strided(expanded, dst), "copy_strided refuses an expanded source", "");
+}
+
 // Upsample2D with its kernel held as phase kernels (layers.h) against the 3×3
 // convolution of the nearest upsampling itself, in float64 on the same
 // bfloat16 weights: prepacked (the UNet's) and channels-last (the VAE's), at
@@ -1031,6 +1060,7 @@ int main() {
     run("layer norm", test_layer_norm);
     run("blocked linear", test_blocked_linear);
     run("blocked conv", test_blocked_conv);
+    run("copy strided", test_copy_strided);
     run("upsample phases", test_upsample_phases);
     run("kernel threads", test_kernel_threads);
     run("group norm", test_group_norm);
