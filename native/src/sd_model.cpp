@@ -1,8 +1,10 @@
 #include <sys/stat.h>
 
+#include <future>
 #include <memory>
 
 #include "checkpoint.h"
+#include "layers.h"
 #include "models.h"
 #include "safetensors.h"
 #include "sampler.h"
@@ -129,6 +131,10 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     m->device = parse_device(p.device ? p.device : "cpu");
     m->dtype = resolve_dtype(p.dtype, m->device);
     const auto st = scalar_type(m->dtype);
+    // The probes that decide how the weights are held (~20 ms of oneDNN
+    // compilation on the CPU) run while the configs and the tokenizer are read
+    // on this thread; load_weights waits for their answer where it comes first.
+    auto probes = std::async(std::launch::async, [st, device = m->device] { probe_weight_layouts(st, device); });
     const std::string tokenizer_arg = (p.tokenizer_dir && *p.tokenizer_dir) ? p.tokenizer_dir : "";
     const std::string vae_arg = (p.vae_path && *p.vae_path) ? p.vae_path : "";
 
