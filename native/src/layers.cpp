@@ -54,6 +54,13 @@ torch::Tensor Conv2dImpl::forward(const torch::Tensor &x) {
     return at::conv2d(x, weight, b, {stride, stride}, {padding, padding});
 }
 
+namespace {
+// kernel_from_phases and a blocked phase kernel's load work through this many
+// output channels at a time, so their float32 temporaries stay small (SD 1.5's
+// largest upsampling kernel is 1280 × 1280 × 9).
+constexpr int64_t kPhaseBlock = 64;
+}  // namespace
+
 // at::conv2d hands oneDNN the kernel in PyTorch's [out, in, kh, kw] layout,
 // and oneDNN reorders a copy of it into its blocked layout at every call: for
 // SD 1.5's 1280-channel convolutions at 4² and 8² (256² images) that copy
@@ -65,12 +72,30 @@ torch::Tensor Conv2dImpl::forward(const torch::Tensor &x) {
 // against 701.6 ms in float32, summed) and takes the kernel in one pass
 // instead of two.
 void Conv2dImpl::prepack(const torch::Tensor &w_, torch::ScalarType dtype) {
-    const auto w = to_phases(w_, dtype);
-    if (block_convolutions(dtype, w.device())) {
-        blocked = block_conv(w.reshape(weight.sizes()), dtype, stride, padding);
+    if (block_convolutions(dtype, w_.device())) {
+        const int64_t out = weight.size(0), in = weight.size(1);
+        if (takes_phases(dtype) && out % 16 == 0) {
+            // The phase kernels in runs of output channels, each straight
+            // into the layout: the whole [4 × out, in, 2, 2] kernel never
+            // exists outside it (SD 1.5's largest, 52 MB in bfloat16, was a
+            // temporary of its own, fresh pages the load faulted in).
+            const auto w3 = w_.reshape({out, in, 3, 3});
+            blocked = block_conv({4 * out, in, 2, 2}, dtype, stride, padding, [&](const PutRows &put) {
+                for (int64_t o0 = 0; o0 < out; o0 += kPhaseBlock) {
+                    const int64_t n = std::min(kPhaseBlock, out - o0);
+                    const auto p = phase_kernels(w3.narrow(0, o0, n), torch::kFloat32).view({4, n, in, 2, 2});
+                    for (int64_t phase = 0; phase < 4; phase++) put(phase * out + o0, p[phase]);
+                }
+            });
+            hold_as_phases(dtype);
+        } else {
+            const auto w = to_phases(w_, dtype);
+            blocked = block_conv(w.reshape(weight.sizes()), dtype, stride, padding);
+        }
         weight.set_data(torch::empty({1}, weight.options().dtype(dtype)).expand(weight.sizes()));
         return;
     }
+    const auto w = to_phases(w_, dtype);
     // to_mkldnn converts float32 to bfloat16 itself (rounding to nearest even,
     // as Tensor::to does): one copy fewer than converting first.
     const bool converts = w.scalar_type() == dtype || w.scalar_type() == torch::kFloat32;
@@ -92,13 +117,22 @@ void Conv2dImpl::hold_channels_last(const torch::Tensor &w_, torch::ScalarType d
 // those convolutions (phase kernels measured no faster there), and in the
 // UNet their 16/9 of the kernels took float32's peak at 256² to 4.80 GiB
 // (from 4.72) for a step no faster at 256² and within noise at 512².
-torch::Tensor Conv2dImpl::to_phases(const torch::Tensor &w, torch::ScalarType dtype) {
-    if (!upsampled_input || dtype != torch::kBFloat16) return w;
+bool Conv2dImpl::takes_phases(torch::ScalarType dtype) const {
+    if (!upsampled_input || dtype != torch::kBFloat16) return false;
     if (weight.size(2) != 3 || weight.size(3) != 3 || stride != 1 || padding != 1)
         throw std::logic_error("Conv2d: phase kernels need a 3×3 convolution with stride 1 and padding 1");
-    auto p = phase_kernels(w.reshape(weight.sizes()), dtype);
-    weight.set_data(empty({1}).to(dtype).expand(p.sizes()));
+    return true;
+}
+
+void Conv2dImpl::hold_as_phases(torch::ScalarType dtype) {
+    weight.set_data(empty({1}).to(dtype).expand({4 * weight.size(0), weight.size(1), 2, 2}));
     phases = true;
+}
+
+torch::Tensor Conv2dImpl::to_phases(const torch::Tensor &w, torch::ScalarType dtype) {
+    if (!takes_phases(dtype)) return w;
+    auto p = phase_kernels(w.reshape(weight.sizes()), dtype);
+    hold_as_phases(dtype);
     return p;
 }
 
@@ -109,11 +143,6 @@ torch::Tensor Conv2dImpl::kernel3x3() {
 }
 
 namespace {
-
-// kernel_from_phases works through this many output channels at a time, so
-// its float32 temporaries stay small (SD 1.5's largest upsampling kernel is
-// 1280 × 1280 × 9).
-constexpr int64_t kPhaseBlock = 64;
 
 // Each [3, 3] kernel of src (count of them) to its four [2, 2] phase kernels
 // in dst ([4, count, 2, 2]), in one pass.

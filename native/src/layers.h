@@ -56,6 +56,11 @@ struct Conv2dImpl : torch::nn::Module {
     torch::Tensor kernel3x3();
 
 private:
+    // Whether this convolution holds phase kernels in dtype (throws where its
+    // shape cannot); hold_as_phases makes weight their placeholder and sets
+    // phases; to_phases gives w's phase kernels where it does, else w.
+    bool takes_phases(torch::ScalarType dtype) const;
+    void hold_as_phases(torch::ScalarType dtype);
     torch::Tensor to_phases(const torch::Tensor &w, torch::ScalarType dtype);
 };
 TORCH_MODULE(Conv2d);

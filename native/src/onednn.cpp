@@ -630,13 +630,32 @@ std::shared_ptr<const Conv> conv_for(const ConvKey &k, const dnnl::memory::desc 
     return made.insert_or_assign(k, c).first->second;
 }
 
-std::shared_ptr<const BlockedConv> pack_conv(const torch::Tensor &w_, torch::ScalarType dtype, int64_t stride,
-                                             int64_t padding) {
+// Rows (output channels) of a dense kernel, reordered into their place in c's
+// layout: its blocks of output channels lie one after another, so a run of
+// them starting at a multiple of the block is a sub-tensor of the layout.
+void put_rows(const BlockedConv &c, int64_t row0, const torch::Tensor &rows_) {
+    const auto rows = rows_.scalar_type() == torch::kFloat32 || rows_.scalar_type() == torch::kBFloat16
+                          ? rows_
+                          : rows_.to(torch::kFloat32);
+    if (rows.dim() != 4 || row0 < 0 || row0 + rows.size(0) > c.out || rows.size(1) != c.in || rows.size(2) != c.kh ||
+        rows.size(3) != c.kw)
+        throw std::invalid_argument("block_conv: rows that are not the kernel's");
+    const bool whole = row0 == 0 && rows.size(0) == c.out;
+    const auto to_desc = whole ? c.desc : c.desc.submemory_desc(rows.sizes().vec(), {row0, 0, 0, 0});
+    const dnnl::memory::desc src(rows.sizes().vec(), dnnl_type(rows.scalar_type()), rows.strides().vec());
+    dnnl::memory from(src, cpu(), rows.data_ptr()), to(to_desc, cpu(), c.bytes.data_ptr());
+    dnnl::stream stream(cpu());
+    dnnl::reorder(from, to).execute(stream, from, to);
+    stream.wait();
+}
+
+std::shared_ptr<const BlockedConv> pack_conv(c10::IntArrayRef sizes, torch::ScalarType dtype, int64_t stride,
+                                             int64_t padding, const std::function<void(const PutRows &)> &fill) {
     auto c = std::make_shared<BlockedConv>();
-    c->out = w_.size(0);
-    c->in = w_.size(1);
-    c->kh = w_.size(2);
-    c->kw = w_.size(3);
+    c->out = sizes[0];
+    c->in = sizes[1];
+    c->kh = sizes[2];
+    c->kw = sizes[3];
     c->stride = stride;
     c->padding = padding;
     c->dtype = dtype;
@@ -657,13 +676,9 @@ std::shared_ptr<const BlockedConv> pack_conv(const torch::Tensor &w_, torch::Sca
                                  std::to_string(c->in) + ", " + std::to_string(c->kh) + ", " + std::to_string(c->kw) +
                                  "] only as " + impl);
     c->bytes = at::empty({static_cast<int64_t>(c->desc.get_size())}, torch::TensorOptions().dtype(torch::kUInt8));
-    // One reorder converts and blocks it, whatever its dtype and strides.
-    auto w = w_.scalar_type() == torch::kFloat32 || w_.scalar_type() == torch::kBFloat16 ? w_ : w_.to(torch::kFloat32);
-    const dnnl::memory::desc src(w.sizes().vec(), dnnl_type(w.scalar_type()), w.strides().vec());
-    dnnl::memory from(src, cpu(), w.data_ptr()), to(c->desc, cpu(), c->bytes.data_ptr());
-    dnnl::stream stream(cpu());
-    dnnl::reorder(from, to).execute(stream, from, to);
-    stream.wait();
+    // Each run of rows: one reorder converts and blocks it, whatever its
+    // dtype and strides.
+    fill([&](int64_t row0, const torch::Tensor &rows) { put_rows(*c, row0, rows); });
     return c;
 }
 
@@ -736,7 +751,9 @@ bool blocked_convolutions_work(torch::ScalarType dtype) {
             auto x = torch::randn({2, c.in, 9, 7}, gen).to(dtype);
             auto want = at::conv2d(x.to(torch::kFloat32), w.to(torch::kFloat32), b.defined() ? b.to(torch::kFloat32) : b,
                                    {c.stride, c.stride}, {c.padding, c.padding});
-            auto got = run_conv(*pack_conv(w, dtype, c.stride, c.padding), x, b).to(torch::kFloat32);
+            auto got = run_conv(*pack_conv(w.sizes(), dtype, c.stride, c.padding, [&](const PutRows &put) { put(0, w); }),
+                                x, b)
+                           .to(torch::kFloat32);
             if (got.sizes() != want.sizes()) return "a result of another shape";
             err = std::max(err, ((got - want).abs() / (want.abs() + 1)).max().item<double>());
         }
@@ -758,10 +775,16 @@ bool block_convolutions(torch::ScalarType dtype, const torch::Device &device) {
 
 std::shared_ptr<const BlockedConv> block_conv(const torch::Tensor &w, torch::ScalarType dtype, int64_t stride,
                                               int64_t padding) {
-    if (w.dim() != 4 || !block_convolutions(dtype, w.device()))
+    if (w.dim() != 4) throw std::invalid_argument("block_conv: want a [out, in, kh, kw] kernel");
+    return block_conv(w.sizes(), dtype, stride, padding, [&](const PutRows &put) { put(0, w); });
+}
+
+std::shared_ptr<const BlockedConv> block_conv(c10::IntArrayRef sizes, torch::ScalarType dtype, int64_t stride,
+                                              int64_t padding, const std::function<void(const PutRows &)> &fill) {
+    if (sizes.size() != 4 || !block_convolutions(dtype, torch::kCPU))
         throw std::logic_error("block_conv: blocked convolutions do not apply here");
 #if SW_WITH_DNNL
-    return pack_conv(w, dtype, stride, padding);
+    return pack_conv(sizes, dtype, stride, padding, fill);
 #else
     return nullptr;
 #endif

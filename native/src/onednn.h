@@ -17,6 +17,8 @@
 
 #include <torch/torch.h>
 
+#include <functional>
+
 namespace sw {
 
 // The smallest height × width from which a convolution runs as Winograd: the
@@ -98,6 +100,16 @@ bool block_convolutions(torch::ScalarType dtype, const torch::Device &device);
 // axes). Only where block_convolutions(dtype, cpu).
 std::shared_ptr<const BlockedConv> block_conv(const torch::Tensor &w, torch::ScalarType dtype, int64_t stride,
                                               int64_t padding);
+
+// block_conv of a kernel computed at load rather than read (the phase
+// kernels), so it never exists whole outside its layout: fill calls put(row0,
+// rows) with runs of the dense kernel's rows (output channels, [row0, row0 +
+// rows.size(0)), float32 or bfloat16, any strides) until each row is in; a run
+// starts at a multiple of 16 and, but for the kernel's last, spans a multiple
+// of 16.
+using PutRows = std::function<void(int64_t row0, const torch::Tensor &rows)>;
+std::shared_ptr<const BlockedConv> block_conv(c10::IntArrayRef sizes, torch::ScalarType dtype, int64_t stride,
+                                              int64_t padding, const std::function<void(const PutRows &)> &fill);
 
 // The convolution of x ([n, in, h, w], the kernel's dtype, any memory format)
 // with the kernel, plus bias ([out] or undefined, float32 or the kernel's

@@ -890,12 +890,19 @@ void test_upsample_phases() {
     auto w = torch::randn({32, 32, 3, 3}, gen).div(16), b = torch::randn({32}, gen).div(4);
     auto back = sw::kernel_from_phases(sw::phase_kernels(w, torch::kFloat32), torch::kFloat32);
     close("phase kernels back to the 3×3 kernel (float32)", back, w, 1e-6);
-    for (bool channels_last : {false, true}) {
+    // 80 channels: a blocked kernel's phases load in two runs of rows, the
+    // second shorter (kPhaseBlock).
+    const std::pair<int64_t, bool> cases[] = {{32, false}, {32, true}, {80, false}};
+    for (const auto &[ch, channels_last] : cases) {
+        if (ch != 32) {
+            w = torch::randn({ch, ch, 3, 3}, gen).div(16 * std::sqrt(ch / 32.0));
+            b = torch::randn({ch}, gen).div(4);
+        }
         if (!channels_last && !sw::prepack_convolutions(bf, torch::kCPU)) {
             report(true, "upsample prepacked: bfloat16 convolutions are not prepacked on this CPU", "");
             continue;
         }
-        sw::Upsample2D up(32);
+        sw::Upsample2D up(ch);
         up->conv->bias.set_data(b.to(bf));
         if (channels_last) {
             up->conv->cpu_kernel = sw::Conv2dImpl::CPUKernel::ChannelsLast;
@@ -903,11 +910,12 @@ void test_upsample_phases() {
         } else {
             up->conv->prepack(w, bf);
         }
-        const std::string kind = channels_last ? "channels-last" : "prepacked";
-        report(up->conv->phases && up->conv->weight.size(0) == 4 * 32, "upsample " + kind + " holds phase kernels", "");
+        const std::string kind =
+            std::string(channels_last ? "channels-last" : "prepacked") + (ch == 32 ? "" : " " + std::to_string(ch) + " channels");
+        report(up->conv->phases && up->conv->weight.size(0) == 4 * ch, "upsample " + kind + " holds phase kernels", "");
         auto wd = w.to(bf).to(torch::kFloat64), bd = b.to(bf).to(torch::kFloat64);
         for (auto [h, wid] : std::vector<std::pair<int64_t, int64_t>>{{6, 9}, {5, 5}}) {
-            auto x = torch::randn({2, 32, h, wid}, gen).to(bf);
+            auto x = torch::randn({2, ch, h, wid}, gen).to(bf);
             if (channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
             for (bool odd : {false, true}) {
                 std::vector<int64_t> size{2 * h - (odd ? 1 : 0), 2 * wid - (odd ? 1 : 0)};
