@@ -375,8 +375,10 @@ dnnl::matmul::primitive_desc matmul_pd(const MatmulKey &k, const dnnl::memory::d
 }
 
 // A native kernel, not oneDNN's reference loops (which it falls back to on a
-// CPU without bfloat16 instructions, at a fraction of libtorch's speed).
-bool native_kernel(const dnnl::matmul::primitive_desc &pd) {
+// CPU without bfloat16 instructions, at a fraction of libtorch's speed): a
+// matmul's or a convolution's primitive descriptor.
+template <typename PrimitiveDesc>
+bool native_kernel(const PrimitiveDesc &pd) {
     return std::string(pd.impl_info_str()).rfind("ref", 0) != 0;
 }
 
@@ -592,10 +594,6 @@ dnnl::convolution_forward::primitive_desc conv_pd(const ConvKey &k, const dnnl::
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // the call's buffer: calls run from several threads
     return dnnl::convolution_forward::primitive_desc(d, attr, cpu());
-}
-
-bool native_kernel(const dnnl::convolution_forward::primitive_desc &pd) {
-    return std::string(pd.impl_info_str()).rfind("ref", 0) != 0;
 }
 
 std::shared_ptr<const Conv> conv_for(const ConvKey &k, const dnnl::memory::desc &weights) {
