@@ -1,6 +1,7 @@
 #include <sys/stat.h>
 
 #include <future>
+#include <system_error>
 #include <memory>
 
 #include "checkpoint.h"
@@ -134,7 +135,11 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     // The probes that decide how the weights are held (~20 ms of oneDNN
     // compilation on the CPU) run while the configs and the tokenizer are read
     // on this thread; load_weights waits for their answer where it comes first.
-    auto probes = std::async(std::launch::async, [st, device = m->device] { probe_weight_layouts(st, device); });
+    std::future<void> probes;
+    try {
+        probes = std::async(std::launch::async, [st, device = m->device] { probe_weight_layouts(st, device); });
+    } catch (const std::system_error &) {  // no thread to spare: load_weights probes on this one
+    }
     const std::string tokenizer_arg = (p.tokenizer_dir && *p.tokenizer_dir) ? p.tokenizer_dir : "";
     const std::string vae_arg = (p.vae_path && *p.vae_path) ? p.vae_path : "";
 

@@ -184,9 +184,10 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     torch::NoGradGuard no_grad;
     WeightStats stats;
     // Convolution kernels go from the mapping straight into oneDNN's layout
-    // (layers.h), one kernel's temporary plain copy at a time: the model never
-    // holds a kernel in two layouts. Those that want channels-last kernels are
-    // copied out of the mapping in that layout.
+    // (layers.h: in one reorder, or through one kernel's temporary plain copy
+    // at a time where libtorch prepacks them): the model never holds a kernel
+    // in two layouts. Those that want channels-last kernels are copied out of
+    // the mapping in that layout.
     std::unordered_map<const c10::TensorImpl *, Conv2dImpl *> packable;
     std::unordered_map<const c10::TensorImpl *, Conv2dImpl *> channels_last;
     if (prepack_convolutions(dtype, device))
