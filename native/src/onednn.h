@@ -1,5 +1,6 @@
 // What the engine runs through oneDNN's own C++ API rather than through
-// libtorch: Winograd convolutions and bfloat16 linear layers on the CPU.
+// libtorch: Winograd convolutions, convolutions on kernels blocked at load,
+// bfloat16 linear layers and strided copies on the CPU.
 // Built only against oneDNN 2 (CMakeLists.txt says which); without it every
 // function here reports that it does not apply.
 //
