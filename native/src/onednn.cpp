@@ -30,10 +30,22 @@ std::atomic<int64_t> calls{0};
 using dims = dnnl::memory::dims;
 using tag = dnnl::memory::format_tag;
 constexpr auto f32 = dnnl::memory::data_type::f32;
+constexpr auto bf16 = dnnl::memory::data_type::bf16;
+
+dnnl::memory::data_type dnnl_type(torch::ScalarType t) { return t == torch::kBFloat16 ? bf16 : f32; }
 
 dnnl::engine &cpu() {
     static dnnl::engine e(dnnl::engine::kind::cpu, 0);
     return e;
+}
+
+// One reorder, run once: the data at `from` (laid out as from_desc) into `to`
+// (laid out as to_desc), converting dtypes on the way.
+void reorder_once(const dnnl::memory::desc &from_desc, const void *from, const dnnl::memory::desc &to_desc, void *to) {
+    dnnl::memory src(from_desc, cpu(), const_cast<void *>(from)), dst(to_desc, cpu(), to);
+    dnnl::stream stream(cpu());
+    dnnl::reorder(src, dst).execute(stream, src, dst);
+    stream.wait();
 }
 
 // A bias of o channels as the convolution takes and ATen holds it.
@@ -334,7 +346,6 @@ namespace {
 
 #if SW_WITH_DNNL
 
-constexpr auto bf16 = dnnl::memory::data_type::bf16;
 
 // The rows the layout is asked for with: oneDNN's blocked bfloat16 layout for
 // a [in, out] weight is the same for every row count (checked here for 1 to
@@ -414,12 +425,8 @@ std::shared_ptr<const BlockedLinear> pack(const torch::Tensor &w_) {
     // w as oneDNN sees [in, out] transposed, with the tensor's own strides:
     // one reorder converts and blocks it, whatever its dtype and layout.
     auto w = w_.scalar_type() == torch::kFloat32 || w_.scalar_type() == torch::kBFloat16 ? w_ : w_.to(torch::kFloat32);
-    const auto src_dt = w.scalar_type() == torch::kFloat32 ? f32 : bf16;
-    const dnnl::memory::desc src({in, out}, src_dt, dims{w.stride(1), w.stride(0)});
-    dnnl::memory from(src, cpu(), w.data_ptr()), to(lin->desc, cpu(), lin->bytes.data_ptr());
-    dnnl::stream stream(cpu());
-    dnnl::reorder(from, to).execute(stream, from, to);
-    stream.wait();
+    const dnnl::memory::desc src({in, out}, dnnl_type(w.scalar_type()), dims{w.stride(1), w.stride(0)});
+    reorder_once(src, w.data_ptr(), lin->desc, lin->bytes.data_ptr());
     return lin;
 }
 
@@ -525,7 +532,6 @@ int64_t blocked_bytes(const BlockedLinear &w) {
 #endif
 }
 
-
 // ---- convolutions on blocked kernels ----
 
 #if SW_WITH_DNNL
@@ -541,8 +547,6 @@ struct BlockedConv {
 namespace {
 
 #if SW_WITH_DNNL
-
-dnnl::memory::data_type dnnl_type(torch::ScalarType t) { return t == torch::kBFloat16 ? bf16 : f32; }
 
 // The input the kernel's layout is chosen for: oneDNN's direct kernels block
 // the kernel by channels only, so the layout is the same for every input size
@@ -641,10 +645,7 @@ void put_rows(const BlockedConv &c, int64_t row0, const torch::Tensor &rows_) {
     const bool whole = row0 == 0 && rows.size(0) == c.out;
     const auto to_desc = whole ? c.desc : c.desc.submemory_desc(rows.sizes().vec(), {row0, 0, 0, 0});
     const dnnl::memory::desc src(rows.sizes().vec(), dnnl_type(rows.scalar_type()), rows.strides().vec());
-    dnnl::memory from(src, cpu(), rows.data_ptr()), to(to_desc, cpu(), c.bytes.data_ptr());
-    dnnl::stream stream(cpu());
-    dnnl::reorder(from, to).execute(stream, from, to);
-    stream.wait();
+    reorder_once(src, rows.data_ptr(), to_desc, c.bytes.data_ptr());
 }
 
 std::shared_ptr<const BlockedConv> pack_conv(c10::IntArrayRef sizes, torch::ScalarType dtype, int64_t stride,
@@ -716,11 +717,8 @@ torch::Tensor run_conv(const BlockedConv &w, const torch::Tensor &x_, const torc
 
 torch::Tensor run_unblock(const BlockedConv &w) {
     auto out = at::empty({w.out, w.in, w.kh, w.kw}, torch::TensorOptions().dtype(w.dtype));
-    dnnl::memory from(w.desc, cpu(), w.bytes.data_ptr()),
-        to(dnnl::memory::desc(out.sizes().vec(), dnnl_type(w.dtype), tag::oihw), cpu(), out.data_ptr());
-    dnnl::stream stream(cpu());
-    dnnl::reorder(from, to).execute(stream, from, to);
-    stream.wait();
+    reorder_once(w.desc, w.bytes.data_ptr(), dnnl::memory::desc(out.sizes().vec(), dnnl_type(w.dtype), tag::oihw),
+                 out.data_ptr());
     return out;
 }
 
@@ -818,12 +816,9 @@ bool copy_strided(const torch::Tensor &src, torch::Tensor &dst) {
                t.dim() >= 1 && t.dim() <= DNNL_MAX_NDIMS && t.numel() > 0 && t.is_non_overlapping_and_dense();
     };
     if (!takes(src) || !takes(dst) || src.sizes() != dst.sizes()) return false;
-    const dnnl::memory::desc from_desc(src.sizes().vec(), dnnl_type(src.scalar_type()), src.strides().vec()),
-        to_desc(dst.sizes().vec(), dnnl_type(dst.scalar_type()), dst.strides().vec());
-    dnnl::memory from(from_desc, cpu(), src.data_ptr()), to(to_desc, cpu(), dst.data_ptr());
-    dnnl::stream stream(cpu());
-    dnnl::reorder(from, to).execute(stream, from, to);
-    stream.wait();
+    reorder_once(dnnl::memory::desc(src.sizes().vec(), dnnl_type(src.scalar_type()), src.strides().vec()),
+                 src.data_ptr(), dnnl::memory::desc(dst.sizes().vec(), dnnl_type(dst.scalar_type()), dst.strides().vec()),
+                 dst.data_ptr());
     return true;
 #else
     return false;

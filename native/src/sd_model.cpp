@@ -1,8 +1,8 @@
 #include <sys/stat.h>
 
 #include <future>
-#include <system_error>
 #include <memory>
+#include <system_error>
 
 #include "checkpoint.h"
 #include "layers.h"
