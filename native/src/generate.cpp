@@ -176,6 +176,7 @@ GenerateOutput generate(sw_sd_model &m, const GenerateRequest &r, const StepHook
     }
 
     t0 = Clock::now();
+    const FixedContext fixed(*m.unet, context);
     const size_t total = sampler->size() - start;
     const int64_t abort_at = fault_step();
     for (size_t i = start; i < sampler->size(); i++) {

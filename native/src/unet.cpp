@@ -79,8 +79,32 @@ AttentionImpl::AttentionImpl(int64_t query_dim, int64_t context_dim, int64_t hea
 torch::Tensor AttentionImpl::forward(const torch::Tensor &x, const c10::optional<torch::Tensor> &context,
                                      const torch::Tensor &residual) {
     const auto &ctx = context ? *context : x;
-    auto a = attention(to_q(x), to_k(ctx), to_v(ctx), heads, c10::nullopt, upcast);
+    torch::Tensor k, v;
+    if (context && fixed_context.defined() && context->is_same(fixed_context)) {
+        if (!fixed_keys.defined()) {
+            fixed_keys = to_k(ctx);
+            fixed_values = to_v(ctx);
+        }
+        k = fixed_keys;
+        v = fixed_values;
+    } else {
+        k = to_k(ctx);
+        v = to_v(ctx);
+    }
+    auto a = attention(to_q(x), k, v, heads, c10::nullopt, upcast);
     return residual.defined() ? to_out->forward_post(a, LinearPost::Add, residual) : to_out(a);
+}
+
+FixedContext::FixedContext(torch::nn::Module &unet, const torch::Tensor &context) {
+    for (const auto &child : unet.modules(/*include_self=*/false))
+        if (auto *attn = dynamic_cast<AttentionImpl *>(child.get())) {
+            attn->fixed_context = context;
+            layers_.push_back(attn);
+        }
+}
+
+FixedContext::~FixedContext() {
+    for (auto *attn : layers_) attn->fixed_context = attn->fixed_keys = attn->fixed_values = torch::Tensor();
 }
 
 TransformerBlockImpl::TransformerBlockImpl(int64_t dim, int64_t heads, int64_t head_dim, int64_t context_dim,

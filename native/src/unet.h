@@ -42,6 +42,8 @@ struct AttentionImpl : torch::nn::Module {
     Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out{nullptr};
     int64_t heads;
     bool upcast;
+    // Set by FixedContext: its context and, once projected, its keys and values.
+    torch::Tensor fixed_context, fixed_keys, fixed_values;
 };
 TORCH_MODULE(Attention);
 
@@ -96,6 +98,24 @@ struct UNetImpl : torch::nn::Module {
     GroupNorm conv_norm_out{nullptr};
 };
 TORCH_MODULE(UNet);
+
+// While one lives, every cross-attention layer of a UNet projects context to
+// keys and values once, at its first forward given that very tensor (the same
+// TensorImpl), and reuses them at every later one: all of a generation's steps
+// attend to one prompt, and its keys and values cost ~15 ms of a bfloat16
+// 256² step on SD 1.5 (diffusers projects them again at every step). Another
+// context tensor is projected as before. context must not be written while
+// one lives; the projections are freed when it ends.
+class FixedContext {
+public:
+    FixedContext(torch::nn::Module &unet, const torch::Tensor &context);
+    ~FixedContext();
+    FixedContext(const FixedContext &) = delete;
+    FixedContext &operator=(const FixedContext &) = delete;
+
+private:
+    std::vector<AttentionImpl *> layers_;
+};
 
 // Sinusoidal timestep embedding as diffusers' get_timestep_embedding.
 torch::Tensor timestep_embedding(const torch::Tensor &t, int64_t dim, bool flip_sin_to_cos, double shift);

@@ -170,6 +170,45 @@ void test_unet(sw_sd_model *m, const std::string &golden, const std::string &lab
           g.load("out_nonsquare_t250"), 1e-4);
 }
 
+// FixedContext: the same bits as projecting the context at every forward,
+// cross-attention's keys and values projected once and reused, another
+// context tensor projected afresh, and nothing held once it ends.
+void test_fixed_context(sw_sd_model *m) {
+    sw::SafeTensorsFile g(sd("tiny-sd15/golden/unet.safetensors"));
+    auto x = g.load("sample"), ctx = g.load("encoder_hidden_states");
+    auto t = torch::full({2}, 500.0f);
+    auto other = ctx.flip(1).contiguous();
+    const auto want = m->unet->forward(x, t, ctx), want_other = m->unet->forward(x, t, other);
+    std::vector<sw::AttentionImpl *> attns;
+    for (const auto &child : m->unet->modules())
+        if (auto *a = dynamic_cast<sw::AttentionImpl *>(child.get())) attns.push_back(a);
+    auto held = [&] {
+        int64_t n = 0;
+        for (auto *a : attns) n += a->fixed_keys.defined() + a->fixed_values.defined() + a->fixed_context.defined();
+        return n;
+    };
+    {
+        const sw::FixedContext fixed(*m->unet, ctx);
+        const torch::Tensor same_tensor = ctx;  // another handle on the same tensor, as each step passes it
+        const auto first = m->unet->forward(x, t, ctx);
+        std::vector<const c10::TensorImpl *> keys;
+        for (auto *a : attns) keys.push_back(a->fixed_keys.unsafeGetTensorImpl());
+        const auto second = m->unet->forward(x, t, same_tensor);
+        report(torch::equal(first, want) && torch::equal(second, want), "fixed context: same bits", "");
+        int64_t projected = 0;  // once: the second forward used the first's keys
+        for (size_t i = 0; i < attns.size(); i++)
+            projected += attns[i]->fixed_keys.defined() && attns[i]->fixed_values.defined() &&
+                         attns[i]->fixed_keys.unsafeGetTensorImpl() == keys[i];
+        // Half the layers are cross-attention (attn2); self-attention never
+        // sees the context tensor.
+        report(projected * 2 == static_cast<int64_t>(attns.size()) && projected > 0,
+               "fixed context: cross-attention projects once",
+               std::to_string(projected) + " of " + std::to_string(attns.size()) + " layers");
+        close("fixed context: another context tensor", m->unet->forward(x, t, other), want_other, 0);
+    }
+    report(held() == 0, "fixed context: freed at its end", std::to_string(held()) + " tensors held");
+}
+
 // Whether /proc/cpuinfo lists any of these CPU flags.
 bool cpu_has_any(std::initializer_list<const char *> flags) {
     std::ifstream in("/proc/cpuinfo");
@@ -1104,6 +1143,7 @@ int main() {
         run("text encoder", [&] { test_text_encoder(m); });
         run("unet", [&] { test_unet(m, sd("tiny-sd15/golden/unet.safetensors"), "unet"); });
         run("vae", [&] { test_vae(m); });
+        run("fixed context", [&] { test_fixed_context(m); });
         run("samplers", [&] { test_samplers(m); });
         run("cancel points", [&] { test_cancel_points(m); });
         run("prepacked f32", [&] { test_prepacked(m, "f32"); });
