@@ -434,7 +434,10 @@ EmbeddingImpl::EmbeddingImpl(int64_t count, int64_t dim) {
     weight = register_parameter("weight", empty({count, dim}), false);
 }
 
-torch::Tensor EmbeddingImpl::forward(const torch::Tensor &ids) { return at::embedding(weight, ids); }
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor &ids) {
+    auto rows = at::embedding(weight, ids);
+    return rows_as && *rows_as != rows.scalar_type() ? rows.to(*rows_as) : rows;
+}
 
 BatchNorm2dImpl::BatchNorm2dImpl(int64_t channels, double eps_) : eps(eps_) {
     weight = register_parameter("weight", empty({channels}), false);

@@ -138,6 +138,10 @@ struct EmbeddingImpl : torch::nn::Module {
     EmbeddingImpl(int64_t count, int64_t dim);
     torch::Tensor forward(const torch::Tensor &ids);
     torch::Tensor weight;
+    // Where the table is held in its file's dtype (load_weights maps it on
+    // the CPU: a call reads a few of its rows), the dtype the rows it looks
+    // up are converted to.
+    c10::optional<torch::ScalarType> rows_as;
 };
 TORCH_MODULE(Embedding);
 

@@ -214,6 +214,16 @@ torch::Tensor SafeTensorsFile::load(const std::string &name) const {
     return load_with(name, [](const torch::Tensor &view) { return view.clone(); });
 }
 
+torch::Tensor SafeTensorsFile::map_stored(const std::string &name) const {
+    const TensorEntry &e = entry(name);
+    auto *data = const_cast<uint8_t *>(data_ + e.begin);
+    if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(e.scalar) != 0) return torch::Tensor();
+    const size_t begin = offset(e), end = begin + (e.end - e.begin);
+    return torch::from_blob(
+        data, e.shape, [mapping = mapping_, begin, end](void *) { drop_pages(mapping->addr, mapping->size, begin, end); },
+        torch::TensorOptions().dtype(e.scalar));
+}
+
 torch::Tensor SafeTensorsFile::load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const {
     const TensorEntry &e = entry(name);
     auto *data = const_cast<uint8_t *>(data_ + e.begin);

@@ -44,6 +44,11 @@ public:
     // now and given back when the tensor is freed: weights are never copied
     // only to be held once more. Anything else is a converted copy.
     torch::Tensor load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const;
+    // The tensor in its stored dtype, on the CPU: the mapping's own bytes,
+    // read-only, its pages read in only as they are touched and given back
+    // when the tensor is freed (a lookup table of which a call reads a few
+    // rows). Undefined where the data is not aligned for its dtype.
+    torch::Tensor map_stored(const std::string &name) const;
     // The tensor in its stored dtype, on the CPU, owning its memory.
     torch::Tensor load(const std::string &name) const;
     // copy_out's result for a view of the tensor's bytes in the mapping (its

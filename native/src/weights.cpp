@@ -208,6 +208,14 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
             if (lin != nullptr && lin->blocked.empty() && lin->packed.isNone())
                 blockable[lin->weight.unsafeGetTensorImpl()] = lin;
         }
+    // Lookup tables stay in the file on the CPU, whatever the dtype: a call
+    // reads a few of their rows (CLIP's 49408-token table is 38 M of the
+    // text encoder's 123 M parameters, and a prompt reads 77 of its rows), so
+    // converting them, or even reading them in, at load is wasted.
+    std::unordered_map<const c10::TensorImpl *, EmbeddingImpl *> lookups;
+    if (device.is_cpu())
+        for (const auto &child : m.modules(/*include_self=*/true))
+            if (auto *emb = dynamic_cast<EmbeddingImpl *>(child.get())) lookups[emb->weight.unsafeGetTensorImpl()] = emb;
     // Every tensor is checked before any is converted: a file that does not
     // fit fails at once, naming the first tensor (in the module's order) that
     // does not.
@@ -252,6 +260,14 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
         torch::Tensor &target = job.target;
         const std::string &key = job.src.key;
         const auto load_dtype = job.dtype;
+        if (auto emb = lookups.find(target.unsafeGetTensorImpl());
+            emb != lookups.end() && job.src.parts == 1 && is_float(job.entry->scalar) && is_float(load_dtype)) {
+            if (auto t = f.map_stored(key); t.defined()) {
+                target.set_data(t.reshape(target.sizes()));
+                emb->second->rows_as = load_dtype;
+                return;
+            }
+        }
         if (auto conv = packable.find(target.unsafeGetTensorImpl()); conv != packable.end() && job.src.parts == 1) {
             // target becomes a placeholder of its shape in load_dtype.
             f.load_with(key, [&](const torch::Tensor &view) {

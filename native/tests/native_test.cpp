@@ -278,6 +278,15 @@ void test_bfloat16() {
     sw::SafeTensorsFile te(sd("tiny-sd15/golden/text_encoder.safetensors"));
     const auto ids = te.load("input_ids");
     same("text encoder", two->text_encoder->forward(ids), m->text_encoder->forward(ids));
+
+    // The token table stays the file's float32, in the mapping; the rows a
+    // prompt reads are converted, to the bits of a converted table's rows.
+    auto &emb = m->text_encoder->token_embedding;
+    report(emb->weight.scalar_type() == torch::kFloat32 && emb->rows_as == st, "bf16 token table held as stored",
+           std::string(c10::toString(emb->weight.scalar_type())));
+    const auto rows = emb->forward(ids);
+    report(rows.scalar_type() == st && rows.equal(at::embedding(emb->weight.to(st), ids)),
+           "bf16 token rows as a converted table's", std::string(c10::toString(rows.scalar_type())));
 }
 
 // int8 (the UNet's linear layers) against the float32 goldens: every UNet
