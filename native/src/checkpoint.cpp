@@ -294,7 +294,7 @@ std::map<std::string, std::string> ldm_vae_keys(const SafeTensorsFile &f, const 
 }
 
 Resolver from_map(const std::map<std::string, std::string> &keys, const std::string &prefix) {
-    return [&keys, prefix](const std::string &name) {
+    return [keys, prefix](const std::string &name) {
         auto it = keys.find(name);
         return Source{it == keys.end() ? prefix + name : it->second};
     };
@@ -310,8 +310,33 @@ int64_t clip_heads(int64_t hidden) { return hidden >= 64 && hidden % 64 == 0 ? h
 
 }  // namespace
 
+WeightStats load_vae_weights(VAEImpl &vae, std::shared_ptr<const SafeTensorsFile> f, Resolver resolve,
+                             torch::ScalarType dtype, const torch::Device &device) {
+    // Each half as a module of its own, its tensors under their names in vae.
+    auto half = [&](std::initializer_list<const char *> names) {
+        auto part = std::make_shared<torch::nn::Module>();
+        const auto children = vae.named_children();
+        for (const char *n : names) part->register_module(n, children[n]);
+        return part;
+    };
+    auto encoding = half({"encoder", "quant_conv"}), decoding = half({"decoder", "post_quant_conv"});
+    WeightStats stats = check_weights(*encoding, *f, resolve, dtype);
+    // Until it is loaded the encoder's placeholders take dtype, so that the
+    // module's stats are the ones it will have.
+    for (auto &t : encoding->parameters())
+        if (t.is_floating_point()) t.set_data(torch::empty({1}, t.options().dtype(dtype)).expand(t.sizes()));
+    const auto now = load_weights(*decoding, *f, resolve, dtype, device);
+    stats.params += now.params;
+    stats.bytes += now.bytes;
+    vae.load_encoder = [encoding, f = std::move(f), resolve = std::move(resolve), dtype, device] {
+        load_weights(*encoding, *f, resolve, dtype, device);
+    };
+    return stats;
+}
+
 void open_single_file(sw_sd_model &m, const std::string &path) {
-    SafeTensorsFile f(path);
+    const auto file = std::make_shared<const SafeTensorsFile>(path);
+    const SafeTensorsFile &f = *file;
     const std::string yaml_file = yaml_path_for(path);
     const auto yaml = path_exists(yaml_file) ? read_yaml_hints(yaml_file) : YamlHints{yaml_file, {}};
     const auto st = scalar_type(m.dtype);
@@ -386,7 +411,7 @@ void open_single_file(sw_sd_model &m, const std::string &path) {
         total.bytes += s.bytes;
     };
     add(load_weights(*m.unet, f, from_map(unet_keys, kUNet), st, m.device));
-    add(load_weights(*m.vae, f, from_map(vae_keys, kVAE), st, m.device));
+    add(load_vae_weights(*m.vae, file, from_map(vae_keys, kVAE), st, m.device));
     if (open_clip) {
         add(load_weights(*m.text_encoder, f, [](const std::string &name) { return open_clip_source(name, "cond_stage_model.model."); },
                          st, m.device));
@@ -417,7 +442,8 @@ void check_vae_fits(const VAEConfig &got, const VAEConfig &want, const std::stri
 }
 
 WeightStats load_vae_file(VAE &vae, const std::string &path, torch::ScalarType dtype, const torch::Device &device) {
-    SafeTensorsFile f(path);
+    const auto file = std::make_shared<const SafeTensorsFile>(path);
+    const SafeTensorsFile &f = *file;
     std::string prefix;
     if (f.has(kVAE + "encoder.conv_in.weight"))
         prefix = kVAE;
@@ -428,9 +454,9 @@ WeightStats load_vae_file(VAE &vae, const std::string &path, torch::ScalarType d
     const auto cfg = VAEConfig::from(
         Config(vae_config(f, prefix, ldm, vae->config.scaling_factor, &levels), path + " (VAE from shapes)"));
     check_vae_fits(cfg, vae->config, path);
-    if (!ldm) return load_weights(*vae, f, prefix, dtype, device);
-    const auto keys = ldm_vae_keys(f, prefix, levels);
-    return load_weights(*vae, f, from_map(keys, prefix), dtype, device);
+    if (!ldm) return load_vae_weights(*vae, file, [prefix](const std::string &name) { return Source{prefix + name}; },
+                                      dtype, device);
+    return load_vae_weights(*vae, file, from_map(ldm_vae_keys(f, prefix, levels), prefix), dtype, device);
 }
 
 }  // namespace sw

@@ -26,6 +26,14 @@ std::unique_ptr<Tokenizer> builtin_tokenizer(const UNetConfig &unet);
 // carry no tokenizer: m.tokenizer is the caller's, or the built-in one.
 void open_single_file(sw_sd_model &m, const std::string &path);
 
+// Fills vae from f: its decoder (with post_quant_conv) now, its encoder (with
+// quant_conv) at its first encode, since only img2img and inpaint encode
+// (SD 1.5's encoder is 34 M of the VAE's 84 M parameters); f stays mapped,
+// nothing of it resident, until then. Every tensor of both halves is checked
+// now. Returns the stats of both, the encoder's as it will be held.
+WeightStats load_vae_weights(VAEImpl &vae, std::shared_ptr<const SafeTensorsFile> f, Resolver resolve,
+                             torch::ScalarType dtype, const torch::Device &device);
+
 // Fills vae from a standalone VAE .safetensors file: LDM keys (encoder.down.*,
 // decoder.up.*, quant_conv, post_quant_conv; optionally under
 // first_stage_model., as vae-ft-mse-840000 ships) or diffusers keys

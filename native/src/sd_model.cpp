@@ -61,6 +61,9 @@ WeightStats module_stats(torch::nn::Module &module) {
     return s;
 }
 
+// A diffusers folder's file names its tensors as the modules do.
+Source plain_names(const std::string &name) { return Source{name}; }
+
 // Replaces m's VAE with the one at path: a diffusers VAE folder (config.json +
 // weights; its config, scaling factor included, is used) or a single
 // .safetensors file (the model's VAE config is used). Either must have the
@@ -73,8 +76,8 @@ void replace_vae(sw_sd_model &m, const std::string &path, torch::ScalarType st) 
         const auto cfg = VAEConfig::from(component_config(path));
         check_vae_fits(cfg, m.vae->config, path);
         vae = VAE(cfg);
-        SafeTensorsFile f(component_weights(path, "diffusion_pytorch_model"));
-        stats = load_weights(*vae, f, "", st, m.device);
+        stats = load_vae_weights(*vae, std::make_shared<const SafeTensorsFile>(component_weights(path, "diffusion_pytorch_model")),
+                                 plain_names, st, m.device);
     } else {
         if (is_pickle(path))
             fail(SW_ERR_UNSUPPORTED, path + ": pickle VAE files are not read directly; convert it to .safetensors "
@@ -176,14 +179,18 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
             torch::nn::Module &module;
             std::string dir, stem;
         };
-        for (const Part &part : {Part{*m->text_encoder, root + "/text_encoder", "model"},
-                                 Part{*m->unet, root + "/unet", "diffusion_pytorch_model"},
-                                 Part{*m->vae, root + "/vae", "diffusion_pytorch_model"}}) {
-            SafeTensorsFile f(component_weights(part.dir, part.stem));
-            const auto stats = load_weights(part.module, f, "", st, m->device);
+        auto add = [&](const WeightStats &stats) {
             m->params += stats.params;
             m->bytes += stats.bytes;
+        };
+        for (const Part &part : {Part{*m->text_encoder, root + "/text_encoder", "model"},
+                                 Part{*m->unet, root + "/unet", "diffusion_pytorch_model"}}) {
+            SafeTensorsFile f(component_weights(part.dir, part.stem));
+            add(load_weights(part.module, f, "", st, m->device));
         }
+        add(load_vae_weights(*m->vae,
+                             std::make_shared<const SafeTensorsFile>(component_weights(root + "/vae", "diffusion_pytorch_model")),
+                             plain_names, st, m->device));
     }
     const auto &unet_cfg = m->unet->config;
     if (!vae_arg.empty()) replace_vae(*m, vae_arg, st);

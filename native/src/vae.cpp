@@ -148,6 +148,10 @@ VAEImpl::VAEImpl(const VAEConfig &c) : config(c) {
 }
 
 std::pair<torch::Tensor, torch::Tensor> VAEImpl::encode(const torch::Tensor &image) {
+    if (load_encoder) {
+        load_encoder();  // on failure it stays, for the next encode to try again
+        load_encoder = nullptr;
+    }
     auto moments = quant_conv(encoder(channels_last_on_cpu(image))).contiguous();
     auto parts = moments.chunk(2, 1);
     return {parts[0], parts[1].clamp(-30.0, 20.0)};

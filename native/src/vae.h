@@ -48,6 +48,9 @@ struct VAEImpl : torch::nn::Module {
     VAEConfig config;
     VAECoder encoder{nullptr}, decoder{nullptr};
     Conv2d quant_conv{nullptr}, post_quant_conv{nullptr};
+    // Fills the encoder and quant_conv (load_vae_weights); run by the first
+    // encode, then empty.
+    std::function<void()> load_encoder;
 };
 TORCH_MODULE(VAE);
 

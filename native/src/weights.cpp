@@ -163,7 +163,60 @@ bool reshapeable(c10::IntArrayRef want, const std::vector<int64_t> &have) {
     return strip(want.vec()) == strip(have);
 }
 
+// One tensor of a module to fill: its source in the file and its dtype once
+// loaded.
+struct WeightJob {
+    torch::Tensor target;
+    Source src;
+    const TensorEntry *entry;
+    torch::ScalarType dtype;  // its dtype once loaded
+    bool is_param;
+};
+
+// Every tensor of m matched against f before any is converted: a file that
+// does not fit fails at once, naming the first tensor (in the module's order)
+// that does not.
+std::vector<WeightJob> plan_weights(torch::nn::Module &m, const SafeTensorsFile &f, const Resolver &resolve,
+                                    torch::ScalarType dtype) {
+    std::vector<WeightJob> jobs;
+    auto check = [&](const std::string &name, const torch::Tensor &target, bool is_param) {
+        Source src = resolve(name);
+        const std::string &key = src.key;
+        if (key.empty() || !f.has(key))
+            fail(SW_ERR_NOT_FOUND, f.path() + ": missing tensor " + (key.empty() ? name : key));
+        const TensorEntry &e = f.entry(key);
+        const bool want_float = is_float(target.scalar_type());
+        if (want_float && !is_float(e.scalar))
+            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has dtype " + e.dtype + ", want F32, F16 or BF16");
+        if (!want_float && is_float(e.scalar))
+            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has dtype " + e.dtype + ", want an integer type");
+        std::vector<int64_t> have = e.shape;
+        if (src.parts > 1) {
+            if (have.empty() || have[0] % src.parts != 0)
+                fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " cannot be split in " + std::to_string(src.parts));
+            have[0] /= src.parts;
+        }
+        if (target.sizes().vec() != have && !reshapeable(target.sizes(), have))
+            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has shape " + shape_str(have) + ", the config needs " +
+                                    shape_str(target.sizes()));
+        jobs.push_back({target, std::move(src), &e, want_float ? dtype : target.scalar_type(), is_param});
+    };
+    for (auto &item : m.named_parameters(true)) check(item.key(), item.value(), true);
+    for (auto &item : m.named_buffers(true)) check(item.key(), item.value(), false);
+    return jobs;
+}
+
 }  // namespace
+
+WeightStats check_weights(torch::nn::Module &m, const SafeTensorsFile &f, const Resolver &resolve,
+                          torch::ScalarType dtype) {
+    WeightStats stats;
+    for (const auto &job : plan_weights(m, f, resolve, dtype)) {
+        if (job.is_param) stats.params += job.target.numel();
+        stats.bytes += job.target.numel() * static_cast<int64_t>(c10::elementSize(job.dtype));
+    }
+    return stats;
+}
 
 ReuseCPUMemory::ReuseCPUMemory(size_t max_kept, size_t min_block, size_t slack)
     : max_kept_(max_kept), min_block_(min_block), slack_(slack) {
@@ -216,47 +269,13 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     if (device.is_cpu())
         for (const auto &child : m.modules(/*include_self=*/true))
             if (auto *emb = dynamic_cast<EmbeddingImpl *>(child.get())) lookups[emb->weight.unsafeGetTensorImpl()] = emb;
-    // Every tensor is checked before any is converted: a file that does not
-    // fit fails at once, naming the first tensor (in the module's order) that
-    // does not.
-    struct Job {
-        torch::Tensor target;
-        Source src;
-        const TensorEntry *entry;
-        torch::ScalarType dtype;  // its dtype once loaded
-        bool is_param;
-    };
-    std::vector<Job> jobs;
-    auto check = [&](const std::string &name, const torch::Tensor &target, bool is_param) {
-        Source src = resolve(name);
-        const std::string &key = src.key;
-        if (key.empty() || !f.has(key))
-            fail(SW_ERR_NOT_FOUND, f.path() + ": missing tensor " + (key.empty() ? name : key));
-        const TensorEntry &e = f.entry(key);
-        const bool want_float = is_float(target.scalar_type());
-        if (want_float && !is_float(e.scalar))
-            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has dtype " + e.dtype + ", want F32, F16 or BF16");
-        if (!want_float && is_float(e.scalar))
-            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has dtype " + e.dtype + ", want an integer type");
-        std::vector<int64_t> have = e.shape;
-        if (src.parts > 1) {
-            if (have.empty() || have[0] % src.parts != 0)
-                fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " cannot be split in " + std::to_string(src.parts));
-            have[0] /= src.parts;
-        }
-        if (target.sizes().vec() != have && !reshapeable(target.sizes(), have))
-            fail(SW_ERR_FORMAT, f.path() + ": tensor " + key + " has shape " + shape_str(have) + ", the config needs " +
-                                    shape_str(target.sizes()));
-        jobs.push_back({target, std::move(src), &e, want_float ? dtype : target.scalar_type(), is_param});
-    };
-    for (auto &item : m.named_parameters(true)) check(item.key(), item.value(), true);
-    for (auto &item : m.named_buffers(true)) check(item.key(), item.value(), false);
+    std::vector<WeightJob> jobs = plan_weights(m, f, resolve, dtype);
 
     std::optional<ReuseCPUMemory> reuse;
     if (!packable.empty())
         reuse.emplace(ReuseCPUMemory::kMaxKeptBytes, ReuseCPUMemory::kMinKeptBlock,
                       dtype == torch::kFloat32 ? ReuseCPUMemory::kLooseSlack : ReuseCPUMemory::kTightSlack);
-    auto load = [&](Job &job) {
+    auto load = [&](WeightJob &job) {
         torch::Tensor &target = job.target;
         const std::string &key = job.src.key;
         const auto load_dtype = job.dtype;
@@ -307,7 +326,7 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     // mark (docs/benchmarks.md). So do loads onto a GPU: there the copy is
     // the device's, and not every backend's queue takes work from several
     // threads at once (MPS).
-    std::stable_sort(jobs.begin(), jobs.end(), [](const Job &a, const Job &b) {
+    std::stable_sort(jobs.begin(), jobs.end(), [](const WeightJob &a, const WeightJob &b) {
         return a.entry->end - a.entry->begin > b.entry->end - b.entry->begin;
     });
     std::atomic<size_t> next{0};

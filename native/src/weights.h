@@ -36,6 +36,11 @@ using Resolver = std::function<Source(const std::string &name)>;
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const Resolver &resolve,
                          torch::ScalarType dtype, const torch::Device &device);
 
+// check_weights checks every tensor of m against f as load_weights does,
+// loading none, and returns the stats load_weights will (in dtype).
+WeightStats check_weights(torch::nn::Module &m, const SafeTensorsFile &f, const Resolver &resolve,
+                          torch::ScalarType dtype);
+
 // randomize fills m deterministically from a CPU generator seeded with seed:
 // matrices N(0, 1/fan_in), norm scales 1 + N(0, 0.1²), biases N(0, 0.02²),
 // batch-norm statistics near (0, 1).

@@ -248,8 +248,18 @@ void test_unet_near_float32(sw_sd_model *m, const std::string &label, double tol
 // bfloat16 against the float32 goldens: UNet passes, a VAE decode and encode,
 // so a reduced-precision path that has gone wrong shows without a sampler's
 // amplification. The limits are about twice the error measured here.
+// Bytes the VAE encoder's parameters hold (placeholders take one element).
+int64_t vae_encoder_bytes(sw_sd_model *m) {
+    int64_t n = 0;
+    for (const auto &t : m->vae->encoder->parameters()) n += static_cast<int64_t>(t.storage().nbytes());
+    return n;
+}
+
 void test_bfloat16() {
     std::unique_ptr<sw_sd_model> m(open_model(sd("tiny-sd15"), SW_DTYPE_BF16));
+    // The VAE encoder is loaded at its first encode (load_vae_weights), below.
+    report(m->vae->load_encoder && vae_encoder_bytes(m.get()) < 1024, "bf16 vae encoder not loaded at open",
+           std::to_string(vae_encoder_bytes(m.get())) + " bytes");
     test_unet_near_float32(m.get(), "bf16", 0.05);
     const auto st = torch::kBFloat16;
     sw::SafeTensorsFile v(sd("tiny-sd15/golden/vae.safetensors"));
@@ -257,6 +267,8 @@ void test_bfloat16() {
           0.03);
     auto [mean, logvar] = m->vae->encode(v.load("enc_input").to(st));
     close("bf16 vae enc_mean", mean.to(torch::kFloat32), v.load("enc_mean"), 0.03);
+    report(!m->vae->load_encoder && vae_encoder_bytes(m.get()) > 4096, "bf16 vae encoder loaded at its first encode",
+           std::to_string(vae_encoder_bytes(m.get())) + " bytes");
     test_prepacked(m.get(), "bf16");
 
     // Opened on two threads, each converting whole tensors (weights.cpp), the
