@@ -146,11 +146,9 @@ SW_API const char *sw_build_info(void) {
 SW_API void sw_set_log_callback(sw_log_callback callback, void *user_data) { sw::set_log_callback(callback, user_data); }
 
 SW_API void sw_set_num_threads(int32_t n) {
-    if (n > 0) {
-        try {
-            at::set_num_threads(n);
-        } catch (...) {
-        }
+    try {
+        sw::set_library_threads(n);
+    } catch (...) {
     }
 }
 

@@ -11,6 +11,11 @@
 #include <cstdio>
 #include <mutex>
 
+#include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace sw {
 
 namespace {
@@ -165,8 +170,41 @@ const char *dtype_name(sw_dtype dtype) {
     }
 }
 
+namespace {
+
+std::atomic<int> library_threads{0};
+
+// OpenMP's thread count is per OS thread, and the Go caller may arrive on any.
+// libtorch sets it at a thread's first parallel loop (lazy_init_num_threads),
+// and with it rebuilds its pthreadpool, whose new worker busy-waits ~25 ms of a
+// core: at::init_num_threads at every call rebuilt it every time, and an
+// OpenMP worker's first loop did so in the middle of a load, taking that core
+// from the conversion. So libtorch's first-loop initialization runs once per
+// thread, here, for the calling thread and its OpenMP workers together; after
+// that only OpenMP's count is set, where sw_set_num_threads changed it.
+void use_library_threads() {
+    at::internal::lazy_init_num_threads();
+#ifdef _OPENMP
+    const int n = library_threads.load();
+    if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+#endif
+    thread_local int workers_ready = 1;  // the largest team whose workers have run a loop
+    if (const int team = at::get_num_threads(); team > workers_ready) {
+        at::parallel_for(0, team, 1, [](int64_t, int64_t) { at::internal::lazy_init_num_threads(); });
+        workers_ready = team;
+    }
+}
+
+}  // namespace
+
+void set_library_threads(int n) {
+    if (n <= 0) return;
+    at::set_num_threads(n);
+    library_threads = n;
+}
+
 CallGuard::CallGuard(const std::atomic<bool> *cancel) : previous_(call_cancel) {
-    at::init_num_threads();  // OpenMP's thread count is per OS thread
+    use_library_threads();
     if (cancel != nullptr) call_cancel = cancel;
 }
 

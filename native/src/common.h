@@ -60,6 +60,10 @@ int open_regular(const std::string &path, int64_t *size);
 // thread lands within one of those, however large the image.
 void check_cancel();
 
+// The library's thread count (sw_set_num_threads): libtorch's, applied by
+// CallGuard to every OS thread a call runs on. n <= 0 is ignored.
+void set_library_threads(int n);
+
 // Per-call libtorch state: it is per thread, and the Go caller may arrive on any
 // OS thread, so every exported entry point that runs tensors makes one of these.
 // Given a cancel flag it installs it for check_cancel on this thread; without

@@ -263,11 +263,6 @@ bool prepack_convolutions(torch::ScalarType dtype, const torch::Device &device) 
            (block_convolutions(dtype, device) || prepacking_works(dtype));
 }
 
-void probe_weight_layouts(torch::ScalarType dtype, const torch::Device &device) {
-    prepack_convolutions(dtype, device);
-    block_linears(dtype, device);
-}
-
 ConvTranspose2dImpl::ConvTranspose2dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_) : stride(stride_) {
     weight = register_parameter("weight", empty({in, out, kernel, kernel}), false);
     bias = register_parameter("bias", empty({out}), false);

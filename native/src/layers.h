@@ -168,11 +168,6 @@ int64_t quantize_linears_int8(torch::nn::Module &m);
 // does not).
 bool prepack_convolutions(torch::ScalarType dtype, const torch::Device &device);
 
-// Runs the probes behind prepack_convolutions and block_linears for dtype on
-// device, which load_weights asks at its start: a caller can start them ahead
-// of it on another thread.
-void probe_weight_layouts(torch::ScalarType dtype, const torch::Device &device);
-
 // x in channels-last when it is a 4-d tensor whose convolutions have
 // channels-last kernels (Conv2dImpl::CPUKernel::ChannelsLast: the CPU, float32
 // or bfloat16); x as it is otherwise.

@@ -1,8 +1,6 @@
 #include <sys/stat.h>
 
-#include <future>
 #include <memory>
-#include <system_error>
 
 #include "checkpoint.h"
 #include "layers.h"
@@ -135,14 +133,6 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
     m->device = parse_device(p.device ? p.device : "cpu");
     m->dtype = resolve_dtype(p.dtype, m->device);
     const auto st = scalar_type(m->dtype);
-    // The probes that decide how the weights are held (~20 ms of oneDNN
-    // compilation on the CPU) run while the configs and the tokenizer are read
-    // on this thread; load_weights waits for their answer where it comes first.
-    std::future<void> probes;
-    try {
-        probes = std::async(std::launch::async, [st, device = m->device] { probe_weight_layouts(st, device); });
-    } catch (const std::system_error &) {  // no thread to spare: load_weights probes on this one
-    }
     const std::string tokenizer_arg = (p.tokenizer_dir && *p.tokenizer_dir) ? p.tokenizer_dir : "";
     const std::string vae_arg = (p.vae_path && *p.vae_path) ? p.vae_path : "";
 

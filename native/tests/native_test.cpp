@@ -8,9 +8,12 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <memory>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -1048,6 +1051,45 @@ void test_kernel_threads() {
     report(got == 2, "the engine's CPU kernels run on libtorch's 2 threads", std::to_string(got) + " ran");
 }
 
+// This process's thread ids.
+std::set<std::string> thread_ids() {
+    std::set<std::string> ids;
+    for (const auto &e : std::filesystem::directory_iterator("/proc/self/task")) ids.insert(e.path().filename());
+    return ids;
+}
+
+// CallGuard sets up libtorch's threads once per OS thread: a call on a thread
+// that has had one starts no thread (at::init_num_threads at every call rebuilt
+// libtorch's pthreadpool, a new busy-waiting worker thread each time), and a
+// thread count set since (sw_set_num_threads, from any thread) still applies.
+void test_call_threads() {
+    const int before = at::get_num_threads();
+    sw::set_library_threads(2);
+    { const sw::CallGuard first; }
+    const auto ids = thread_ids();
+    for (int i = 0; i < 5; i++) const sw::CallGuard again;
+    std::string started;
+    for (const auto &id : thread_ids())
+        if (!ids.count(id)) started += " " + id;
+    report(started.empty(), "a call on a set-up thread starts no thread", started.empty() ? "" : "started" + started);
+
+    int seen = 0;
+    std::promise<void> set_up, changed;
+    std::thread other([&] {
+        { const sw::CallGuard first; }
+        set_up.set_value();
+        changed.get_future().wait();
+        const sw::CallGuard next;
+        seen = at::get_num_threads();
+    });
+    set_up.get_future().wait();
+    sw::set_library_threads(1);  // on this thread, as another caller would
+    changed.set_value();
+    other.join();
+    report(seen == 1, "a call applies the thread count set since", std::to_string(seen) + " threads");
+    sw::set_library_threads(before);
+}
+
 // Runs f with a cancel flag that is already set, as if another thread had
 // called sw_*_model_cancel: it must stop with SW_CANCELLED at a cancel point.
 void expect_cancel_point(const std::string &name, const std::function<void()> &f) {
@@ -1131,6 +1173,7 @@ int main() {
     run("copy strided", test_copy_strided);
     run("upsample phases", test_upsample_phases);
     run("kernel threads", test_kernel_threads);
+    run("call threads", test_call_threads);
     run("group norm", test_group_norm);
     run("reuse cpu memory", test_reuse_cpu_memory);
     run("mapped load", test_mapped_load);
