@@ -12,7 +12,7 @@ import (
 // ModelInfo describes a loaded model.
 type ModelInfo struct {
 	Params      int64  `json:"params"`
-	WeightBytes int64  `json:"weight_bytes"`
+	WeightBytes int64  `json:"weight_bytes"` // held in memory: a lookup table left in the file mapping is not counted
 	DType       DType  `json:"-"`
 	Device      string `json:"device"`
 	Arch        string `json:"arch"`

@@ -162,7 +162,9 @@ SW_API sw_status sw_backend_available(int32_t backend, sw_error *err);
 /* Memory and identity of a loaded model. */
 typedef struct sw_model_info {
     int64_t param_count;  /* number of parameters */
-    int64_t weight_bytes; /* bytes of parameters and buffers on the device */
+    int64_t weight_bytes; /* bytes of parameters and buffers on the device; a lookup table left in the file
+                             mapping (the text encoder's token table on the CPU: a prompt reads a few rows)
+                             is not counted */
     int32_t dtype;        /* the resolved sw_dtype (never AUTO) */
     char device[32];      /* the device the weights live on */
     char arch[128];       /* e.g. "sd1 unet 4ch eps", "seg-unet 3->2 convtranspose" */

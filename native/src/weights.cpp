@@ -171,6 +171,7 @@ struct WeightJob {
     const TensorEntry *entry;
     torch::ScalarType dtype;  // its dtype once loaded
     bool is_param;
+    bool in_file = false;  // a lookup table left in the file mapping
 };
 
 // Every tensor of m matched against f before any is converted: a file that
@@ -284,6 +285,7 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
             if (auto t = f.map_stored(key); t.defined()) {
                 target.set_data(t.reshape(target.sizes()));
                 emb->second->rows_as = load_dtype;
+                job.in_file = true;
                 return;
             }
         }
@@ -345,7 +347,7 @@ WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const R
     });
     for (const auto &job : jobs) {
         if (job.is_param) stats.params += job.target.numel();
-        stats.bytes += job.target.numel() * static_cast<int64_t>(job.target.element_size());
+        if (!job.in_file) stats.bytes += job.target.numel() * static_cast<int64_t>(job.target.element_size());
     }
     return stats;
 }

@@ -14,7 +14,7 @@ namespace sw {
 
 struct WeightStats {
     int64_t params = 0;  // number of parameter elements
-    int64_t bytes = 0;   // bytes of parameters and buffers as loaded
+    int64_t bytes = 0;   // bytes of parameters and buffers as loaded (lookup tables left in the file not counted)
 };
 
 // load_weights fills every parameter and buffer of m from f (names prefixed
