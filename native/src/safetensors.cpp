@@ -226,21 +226,17 @@ torch::Tensor SafeTensorsFile::map_stored(const std::string &name) const {
 
 torch::Tensor SafeTensorsFile::load(const std::string &name, torch::ScalarType dtype, const torch::Device &device) const {
     const TensorEntry &e = entry(name);
-    auto *data = const_cast<uint8_t *>(data_ + e.begin);
-    if (device.is_cpu() && e.scalar == dtype && reinterpret_cast<uintptr_t>(data) % c10::elementSize(dtype) == 0) {
+    if (device.is_cpu() && e.scalar == dtype) {
         // Resident now, as a copy would be: the first step does not pay for
         // faulting the weights in. The pages go back with the tensor (a page
         // it shares with a neighbour still in use is read back in from the
         // page cache: the mapping is never written).
-        const size_t begin = offset(e), end = begin + (e.end - e.begin);
-        const auto [lo, hi] = page_range(mapping_->size, begin, end);
-        if (hi > lo) ::madvise(static_cast<char *>(mapping_->addr) + lo, hi - lo, MADV_POPULATE_READ);
-        return torch::from_blob(
-            data, e.shape,
-            [mapping = mapping_, begin, end](void *) {
-                drop_pages(mapping->addr, mapping->size, begin, end);
-            },
-            torch::TensorOptions().dtype(e.scalar));
+        if (auto mapped = map_stored(name); mapped.defined()) {
+            const size_t begin = offset(e);
+            const auto [lo, hi] = page_range(mapping_->size, begin, begin + (e.end - e.begin));
+            if (hi > lo) ::madvise(static_cast<char *>(mapping_->addr) + lo, hi - lo, MADV_POPULATE_READ);
+            return mapped;
+        }
     }
     return load_with(name, [&](const torch::Tensor &view) {
         return view.scalar_type() == dtype && device.is_cpu() ? view.clone()
