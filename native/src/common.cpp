@@ -214,6 +214,8 @@ void check_cancel() {
     if (call_cancel != nullptr && call_cancel->load(std::memory_order_relaxed)) fail(SW_CANCELLED, "cancelled");
 }
 
+const std::atomic<bool> *cancel_flag() { return call_cancel; }
+
 bool path_exists(const std::string &path) {
     struct stat st;
     return ::stat(path.c_str(), &st) == 0;

@@ -60,6 +60,11 @@ int open_regular(const std::string &path, int64_t *size);
 // thread lands within one of those, however large the image.
 void check_cancel();
 
+// The cancel flag check_cancel reads on this thread, null where none is
+// installed: a kernel that splits one call over worker threads (which have
+// none of their own) hands it to them, and they stop early when it is set.
+const std::atomic<bool> *cancel_flag();
+
 // The library's thread count (sw_set_num_threads): libtorch's, applied by
 // CallGuard to every OS thread a call runs on. n <= 0 is ignored.
 void set_library_threads(int n);

@@ -558,17 +558,9 @@ __attribute__((target("avx2,fma"))) void softmax_row_avx2(T *p, int64_t n, float
     }
 }
 
-#define SW_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
 // CPUs with AVX-512 BF16 (its rounding instruction stores bfloat16 in one
 // step) run softmax 16 lanes at a time: ~1.25× the AVX2 kernel's rate on
 // bfloat16 [512, 4096] blocks here (~5 against 4.0 G elements/s, 2 threads).
-bool has_avx512_bf16() {
-    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                            __builtin_cpu_supports("avx512bf16");
-    return has;
-}
 
 // exp_nonpositive, 16 at a time.
 SW_AVX512_BF16 inline __m512 exp_nonpositive16(__m512 x) {
@@ -871,10 +863,21 @@ torch::Tensor layer_norm_bf16_fast(const torch::Tensor &x, const torch::Tensor &
     return torch::Tensor();
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__)
+    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                            __builtin_cpu_supports("avx512bf16");
+    return has;
+#else
+    return false;
+#endif
+}
+
 int softmax_lanes() {
 #if defined(__x86_64__)
     const int limit = lanes_limit.load(std::memory_order_relaxed);
-    const int have = has_avx512_bf16() && has_avx2_fma() ? 16 : has_avx2_fma() ? 8 : 0;
+    const int have = cpu_has_avx512_bf16() && has_avx2_fma() ? 16 : has_avx2_fma() ? 8 : 0;
     return limit > 0 ? std::min(limit, have) : have;
 #else
     return 0;
@@ -996,6 +999,8 @@ torch::Tensor attention_by_head(const torch::Tensor &q, const torch::Tensor &k, 
 
 torch::Tensor attention(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
                         const c10::optional<torch::Tensor> &mask, bool upcast, int64_t max_bytes) {
+    if (!mask)
+        if (auto fused = attention_fused_bf16(q, k, v, heads); fused.defined()) return fused;
     if (q.device().is_cpu() && (!mask || mask->dim() == 2))
         return attention_by_head(q, k, v, heads, mask, upcast, max_bytes);
     const auto b = q.size(0), nq = q.size(1), nk = k.size(1), inner = q.size(2);

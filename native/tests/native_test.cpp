@@ -492,6 +492,88 @@ void test_attention_slicing() {
     }
 }
 
+void expect_cancel_point(const std::string &name, const std::function<void()> &f);
+
+// attention_fused_bf16 (attention.cpp) against the formula in float64 on the
+// same bfloat16 inputs, over the shapes its tiles and tails meet: SD 1.5's
+// first level (blocks of 72 queries and a shorter last one; 17 tiles of 64
+// keys and a chunk of 12), cross-attention's 77 keys (an odd one out of its
+// pair), fewer keys than a chunk, heads of 2 to 160 dims (a partial vector of
+// dims at 18), one query and one key, and peaked scores (their maximum
+// matters). Then what it declines, its threads, and its cancel point.
+void test_fused_attention() {
+    auto g = at::detail::createCPUGenerator(11);
+    const auto bf = torch::kBFloat16;
+    auto reference = [](const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads) {
+        const auto b = q.size(0), nq = q.size(1), nk = k.size(1), dim = q.size(2) / heads;
+        auto split = [&](const torch::Tensor &t, int64_t n) {
+            return t.to(torch::kFloat64).reshape({b, n, heads, dim}).transpose(1, 2);
+        };
+        auto s = at::matmul(split(q, nq), split(k, nk).transpose(-1, -2)) / std::sqrt(static_cast<double>(dim));
+        return at::matmul(at::softmax(s, -1), split(v, nk)).transpose(1, 2).reshape({b, nq, heads * dim});
+    };
+    if (!sw::cpu_has_avx512_bf16()) {
+        auto q = torch::randn({1, 8, 16}, g).to(bf);
+        report(!sw::attention_fused_bf16(q, q, q, 2).defined(), "fused attention declines without AVX-512 BF16", "");
+        return;
+    }
+    struct Case {
+        int64_t b, nq, nk, heads, dim;
+        double query_scale;
+    };
+    for (const Case &c : std::vector<Case>{{2, 1100, 1100, 8, 40, 1},
+                                           {1, 37, 77, 8, 40, 1},
+                                           {2, 50, 5, 2, 64, 1},
+                                           {1, 30, 33, 1, 160, 1},
+                                           {1, 25, 17, 3, 18, 1},
+                                           {2, 9, 300, 5, 2, 1},
+                                           {1, 1, 1, 1, 8, 1},
+                                           {1, 40, 200, 4, 40, 8}}) {
+        const int64_t inner = c.heads * c.dim;
+        auto q = (torch::randn({c.b, c.nq, inner}, g) * c.query_scale).to(bf);
+        auto k = torch::randn({c.b, c.nk, inner}, g).to(bf), v = torch::randn({c.b, c.nk, inner}, g).to(bf);
+        char name[120];
+        std::snprintf(name, sizeof name, "fused attention [%lld, %lld] on %lld keys, %lld heads of %lld",
+                      (long long)c.b, (long long)c.nq, (long long)c.nk, (long long)c.heads, (long long)c.dim);
+        const int64_t before = sw::fused_attention_calls();
+        auto got = sw::attention(q, k, v, c.heads);
+        report(sw::fused_attention_calls() == before + 1 && got.scalar_type() == bf, std::string(name) + " runs fused", "");
+        close(std::string(name) + " against float64", got.to(torch::kFloat32), reference(q, k, v, c.heads), 0.006);
+    }
+
+    // Every score far below zero (-190 after scaling): only the true maximum,
+    // not the zero of a padded key, keeps their exponentials from underflowing.
+    {
+        auto q = torch::full({1, 8, 80}, 30.0).to(bf), k = (-torch::ones({1, 20, 80}) + 0.01 * torch::randn({1, 20, 80}, g)).to(bf);
+        auto v = torch::randn({1, 20, 80}, g).to(bf);
+        close("fused attention of scores far below zero against float64", sw::attention(q, k, v, 2).to(torch::kFloat32),
+              reference(q, k, v, 2), 0.006);
+    }
+
+    // Not its to take: an odd head, a head wider than its tiles, float32, a
+    // mask. attention() then runs its other path, still right.
+    auto q = torch::randn({1, 20, 14}, g).to(bf), wide = torch::randn({1, 20, 162}, g).to(bf);
+    report(!sw::attention_fused_bf16(q, q, q, 2).defined(), "fused attention declines heads of 7", "");
+    close("attention on heads of 7", sw::attention(q, q, q, 2).to(torch::kFloat32), reference(q, q, q, 2), 0.02);
+    report(!sw::attention_fused_bf16(wide, wide, wide, 1).defined(), "fused attention declines heads of 162", "");
+    report(!sw::attention_fused_bf16(q.to(torch::kFloat32), q.to(torch::kFloat32), q.to(torch::kFloat32), 2).defined(),
+           "fused attention declines float32", "");
+    const int64_t before = sw::fused_attention_calls();
+    sw::attention(q, q, q, 1, torch::zeros({20, 20}));
+    report(sw::fused_attention_calls() == before, "masked attention does not run fused", "");
+
+    // Each block of queries is computed whole by one thread: the same bits
+    // however the blocks are split.
+    auto big_q = torch::randn({2, 1100, 320}, g).to(bf), big_k = torch::randn({2, 1100, 320}, g).to(bf);
+    auto one = sw::attention(big_q, big_k, big_k, 8);
+    const int threads = at::get_num_threads();
+    at::set_num_threads(2);
+    auto two = sw::attention(big_q, big_k, big_k, 8);
+    at::set_num_threads(threads);
+    report(at::equal(one, two), "fused attention has the same bits on 1 and 2 threads", "");
+    expect_cancel_point("fused attention", [&] { sw::attention(big_q, big_k, big_k, 8); });
+}
+
 // Every convolution of a CPU model in float32 or bfloat16 holds its kernel
 // once (layers.h): the UNet's in oneDNN's layout, with a one-element
 // placeholder where the dense weight was; the VAE's dense, channels-last.
@@ -1166,6 +1248,7 @@ void test_sampler_ids() {
 int main() {
     torch::set_num_threads(1);
     run("attention slicing", test_attention_slicing);  // needs no fixtures
+    run("fused attention", test_fused_attention);
     run("softmax", test_softmax);
     run("layer norm", test_layer_norm);
     run("blocked linear", test_blocked_linear);
