@@ -41,7 +41,9 @@ std::atomic<int64_t> fused_calls{0};
 // output in vectors of 16 of a head's dims.
 constexpr int64_t kLanes = 16;
 // A block's queries: a multiple of every row tile below, and as many as keep
-// its float32 scores and bfloat16 probabilities within kBlockBytes.
+// its float32 scores and bfloat16 probabilities within kBlockBytes, but at
+// most kMaxBlockRows, so that a head with few keys (cross-attention's 77)
+// still splits into several blocks for the threads to share.
 constexpr int64_t kRowQuantum = 24, kMaxBlockRows = 480;
 constexpr int64_t kBlockBytes = int64_t(512) << 10;
 // Scores are computed 6 queries × 4 chunks of keys at a time (24 float32
