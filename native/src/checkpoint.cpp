@@ -454,8 +454,7 @@ WeightStats load_vae_file(VAE &vae, const std::string &path, torch::ScalarType d
     const auto cfg = VAEConfig::from(
         Config(vae_config(f, prefix, ldm, vae->config.scaling_factor, &levels), path + " (VAE from shapes)"));
     check_vae_fits(cfg, vae->config, path);
-    if (!ldm) return load_vae_weights(*vae, file, [prefix](const std::string &name) { return Source{prefix + name}; },
-                                      dtype, device);
+    if (!ldm) return load_vae_weights(*vae, file, prefixed(prefix), dtype, device);
     return load_vae_weights(*vae, file, from_map(ldm_vae_keys(f, prefix, levels), prefix), dtype, device);
 }
 

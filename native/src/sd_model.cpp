@@ -59,9 +59,6 @@ WeightStats module_stats(torch::nn::Module &module) {
     return s;
 }
 
-// A diffusers folder's file names its tensors as the modules do.
-Source plain_names(const std::string &name) { return Source{name}; }
-
 // Replaces m's VAE with the one at path: a diffusers VAE folder (config.json +
 // weights; its config, scaling factor included, is used) or a single
 // .safetensors file (the model's VAE config is used). Either must have the
@@ -75,7 +72,7 @@ void replace_vae(sw_sd_model &m, const std::string &path, torch::ScalarType st) 
         check_vae_fits(cfg, m.vae->config, path);
         vae = VAE(cfg);
         stats = load_vae_weights(*vae, std::make_shared<const SafeTensorsFile>(component_weights(path, "diffusion_pytorch_model")),
-                                 plain_names, st, m.device);
+                                 prefixed(""), st, m.device);
     } else {
         if (is_pickle(path))
             fail(SW_ERR_UNSUPPORTED, path + ": pickle VAE files are not read directly; convert it to .safetensors "
@@ -180,7 +177,7 @@ sw_sd_model *open_sd_model(const sw_sd_model_params &p) {
         }
         add(load_vae_weights(*m->vae,
                              std::make_shared<const SafeTensorsFile>(component_weights(root + "/vae", "diffusion_pytorch_model")),
-                             plain_names, st, m->device));
+                             prefixed(""), st, m->device));
     }
     const auto &unet_cfg = m->unet->config;
     if (!vae_arg.empty()) replace_vae(*m, vae_arg, st);

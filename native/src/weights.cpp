@@ -230,7 +230,11 @@ size_t ReuseCPUMemory::kept_bytes() { return ReusingCPUAllocator::get().kept_byt
 
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const std::string &prefix,
                          torch::ScalarType dtype, const torch::Device &device) {
-    return load_weights(m, f, [&](const std::string &name) { return Source{prefix + name}; }, dtype, device);
+    return load_weights(m, f, prefixed(prefix), dtype, device);
+}
+
+Resolver prefixed(std::string prefix) {
+    return [prefix = std::move(prefix)](const std::string &name) { return Source{prefix + name}; };
 }
 
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const Resolver &resolve,

@@ -32,6 +32,10 @@ struct Source {
 };
 using Resolver = std::function<Source(const std::string &name)>;
 
+// The resolver that names each tensor prefix + its module name (a diffusers
+// folder's file: prefix "").
+Resolver prefixed(std::string prefix);
+
 // load_weights with a resolver mapping each module name to its source.
 WeightStats load_weights(torch::nn::Module &m, const SafeTensorsFile &f, const Resolver &resolve,
                          torch::ScalarType dtype, const torch::Device &device);
