@@ -34,6 +34,7 @@ namespace sw {
 namespace {
 
 std::atomic<int64_t> fused_calls{0};
+std::atomic<bool> fused_allowed{true};
 
 #if defined(__x86_64__)
 
@@ -231,11 +232,13 @@ SW_AVX512_BF16 void score_block(const uint16_t *q, int64_t ldq, int64_t rows, in
 
 int64_t fused_attention_calls() { return fused_calls.load(); }
 
+void allow_fused_attention(bool allowed) { fused_allowed.store(allowed); }
+
 torch::Tensor attention_fused_bf16(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v,
                                    int64_t heads) {
 #if defined(__x86_64__)
     const auto bf = torch::kBFloat16;
-    if (!cpu_has_avx512_bf16() || q.dim() != 3 || k.dim() != 3 || v.dim() != 3 || heads < 1) return {};
+    if (!fused_allowed.load(std::memory_order_relaxed) || !cpu_has_avx512_bf16() || q.dim() != 3 || k.dim() != 3 || v.dim() != 3 || heads < 1) return {};
     if (q.scalar_type() != bf || k.scalar_type() != bf || v.scalar_type() != bf) return {};
     if (!q.device().is_cpu() || !k.device().is_cpu() || !v.device().is_cpu()) return {};
     if (!q.is_contiguous() || !k.is_contiguous() || !v.is_contiguous()) return {};

@@ -252,4 +252,9 @@ constexpr int64_t kFusedAttentionMaxDim = 160;
 // an attention took).
 int64_t fused_attention_calls();
 
+// allow_fused_attention(false) makes attention_fused_bf16 decline everything,
+// so that tests on a CPU with AVX-512 BF16 also check the path CPUs without
+// it take; true lifts that.
+void allow_fused_attention(bool allowed);
+
 }  // namespace sw

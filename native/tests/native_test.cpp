@@ -442,6 +442,19 @@ void test_segmentation() {
     }
 }
 
+// Multi-head attention by its formula in float64 (mask added to the scores
+// where defined): what the engine's attention is held to.
+torch::Tensor attention_reference(const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v,
+                                  int64_t heads, const torch::Tensor &mask = {}) {
+    const auto b = q.size(0), nq = q.size(1), nk = k.size(1), dim = q.size(2) / heads;
+    auto split = [&](const torch::Tensor &t, int64_t n) {
+        return t.to(torch::kFloat64).reshape({b, n, heads, dim}).transpose(1, 2);
+    };
+    auto s = at::matmul(split(q, nq), split(k, nk).transpose(-1, -2)) / std::sqrt(static_cast<double>(dim));
+    if (mask.defined()) s = s + mask.to(torch::kFloat64);
+    return at::matmul(at::softmax(s, -1), split(v, nk)).transpose(1, 2).reshape({b, nq, heads * dim});
+}
+
 void test_attention_slicing() {
     auto g = at::detail::createCPUGenerator(7);
     auto q = torch::randn({2, 300, 64}, g), k = torch::randn({2, 77, 64}, g), v = torch::randn({2, 77, 64}, g);
@@ -457,39 +470,39 @@ void test_attention_slicing() {
     // Against the formula in float64: float32, bfloat16 with and without
     // scores upcast to float32, a causal mask, blocks of 512 queries and a
     // shorter last one (1100 = 2 × 512 + 76), keys fewer than queries.
-    auto reference = [](const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads,
-                        const torch::Tensor &mask) {
-        const auto b = q.size(0), nq = q.size(1), nk = k.size(1), dim = q.size(2) / heads;
-        auto split = [&](const torch::Tensor &t, int64_t n) {
-            return t.to(torch::kFloat64).reshape({b, n, heads, dim}).transpose(1, 2);
-        };
-        auto s = at::matmul(split(q, nq), split(k, nk).transpose(-1, -2)) / std::sqrt(static_cast<double>(dim));
-        if (mask.defined()) s = s + mask.to(torch::kFloat64);
-        return at::matmul(at::softmax(s, -1), split(v, nk)).transpose(1, 2).reshape({b, nq, heads * dim});
-    };
     auto big_q = torch::randn({2, 1100, 64}, g), big_k = torch::randn({2, 1100, 64}, g), big_v = torch::randn({2, 1100, 64}, g);
     auto causal = torch::full({1100, 1100}, -std::numeric_limits<float>::infinity()).triu(1);
-    close("attention f32 against float64", sw::attention(big_q, k, v, 8), reference(big_q, k, v, 8, {}), 1e-5);
+    close("attention f32 against float64", sw::attention(big_q, k, v, 8), attention_reference(big_q, k, v, 8, {}), 1e-5);
     close("masked self-attention f32 against float64", sw::attention(big_q, big_k, big_v, 8, causal),
-          reference(big_q, big_k, big_v, 8, causal), 1e-5);
+          attention_reference(big_q, big_k, big_v, 8, causal), 1e-5);
     // Up to 256 keys every head goes through one batched product (with a
     // causal mask too); more take the head-by-head path above.
     auto small = torch::randn({2, 200, 64}, g);
     auto causal_small = torch::full({200, 200}, -std::numeric_limits<float>::infinity()).triu(1);
     close("masked self-attention on 200 keys f32 against float64", sw::attention(small, small, small, 8, causal_small),
-          reference(small, small, small, 8, causal_small), 1e-5);
-    for (bool upcast : {false, true}) {
-        const auto bf = torch::kBFloat16;
-        const std::string how = upcast ? " (upcast)" : "";
-        auto qb = big_q.to(bf), kb = big_k.to(bf), vb = big_v.to(bf);
-        auto got = sw::attention(qb, kb, vb, 8, c10::nullopt, upcast);
-        report(got.scalar_type() == bf, "attention bf16 keeps its dtype" + how, "");
-        close("attention bf16 against float64" + how, got.to(torch::kFloat32), reference(qb, kb, vb, 8, {}), 0.02);
-        auto few = sw::attention(qb, k.to(bf), v.to(bf), 8, c10::nullopt, upcast);
-        report(few.scalar_type() == bf, "attention bf16 on 77 keys keeps its dtype" + how, "");
-        close("attention bf16 on 77 keys against float64" + how, few.to(torch::kFloat32),
-              reference(qb, k.to(bf), v.to(bf), 8, {}), 0.02);
+          attention_reference(small, small, small, 8, causal_small), 1e-5);
+    // On a CPU with AVX-512 BF16 bfloat16 runs fused (test_fused_attention):
+    // the path other CPUs take is checked here too.
+    for (bool fused : {true, false}) {
+        if (!fused && !sw::cpu_has_avx512_bf16()) continue;  // without it the first round ran that path
+        sw::allow_fused_attention(fused);
+        const int64_t calls = sw::fused_attention_calls();
+        for (bool upcast : {false, true}) {
+            const auto bf = torch::kBFloat16;
+            const std::string how = std::string(upcast ? " (upcast)" : "") + (fused ? "" : " (unfused)");
+            auto qb = big_q.to(bf), kb = big_k.to(bf), vb = big_v.to(bf);
+            auto got = sw::attention(qb, kb, vb, 8, c10::nullopt, upcast);
+            report(got.scalar_type() == bf, "attention bf16 keeps its dtype" + how, "");
+            close("attention bf16 against float64" + how, got.to(torch::kFloat32), attention_reference(qb, kb, vb, 8, {}),
+                  0.02);
+            auto few = sw::attention(qb, k.to(bf), v.to(bf), 8, c10::nullopt, upcast);
+            report(few.scalar_type() == bf, "attention bf16 on 77 keys keeps its dtype" + how, "");
+            close("attention bf16 on 77 keys against float64" + how, few.to(torch::kFloat32),
+                  attention_reference(qb, k.to(bf), v.to(bf), 8, {}), 0.02);
+        }
+        if (!fused) report(sw::fused_attention_calls() == calls, "attention bf16 with fusing disallowed runs unfused", "");
     }
+    sw::allow_fused_attention(true);
 }
 
 void expect_cancel_point(const std::string &name, const std::function<void()> &f);
@@ -504,14 +517,6 @@ void expect_cancel_point(const std::string &name, const std::function<void()> &f
 void test_fused_attention() {
     auto g = at::detail::createCPUGenerator(11);
     const auto bf = torch::kBFloat16;
-    auto reference = [](const torch::Tensor &q, const torch::Tensor &k, const torch::Tensor &v, int64_t heads) {
-        const auto b = q.size(0), nq = q.size(1), nk = k.size(1), dim = q.size(2) / heads;
-        auto split = [&](const torch::Tensor &t, int64_t n) {
-            return t.to(torch::kFloat64).reshape({b, n, heads, dim}).transpose(1, 2);
-        };
-        auto s = at::matmul(split(q, nq), split(k, nk).transpose(-1, -2)) / std::sqrt(static_cast<double>(dim));
-        return at::matmul(at::softmax(s, -1), split(v, nk)).transpose(1, 2).reshape({b, nq, heads * dim});
-    };
     if (!sw::cpu_has_avx512_bf16()) {
         auto q = torch::randn({1, 8, 16}, g).to(bf);
         report(!sw::attention_fused_bf16(q, q, q, 2).defined(), "fused attention declines without AVX-512 BF16", "");
@@ -538,7 +543,7 @@ void test_fused_attention() {
         const int64_t before = sw::fused_attention_calls();
         auto got = sw::attention(q, k, v, c.heads);
         report(sw::fused_attention_calls() == before + 1 && got.scalar_type() == bf, std::string(name) + " runs fused", "");
-        close(std::string(name) + " against float64", got.to(torch::kFloat32), reference(q, k, v, c.heads), 0.006);
+        close(std::string(name) + " against float64", got.to(torch::kFloat32), attention_reference(q, k, v, c.heads), 0.006);
     }
 
     // Every score far below zero (-190 after scaling): only the true maximum,
@@ -547,14 +552,14 @@ void test_fused_attention() {
         auto q = torch::full({1, 8, 80}, 30.0).to(bf), k = (-torch::ones({1, 20, 80}) + 0.01 * torch::randn({1, 20, 80}, g)).to(bf);
         auto v = torch::randn({1, 20, 80}, g).to(bf);
         close("fused attention of scores far below zero against float64", sw::attention(q, k, v, 2).to(torch::kFloat32),
-              reference(q, k, v, 2), 0.006);
+              attention_reference(q, k, v, 2), 0.006);
     }
 
     // Not its to take: an odd head, a head wider than its tiles, float32, a
     // mask. attention() then runs its other path, still right.
     auto q = torch::randn({1, 20, 14}, g).to(bf), wide = torch::randn({1, 20, 162}, g).to(bf);
     report(!sw::attention_fused_bf16(q, q, q, 2).defined(), "fused attention declines heads of 7", "");
-    close("attention on heads of 7", sw::attention(q, q, q, 2).to(torch::kFloat32), reference(q, q, q, 2), 0.02);
+    close("attention on heads of 7", sw::attention(q, q, q, 2).to(torch::kFloat32), attention_reference(q, q, q, 2), 0.02);
     report(!sw::attention_fused_bf16(wide, wide, wide, 1).defined(), "fused attention declines heads of 162", "");
     report(!sw::attention_fused_bf16(q.to(torch::kFloat32), q.to(torch::kFloat32), q.to(torch::kFloat32), 2).defined(),
            "fused attention declines float32", "");
